@@ -1,0 +1,288 @@
+"""The black box: class scores for a batch of images under a batch of candidate prompts.
+
+This is the only thing a tuning method may touch. In: P candidate prompts (hard templates
+or soft context vectors) and B images; out: logits (P, B, C) over the task's C classes.
+Every call is charged to a :class:`QueryMeter` before anything is computed. Methods never
+see weights, features or gradients through it (outputs are detached, computed under
+``torch.no_grad``); the white-box CoOp reference is the one exception and says so.
+
+Soft prompt layout (CoOp / ZIP / CraFT): ``[SOS] ctx_1 .. ctx_m <class-name tokens> <suffix> [EOT]``.
+The sequence is tokenised with m placeholder ``X`` tokens whose embeddings are replaced by
+ctx, so the class name, suffix and EOT land where tokenising the text would put them.
+
+Fast exact path (``fast=True``): image features cached by image key (id + augmentation
+view) when no visual prompt is in play; all P x C sequences encoded in one batched forward
+(chunked for memory); sequences cut to the longest real length (exact under the causal
+mask); optional bf16 autocast on CUDA. ``fast=False`` is the reference loop of the official
+ZIP code: images re-encoded and C class texts at full context length per candidate.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import BadInput
+from .backbone import Backbone
+from .meter import QueryMeter
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """P hard prompts: templates with ``{}`` where the class name goes."""
+
+    templates: tuple[str, ...]
+
+    def __post_init__(self):
+        if isinstance(self.templates, str):
+            object.__setattr__(self, "templates", (self.templates,))
+        for t in self.templates:
+            if "{}" not in t:
+                raise BadInput(f"template {t!r} has no '{{}}' for the class name, e.g. 'a photo of a {{}}.'")
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.templates)
+
+
+@dataclass
+class SoftPrompt:
+    """P soft prompts: context vectors ``ctx`` (P, m, D), or class-specific (P, C, m, D)."""
+
+    ctx: torch.Tensor
+    suffix: str = "."
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.ctx.shape[0])
+
+    @property
+    def num_ctx(self) -> int:
+        return int(self.ctx.shape[-2])
+
+
+@dataclass
+class Images:
+    """A batch of images as float RGB in [0, 1], (B, 3, S, S), with optional cache keys.
+
+    ``keys[i]`` names image i *as sent* (its id plus augmentation view): equal keys promise
+    equal pixels, which lets the black box reuse the image features. None: never cached.
+    """
+
+    pixels: torch.Tensor
+    keys: Sequence[str] | None = None
+
+    def __post_init__(self):
+        if self.keys is not None and len(self.keys) != len(self.pixels):
+            raise BadInput(f"Images: {len(self.pixels)} images but {len(self.keys)} keys")
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+
+class FeatureCache:
+    """Image features by key, shared by every black box on one backbone."""
+
+    def __init__(self):
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get_or_encode(self, images: Images, encode) -> tuple[torch.Tensor, int]:
+        """(B, E) features, encoding only the misses; returns (features, number encoded)."""
+        keys = list(images.keys)
+        miss = [i for i, k in enumerate(keys) if k not in self._rows]
+        if miss:
+            idx = torch.tensor(miss)
+            feats = encode(images.pixels[idx])
+            for j, i in enumerate(miss):
+                self._rows[keys[i]] = feats[j]
+        return torch.stack([self._rows[k] for k in keys]), len(miss)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+
+class BlackBox:
+    """Metered class scores (P, B, C) for images under candidate prompts.
+
+    Public metadata a client may use: ``classnames``, ``num_classes``, ``image_size`` (the
+    side of the pixels to send), ``ctx_dim`` (D, width of a soft context vector),
+    ``context_length`` and :meth:`embed_words` (the API's tokenise-and-embed service, used to
+    initialise soft prompts from words such as "a photo of a").
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: Sequence[str],
+        meter: QueryMeter | None = None,
+        *,
+        fast: bool = True,
+        precision: str = "fp32",
+        text_chunk: int = 4096,
+        _cache: FeatureCache | None = None,
+    ):
+        if not classnames:
+            raise BadInput("a black box needs at least one class name")
+        if precision not in PRECISIONS:
+            raise BadInput(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if precision != "fp32" and backbone.device.type != "cuda":
+            raise BadInput(f"precision {precision} needs a CUDA device; use --precision fp32 on CPU")
+        self._bb = backbone
+        self.classnames = list(classnames)
+        self.meter = meter if meter is not None else QueryMeter()
+        self.fast, self.precision, self.text_chunk = fast, precision, text_chunk
+        self._cache = _cache if _cache is not None else FeatureCache()
+        self._soft_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hard_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- metadata -------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def image_size(self) -> int:
+        return self._bb.image_size
+
+    @property
+    def ctx_dim(self) -> int:
+        return self._bb.text.width
+
+    @property
+    def context_length(self) -> int:
+        return self._bb.text.context_length
+
+    @property
+    def model_name(self) -> str:
+        return self._bb.name
+
+    @property
+    def cached_images(self) -> int:
+        return len(self._cache)
+
+    def for_classes(self, classnames: Sequence[str], meter: QueryMeter | None = None) -> "BlackBox":
+        """The same model (and image-feature cache) over other classes and/or another meter."""
+        return BlackBox(
+            self._bb, classnames, meter if meter is not None else self.meter,
+            fast=self.fast, precision=self.precision, text_chunk=self.text_chunk, _cache=self._cache,
+        )
+
+    @torch.no_grad()
+    def embed_words(self, text: str) -> torch.Tensor:
+        """Word embeddings of ``text`` without SOS/EOT, (m, D). Not a query: no images scored."""
+        ids = self._bb.tokenize([text])[0]
+        n = int(self._bb.text.eot_positions(ids[None])[0])
+        return self._bb.text.embed(ids[1:n]).float().cpu()
+
+    # ---- the query ------------------------------------------------------------------
+    @torch.no_grad()
+    def query(self, prompt: TextPrompt | SoftPrompt, images: Images) -> torch.Tensor:
+        """Logits (P, B, C) of B images under P candidate prompts. Charged before computing."""
+        if not isinstance(images, Images):
+            raise BadInput(f"images must be bbpt.models.Images, got {type(images).__name__}")
+        self._check_pixels(images.pixels)
+        P = self._check_prompt(prompt)
+        self.meter.charge(P, len(images))
+        with self._autocast():
+            img = self._image_features(images)  # (B, E)
+            txt = self._text_features(prompt)  # (P, C, E)
+        logits = self._bb.logit_scale * torch.einsum("be,pce->pbc", img.float(), txt.float())
+        return (logits + self._bb.logit_bias).cpu()
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _check_pixels(self, px: torch.Tensor) -> None:
+        S = self.image_size
+        if not torch.is_tensor(px) or px.ndim != 4 or px.shape[1] != 3 or px.shape[2] != S or px.shape[3] != S:
+            shape = tuple(px.shape) if torch.is_tensor(px) else type(px).__name__
+            raise BadInput(f"images must be (B, 3, {S}, {S}) RGB in [0, 1] for {self.model_name}; got {shape}")
+        if len(px) == 0:
+            raise BadInput("a query needs at least one image")
+
+    def _check_prompt(self, prompt) -> int:
+        if isinstance(prompt, TextPrompt):
+            return prompt.num_prompts
+        if not isinstance(prompt, SoftPrompt):
+            raise BadInput(f"prompt must be a TextPrompt or SoftPrompt, got {type(prompt).__name__}")
+        ctx, D, C = prompt.ctx, self.ctx_dim, self.num_classes
+        ok = ctx.ndim == 3 and ctx.shape[-1] == D or ctx.ndim == 4 and ctx.shape[1] == C and ctx.shape[-1] == D
+        if not ok or ctx.shape[0] == 0 or ctx.shape[-2] == 0:
+            raise BadInput(
+                f"soft prompt ctx must be (P, m, {D}) or class-specific (P, {C}, m, {D}) with P, m >= 1; "
+                f"got {tuple(ctx.shape)}"
+            )
+        if not torch.isfinite(ctx).all():
+            raise BadInput("soft prompt ctx contains NaN or inf")
+        return prompt.num_prompts
+
+    def _image_features(self, images: Images) -> torch.Tensor:
+        if self.fast and images.keys is not None:
+            feats, n = self._cache.get_or_encode(images, self._bb.encode_images)
+        else:
+            feats, n = self._bb.encode_images(images.pixels), len(images)
+        self.meter.record_encoded(n)
+        return feats
+
+    # ---- text side ------------------------------------------------------------------
+    def _sequences(self, prompt) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (P, C, L, D) and ids (C, L) of all candidate-class sequences."""
+        bb, C = self._bb, self.num_classes
+        if isinstance(prompt, TextPrompt):
+            if prompt.templates not in self._hard_cache:
+                texts = [t.format(c) for t in prompt.templates for c in self.classnames]
+                self._check_lengths(texts)
+                ids = bb.tokenize(texts)  # (P*C, 77)
+                self._hard_cache[prompt.templates] = (ids, bb.text.embed(ids))
+            ids, emb = self._hard_cache[prompt.templates]
+            P = prompt.num_prompts
+            return emb.view(P, C, *emb.shape[1:]), ids.view(P, C, -1)
+        ids, base = self._soft_template(prompt.num_ctx, prompt.suffix)  # (C, 77), (C, 77, D)
+        ctx = prompt.ctx.to(base.device, base.dtype)
+        P, m = prompt.num_prompts, prompt.num_ctx
+        ctx = ctx[:, None].expand(P, C, m, -1) if ctx.ndim == 3 else ctx  # (P, C, m, D)
+        emb = torch.cat([base[None, :, :1].expand(P, -1, -1, -1), ctx, base[None, :, 1 + m :].expand(P, -1, -1, -1)], dim=2)
+        return emb, ids[None].expand(P, -1, -1)
+
+    def _soft_template(self, m: int, suffix: str):
+        key = (m, suffix)
+        if key not in self._soft_cache:
+            texts = [" ".join(["X"] * m) + " " + c + suffix for c in self.classnames]
+            self._check_lengths(texts)
+            ids = self._bb.tokenize(texts)
+            self._soft_cache[key] = (ids, self._bb.text.embed(ids))
+        return self._soft_cache[key]
+
+    def _check_lengths(self, texts: list[str]) -> None:
+        tok = self._bb.tokenizer
+        limit = self.context_length - 2
+        enc = getattr(tok, "encode", None)
+        if enc is None:
+            return
+        for t in texts:
+            if len(enc(t)) > limit:
+                raise BadInput(f"prompt {t[:60]!r}... is longer than the model's {limit} text tokens; shorten it")
+
+    def _text_features(self, prompt) -> torch.Tensor:
+        """(P, C, E) normalised text features of every candidate for every class."""
+        emb, ids = self._sequences(prompt)  # (P, C, L, D), (P, C, L)
+        P, C, L, D = emb.shape
+        tower = self._bb.text
+        if not self.fast:  # reference loop: one candidate per forward, full context length
+            feats = [tower.encode(emb[p], ids[p], cut=False) for p in range(P)]
+            return torch.nn.functional.normalize(torch.stack(feats).float(), dim=-1)
+        L = tower.real_length(ids.reshape(P * C, L))
+        emb, ids = emb[:, :, :L].reshape(P * C, L, D), ids[:, :, :L].reshape(P * C, L)
+        out = [tower.encode(emb[i : i + self.text_chunk], ids[i : i + self.text_chunk], cut=False)
+               for i in range(0, P * C, self.text_chunk)]
+        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1).view(P, C, -1)
