@@ -85,9 +85,10 @@ def _read_image(path: str, size: int) -> torch.Tensor:
             im = im.convert("RGB")
             w, h = im.size
             s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+            # torchvision's Resize(size) + CenterCrop(size), as in CLIP's test transform
+            im = im.resize((max(size, int(w * s)), max(size, int(h * s))), Image.BICUBIC)
             w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
+            left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
             im = im.crop((left, top, left + size, top + size))
             a = np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
@@ -120,5 +121,7 @@ class Task:
             if len(s) and (s.labels.min() < 0 or s.labels.max() >= len(self.classnames)):
                 raise BadInput(
                     f"task {self.name}: {split} labels span {s.labels.min()}..{s.labels.max()} "
-                    f"but there are {len(self.classnames)} classes"
+                    f"but there are {len(self.classnames)} classes; fix the labels or the class list"
                 )
+            if len(np.unique(s.ids)) != len(s.ids):
+                raise BadInput(f"task {self.name}: {split} image ids are not unique; every image needs its own id")

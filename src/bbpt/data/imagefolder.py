@@ -42,7 +42,9 @@ def load_imagefolder(path: str | Path, name: str | None = None) -> Task:
     root = Path(path).expanduser().absolute()
     if not root.exists():
         raise BadInput(f"dataset path {root} does not exist; check the path ({LAYOUTS_HINT})")
-    if root.is_file():  # a CoOp split file given directly
+    if root.is_file():  # a split file given directly
+        if root.name == "split.json":
+            return _load_split_json(root.parent, name)
         return load_coop_split(root, _find_image_dir(root.parent, root), name)
     if (root / "train").is_dir():
         return _load_split_folders(root, name)
@@ -55,7 +57,9 @@ def load_imagefolder(path: str | Path, name: str | None = None) -> Task:
     if split_files:
         return load_coop_split(split_files[0], _find_image_dir(root, split_files[0]), name)
     if _class_dirs(root):
-        raise BadInput(f"{root} has class folders but no split; add {root}/split.json or move them under train/ and test/")
+        raise BadInput(
+            f"{root} has class folders but no split; add {root}/split.json or move them under train/ and test/"
+        )
     raise BadInput(f"{root} has no class folders; {LAYOUTS_HINT}")
 
 
@@ -63,7 +67,9 @@ def load_coop_split(split_json: str | Path, image_dir: str | Path, name: str | N
     """A CoOp split file {"train"/"val"/"test": [[impath, label, classname], ...]} -> Task."""
     split_json, image_dir = Path(split_json).absolute(), Path(image_dir).absolute()
     if not image_dir.is_dir():
-        raise BadInput(f"image folder {image_dir} does not exist; pass the folder the split's image paths are relative to")
+        raise BadInput(
+            f"image folder {image_dir} does not exist; pass the folder the split's image paths are relative to"
+        )
     data = _read_split_file(split_json)
     names: dict[int, tuple[str, str]] = {}  # label -> (classname, first entry that named it)
     raw: dict[str, list[tuple[str, int]]] = {}
@@ -75,7 +81,8 @@ def load_coop_split(split_json: str | Path, image_dir: str | Path, name: str | N
             ok = isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[2], str)
             if not (ok and isinstance(e[1], int) and not isinstance(e[1], bool)):
                 raise BadInput(
-                    f"split file {split_json}: {split}[{i}] is {_short(e)}, expected [impath, label, classname]; fix the entry"
+                    f"split file {split_json}: {split}[{i}] is {_short(e)}, "
+                    "expected [impath, label, classname]; fix the entry"
                 )
             impath, label, cname = e
             first = names.setdefault(label, (cname, f"{split}[{i}]"))
@@ -128,7 +135,9 @@ def _load_split_folders(root: Path, name: str | None) -> Task:
         splits[split] = []
         for cd in dirs:
             if cd.name not in label_of:
-                raise BadInput(f"class folder {cd} has no counterpart in {root / 'train'}; add {cd.name}/ to train or remove it")
+                raise BadInput(
+                    f"class folder {cd} has no counterpart in {root / 'train'}; add {cd.name}/ to train or remove it"
+                )
             splits[split] += [(f, label_of[cd.name], f.relative_to(root).as_posix()) for f in _images(cd)]
     return _make_task(splits, [clean_classname(c) for c in classes], name or root.name, [name, root.name],
                       source=root, layout="folders")
@@ -151,7 +160,10 @@ def _load_split_json(root: Path, name: str | None) -> Task:
         splits[split] = []
         for i, rel in enumerate(_entries(data, split, split_json)):
             if not isinstance(rel, str) or not rel:
-                raise BadInput(f"split file {split_json}: {split}[{i}] is {_short(rel)}, expected a path like 'cat/001.jpg'; fix the entry")
+                raise BadInput(
+                    f"split file {split_json}: {split}[{i}] is {_short(rel)}, "
+                    "expected a path like 'cat/001.jpg'; fix the entry"
+                )
             top = PurePosixPath(rel.replace("\\", "/")).parts
             if len(top) >= 2 and top[0] in DROPPED_CLASSES:
                 continue
@@ -162,7 +174,9 @@ def _load_split_json(root: Path, name: str | None) -> Task:
                 )
             f = root / rel
             if not f.is_file():
-                raise BadInput(f"split file {split_json}: {split}[{i}] image {f} does not exist; fix the path or add the file")
+                raise BadInput(
+                    f"split file {split_json}: {split}[{i}] image {f} does not exist; fix the path or add the file"
+                )
             splits[split].append((f, label_of[top[0]], PurePosixPath(*top).as_posix()))
     return _make_task(splits, [clean_classname(d.name) for d in dirs], name or root.name, [name, root.name],
                       source=split_json, layout="split.json")
@@ -210,7 +224,9 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _images(class_dir: Path) -> list[Path]:
-    files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith(".") and f.is_file())
+    files = sorted(
+        f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith(".") and f.is_file()
+    )
     if not files:
         exts = "/".join(sorted(e[1:] for e in IMAGE_EXTS))
         raise BadInput(f"class folder {class_dir} has no images ({exts}); add images or remove the folder")
@@ -224,20 +240,25 @@ def _read_split_file(split_json: Path) -> dict:
     try:
         data = json.loads(split_json.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise BadInput(f"split file {split_json} is not valid JSON ({e.msg}, line {e.lineno}); fix or regenerate it") from None
+        raise BadInput(
+            f"split file {split_json} is not valid JSON ({e.msg}, line {e.lineno}); fix or regenerate it"
+        ) from None
     except UnicodeDecodeError:
         raise BadInput(f"split file {split_json} is not UTF-8 text; fix or regenerate it") from None
     if not isinstance(data, dict):
         raise BadInput(f"split file {split_json} must hold a JSON object with 'train' and 'test' lists; fix the file")
     for key in ("train", "test"):
         if key not in data:
-            raise BadInput(f"split file {split_json} has no {key!r} key; it needs 'train' and 'test' lists (and optionally 'val')")
+            raise BadInput(
+                f"split file {split_json} has no {key!r} key; it needs 'train' and 'test' lists (and optionally 'val')"
+            )
     return data
 
 
 def _entries(data: dict, split: str, split_json: Path) -> list:
     if not isinstance(data[split], list):
-        raise BadInput(f"split file {split_json}: {split!r} is {type(data[split]).__name__}, expected a list; fix the file")
+        kind = type(data[split]).__name__
+        raise BadInput(f"split file {split_json}: {split!r} is {kind}, expected a list; fix the file")
     return data[split]
 
 
