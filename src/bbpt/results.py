@@ -1,0 +1,116 @@
+"""Run outputs: result.json, curve.csv, curve.png and the learned prompt (safetensors).
+
+Files are written atomically (temp file, then rename), and the curve is rewritten at every
+validation point, so an interrupted run leaves a readable record of what it did.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import BadInput, CorruptCheckpoint
+from .models.blackbox import SoftPrompt, TextPrompt
+
+CURVE_FIELDS = ("api_calls", "prompt_evals", "train_loss", "val_accuracy")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_curve_csv(path: Path, curve: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(curve)
+    os.replace(tmp, path)
+
+
+def plot_curves(path: Path, curves: dict[str, list[dict]], title: str, x: str = "api_calls") -> None:
+    """Validation accuracy against queries, one line per run name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, curve in curves.items():
+        xs = [p[x] for p in curve]
+        ys = [100 * p["val_accuracy"] for p in curve]
+        ax.plot(xs, ys, marker="o" if len(xs) < 3 else None, ms=4, label=name)
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_prompt(path: Path, prompt, extra: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()}
+    info = dict(meta or {})
+    if isinstance(prompt, SoftPrompt):
+        tensors["ctx"] = prompt.ctx.detach().cpu().float().contiguous()
+        info.update(kind="soft", suffix=prompt.suffix)
+    else:
+        info.update(kind="text", templates=list(prompt.templates))
+    if not tensors:
+        tensors["_empty"] = torch.zeros(0)
+    save_file(tensors, str(path), metadata={"bbpt": json.dumps(info)})
+
+
+def load_prompt(path: str | Path):
+    """(prompt, extra tensors, meta) from a file written by :func:`save_prompt`."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"prompt file {p} does not exist; pass the prompt.safetensors of a run folder")
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = json.loads((f.metadata() or {})["bbpt"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CorruptCheckpoint(f"prompt file {p} is not a bbpt prompt ({type(e).__name__}: {str(e)[:120]}); re-run the method") from None
+    tensors.pop("_empty", None)
+    if meta.get("kind") == "soft":
+        prompt = SoftPrompt(tensors.pop("ctx"), suffix=meta.get("suffix", "."))
+    else:
+        prompt = TextPrompt(tuple(meta["templates"]))
+    return prompt, tensors, meta
+
+
+class RunWriter:
+    def __init__(self, out: str | Path, cfg, method):
+        self.out = Path(out)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"cannot create output folder {self.out}: {e.strerror}; choose another --out") from None
+        self.cfg, self.method = cfg, method
+
+    def checkpoint(self, curve: list[dict], meter) -> None:
+        write_curve_csv(self.out / "curve.csv", curve)
+        _atomic_write(self.out / "progress.json", json.dumps({"curve": curve, "meter": meter.state_dict()}, indent=1))
+
+    def finish(self, result: dict) -> None:
+        write_curve_csv(self.out / "curve.csv", result["curve"])
+        if len(result["curve"]) >= 2:
+            plot_curves(self.out / "curve.png", {result["method"]: result["curve"]},
+                        f"{result['method']} on {result['dataset']} ({result['shots']}-shot, seed {result['seed']})")
+        meta = {"method": result["method"], "dataset": result["dataset"], "model": result["model"],
+                "test_accuracy": result["accuracy"]["test"]}
+        save_prompt(self.out / "prompt.safetensors", self.method.prompt(), self.method.extra_state(), meta)
+        _atomic_write(self.out / "result.json", json.dumps(result, indent=1) + "\n")
+        (self.out / "progress.json").unlink(missing_ok=True)
