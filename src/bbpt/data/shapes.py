@@ -94,8 +94,6 @@ def caption_scene(objects, rng: np.random.Generator) -> str:
             f"a {size_word(r)} {c} {s}",
             f"a {c} {s} on the {position_word(cx, cy)}",
             f"a {s} that is {c}",
-            f"something {c}",
-            f"a {s}",
         ]
         return forms[rng.integers(len(forms))]
     parts = [f"a {c} {s}" for c, s, *_ in objects]

@@ -1,0 +1,164 @@
+"""CLI and engine: result.json schema, budget stop, one-line errors with exit code 2."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bbpt import cli
+from bbpt.engine import make_run_config, run
+from bbpt.methods import METHODS, Method, MethodConfig, register_method
+from bbpt.models import SoftPrompt
+
+
+class ProbeConfig(MethodConfig):
+    budget: int | None = 25
+    prompts_per_step: int = 10
+
+
+if "probe" not in METHODS:
+    @register_method
+    class Probe(Method):
+        """Test method: P random prompts per step on one batch (P api_calls a step)."""
+
+        name = "probe"
+        Config = ProbeConfig
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.ctx = self.box.embed_words("a photo of a")[None]
+            self.rng = np.random.default_rng(self.seed)
+            self.gen = torch.Generator().manual_seed(self.seed)
+
+        def step(self):
+            imgs, y = next(self.data.batches(self.cfg.batch_size, self.rng))
+            P = self.cfg.prompts_per_step
+            cand = self.ctx + 0.01 * torch.randn(P, *self.ctx.shape[1:], generator=self.gen)
+            logits = self.box.query(SoftPrompt(cand), imgs)  # (P, B, C)
+            losses = torch.stack([torch.nn.functional.cross_entropy(l, y) for l in logits])
+            self.ctx = cand[losses.argmin()][None]
+            return {"train_loss": float(losses.min())}
+
+        def prompt(self):
+            return SoftPrompt(self.ctx)
+
+
+def cli_run(args, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["bbpt", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_zeroshot_run_writes_result_schema(tmp_path, capsys):
+    code, out, err = cli_run(["run", "--method", "zeroshot", "--dataset", "shapes", "--shots", "2", "--seed", "1",
+                              "--out", str(tmp_path / "x"), "--quiet"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "x" / "result.json").read_text())
+    for key in ("method", "dataset", "model", "shots", "seed", "budget", "queries", "accuracy", "curve", "wall_seconds", "config"):
+        assert key in r
+    assert (r["method"], r["dataset"], r["model"], r["shots"], r["seed"]) == ("zeroshot", "shapes", "mini", 2, 1)
+    assert set(r["budget"]) >= {"api_calls"}
+    assert r["queries"] == {"api_calls": 0, "prompt_evals": 0, "images_forwarded": 0}
+    assert 0.0 <= r["accuracy"]["test"] <= 1.0 and 0.0 <= r["accuracy"]["val"] <= 1.0
+    assert r["curve"] and set(r["curve"][0]) >= {"api_calls", "train_loss", "val_accuracy"}
+    assert r["config"]["method"] == "zeroshot" and r["config"]["options"]["template"] is None
+    assert f"test {100 * r['accuracy']['test']:.2f}%" in out
+    assert (tmp_path / "x" / "prompt.safetensors").exists() and (tmp_path / "x" / "curve.csv").exists()
+
+
+def test_budget_is_a_hard_stop_in_the_engine(tmp_path):
+    cfg = make_run_config(method="probe", dataset="shapes", shots=2, seed=1, options={"budget": 25})
+    r = run(cfg, out=tmp_path / "p", progress=False)
+    assert r["queries"]["api_calls"] == 20  # 2 steps of 10; the third would pass 25
+    assert r["queries"]["prompt_evals"] == 20 and r["queries"]["images_forwarded"] == 20 * 20
+    assert r["curve"][0]["api_calls"] == 0 and r["curve"][-1]["api_calls"] == 20
+    assert r["budget"] == {"api_calls": 25}
+    # same seed, same config -> the same result
+    r2 = run(cfg, out=None, progress=False)
+    assert r2["accuracy"] == r["accuracy"] and r2["curve"] == r["curve"]
+    assert (tmp_path / "p" / "curve.png").exists()
+
+
+def test_config_file_and_set_override(tmp_path, capsys):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"dataset": "shapes", "shots": 1, "options": {"budget": 40, "prompts_per_step": 5}}))
+    code, _, err = cli_run(["run", "--method", "probe", "--config", str(f), "--set", "prompts_per_step=20",
+                            "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert r["shots"] == 1 and r["config"]["options"]["prompts_per_step"] == 20
+    assert r["queries"]["api_calls"] == 40
+
+
+def make_folder(root, classes, n=2):
+    for split in ("train", "test"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(d / f"{i}.png")
+
+
+def bad_inputs(tmp_path):
+    empty = tmp_path / "empty"
+    make_folder(empty, ["a", "b"])
+    (empty / "train" / "c").mkdir()
+    malformed = tmp_path / "malformed"
+    (malformed / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(malformed / "a" / "0.png")
+    (malformed / "split.json").write_text("{not json")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    return [
+        (["run", "--dataset", "fashoin"], "unknown dataset 'fashoin'; did you mean 'fashion-mnist'"),
+        (["run", "--method", "zipp"], "unknown method 'zipp'"),
+        (["run", "--model", "ViT-B-17"], "unknown model 'ViT-B-17'"),
+        (["run", "--dataset", str(tmp_path / "nope" / "data")], "does not exist"),
+        (["run", "--dataset", str(empty)], "has no images"),
+        (["run", "--dataset", str(malformed)], "split.json"),
+        (["run", "--pretrained", str(corrupt)], "corrupt"),
+        (["run", "--model", "ViT-B-16"], "needs --pretrained"),
+        (["run", "--model", "ViT-B-16", "--pretrained", "openai"], "not available offline"),
+        (["run", "--method", "probe", "--dataset", "shapes", "--budget", "5"], "budget exhausted"),
+        (["run", "--set", "nonsense=1"], "option 'nonsense'"),
+        (["run", "--shots", "0", "--dataset", "shapes"], "shots must be a positive integer"),
+    ]
+
+
+def test_bad_input_one_line_exit_2(tmp_path, capsys):
+    for args, expected in bad_inputs(tmp_path):
+        code, out, err = cli_run([*args, "--out", str(tmp_path / "r"), "--quiet"], capsys)
+        assert code == 2, (args, err)
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+        assert expected in lines[0], (args, lines[0])
+        assert "Traceback" not in err
+
+
+def test_exit_code_and_debug_in_subprocess(tmp_path):
+    exe = [sys.executable, "-m", "bbpt.cli"]
+    p = subprocess.run([*exe, "run", "--dataset", "nope"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: unknown dataset 'nope'") and "Traceback" not in p.stderr
+    p = subprocess.run([*exe, "--debug", "run", "--dataset", "nope"], capture_output=True, text=True)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "UnknownName" in p.stderr
+
+
+def test_listing_commands(capsys):
+    code, out, _ = cli_run(["datasets"], capsys)
+    assert code == 0 and all(n in out for n in ("mnist", "fashion-mnist", "animal-mnist", "shapes"))
+    code, out, _ = cli_run(["models"], capsys)
+    assert code == 0 and "mini" in out and "ViT-B-16" in out and "RN50" in out
+    code, out, _ = cli_run(["methods"], capsys)
+    assert code == 0 and "zeroshot" in out
