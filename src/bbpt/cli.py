@@ -84,6 +84,25 @@ def run(
     )
 
 
+@app.command("eval")
+def eval_(
+    prompt: str = typer.Option(..., help="A run's prompt.safetensors."),
+    dataset: str = typer.Option(..., help="Registered task or image-folder path."),
+    model: Optional[str] = typer.Option(None, help="Backbone (default: the one the prompt was trained on)."),
+    pretrained: Optional[str] = typer.Option(None),
+    split: str = typer.Option("test", help="test, val or train."),
+    device: str = typer.Option("cpu"),
+    quiet: bool = typer.Option(False),
+):
+    """Evaluate a learned prompt (and CraFT's head) on a task's split."""
+    from .engine import evaluate_prompt
+
+    r = evaluate_prompt(prompt, dataset, model, pretrained, device, split, progress=not quiet)
+    typer.echo(f"{r['method']} prompt on {r['dataset']} {r['split']}: accuracy {100 * r['accuracy']:.2f}% "
+               f"(loss {r['loss']:.4f}, {r['queries']['images_forwarded']} images)")
+    typer.echo(json.dumps({"accuracy": r["accuracy"]}))
+
+
 @app.command()
 def datasets():
     """List the registered offline tasks and whether they are prepared."""

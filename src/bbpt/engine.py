@@ -75,13 +75,14 @@ def set_seed(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(method: Method, box: BlackBox, images: ImageSet, batch: int, desc: str = "eval") -> dict:
-    """Accuracy and mean cross-entropy of ``method.predict`` on ``images`` (uncounted meter)."""
+def evaluate(method, box: BlackBox, images: ImageSet, batch: int, desc: str = "eval", progress: bool = True) -> dict:
+    """Accuracy and mean cross-entropy of ``method.predict`` (or any ``predict(box, images)``)
+    on ``images``, through ``box`` (an evaluation meter, not the training budget)."""
     from tqdm import tqdm
 
     data = FewShotData(images, box.image_size) if images.array is not None and len(images) <= 20000 else None
     correct, loss, n = 0, 0.0, len(images)
-    for i in tqdm(range(0, n, batch), desc=desc, leave=False, disable=n <= batch, unit="batch"):
+    for i in tqdm(range(0, n, batch), desc=desc, leave=False, disable=not progress or n <= batch, unit="batch"):
         idx = np.arange(i, min(i + batch, n))
         imgs = data.images(idx) if data is not None else FewShotData(images.subset(idx), box.image_size).images()
         logits = method.predict(box, imgs)  # (B, C)
@@ -96,7 +97,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
     t0 = time.time()
     set_seed(cfg.seed)
     cls = METHODS.get(cfg.method)
-    mcfg = make_config(cls, cfg.options)
+    mcfg = cls.resolve_config(make_config(cls, cfg.options), cfg.shots)
     task = load_task(cfg.dataset)
     train, val = fewshot_split(task, cfg.shots, cfg.seed)
     backbone = create_backbone(cfg.model, cfg.pretrained, cfg.device)
@@ -105,7 +106,10 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
     box = BlackBox(backbone, task.classnames, meter, precision=cfg.precision)
     eval_box = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
     task_info = {"name": task.name, "classnames": task.classnames, "templates": task.templates}
-    method = cls(mcfg, box, FewShotData(train, box.image_size), task_info, cfg.seed)
+    aux = {}
+    if cls.uses_aux_box:  # a method's side queries (CraFT's head), counted apart from the budget
+        aux["aux_box"] = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
+    method = cls(mcfg, box, FewShotData(train, box.image_size), task_info, cfg.seed, **aux)
     writer = RunWriter(out, cfg, method) if out is not None else None
 
     unit = cls.budget_unit
@@ -116,8 +120,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
     def add_point():
         nonlocal last_loss
         if last_loss is None:  # a method that has not trained yet: its loss on the train set, uncounted
-            last_loss = evaluate(method, eval_box, train, cfg.eval_batch, "train")["loss"]
-        v = evaluate(method, eval_box, val, cfg.eval_batch, "val")
+            last_loss = evaluate(method, eval_box, train, cfg.eval_batch, "train", progress)["loss"]
+        v = evaluate(method, eval_box, val, cfg.eval_batch, "val", progress)
         curve.append({"api_calls": meter.counts["api_calls"], "prompt_evals": meter.counts["prompt_evals"],
                       "train_loss": last_loss, "val_accuracy": v["accuracy"]})
         if writer:
@@ -151,7 +155,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
     finally:
         bar.close()
 
-    test = evaluate(method, eval_box, task.test, cfg.eval_batch, "test")
+    test = evaluate(method, eval_box, task.test, cfg.eval_batch, "test", progress)
     result = {
         "method": cfg.method,
         "dataset": task.name,
@@ -162,6 +166,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
         "black_box": cls.black_box,
         "budget": {unit: mcfg.budget} if unit == "api_calls" else {"api_calls": None, unit: mcfg.budget},
         "queries": meter.counts,
+        **({"aux_queries": aux["aux_box"].meter.counts,
+            "queries_total": {k: v + aux["aux_box"].meter.counts[k] for k, v in meter.counts.items()}} if aux else {}),
         "eval_queries": eval_box.meter.counts,
         "accuracy": {"test": test["accuracy"], "val": curve[-1]["val_accuracy"]},
         "curve": curve,
@@ -171,3 +177,32 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
     if writer:
         writer.finish(result)
     return result
+
+
+class _Saved:
+    """A saved prompt (+ extra state) behaving like a method for :func:`evaluate`."""
+
+    def __init__(self, cls, prompt, extra):
+        self.cls, self.prompt, self.extra = cls, prompt, extra
+
+    def predict(self, box, images):
+        return self.cls.apply(self.prompt, self.extra, box, images)
+
+
+def evaluate_prompt(prompt_path: str | Path, dataset: str, model: str | None = None, pretrained: str | None = None,
+                    device: str = "cpu", split: str = "test", batch: int = 500, progress: bool = True) -> dict:
+    """Test accuracy of a saved prompt (``runs/x/prompt.safetensors``) on a task."""
+    from .results import load_prompt
+
+    prompt, extra, meta = load_prompt(prompt_path)
+    cls = METHODS.get(meta.get("method", "zeroshot"))
+    if model is None:
+        model, _, tag = meta.get("model", "mini").partition(":")
+        pretrained = pretrained or (tag or None)
+    task = load_task(dataset)
+    if split not in ("test", "val", "train"):
+        raise BadInput(f"split {split!r} must be test, val or train")
+    backbone = create_backbone(model, pretrained, device)
+    box = BlackBox(backbone, task.classnames, QueryMeter())
+    r = evaluate(_Saved(cls, prompt, extra), box, getattr(task, split), batch, split, progress)
+    return {"dataset": task.name, "split": split, "method": cls.name, "model": model, **r, "queries": box.meter.counts}

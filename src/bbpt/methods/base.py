@@ -68,9 +68,15 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     budget_unit: ClassVar[str] = "api_calls"
     black_box: ClassVar[bool] = True  # False only for the white-box reference (CoOp)
+    uses_aux_box: ClassVar[bool] = False  # True: gets ``aux_box``, metered apart (CraFT's head)
 
     def __init__(self, cfg: MethodConfig, box: BlackBox, data: FewShotData, task_info: dict, seed: int):
         self.cfg, self.box, self.data, self.task_info, self.seed = cfg, box, data, task_info, seed
+
+    @classmethod
+    def resolve_config(cls, cfg: MethodConfig, shots: int) -> MethodConfig:
+        """Fill defaults that depend on the run (e.g. a budget by shots)."""
+        return cfg
 
     def step(self) -> dict | None:
         raise NotImplementedError
@@ -80,11 +86,16 @@ class Method:
 
     def predict(self, box: BlackBox, images: Images) -> torch.Tensor:
         """(B, C) logits of the current model on ``images``."""
-        return box.query(self.prompt(), images)[0]
+        return type(self).apply(self.prompt(), self.extra_state(), box, images)
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Tensors besides the prompt that ``predict`` needs (e.g. CraFT's head)."""
         return {}
+
+    @classmethod
+    def apply(cls, prompt, extra: dict[str, torch.Tensor], box: BlackBox, images: Images) -> torch.Tensor:
+        """(B, C) logits of a saved prompt (+ extra state) on ``images``: ``bbpt eval``'s path."""
+        return box.query(prompt, images)[0]
 
 
 METHODS: Registry[type[Method]] = Registry("method", hint="`bbpt methods` lists them.")

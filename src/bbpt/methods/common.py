@@ -1,0 +1,66 @@
+"""Pieces shared by the soft-prompt methods: losses per candidate, initial contexts, batches."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadInput
+from ..models.blackbox import BlackBox
+
+
+def ce_per_candidate(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Logits (P, B, C), labels (B,) -> mean cross-entropy per candidate (P,)."""
+    P, B, C = logits.shape
+    return F.cross_entropy(logits.reshape(P * B, C), y.repeat(P), reduction="none").view(P, B).mean(1)
+
+
+def kl_per_candidate(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(p) || softmax(q)) averaged over the batch, per candidate: (P, B, C) x2 -> (P,)."""
+    logp, logq = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean(-1)
+
+
+def initial_context(box: BlackBox, how: str, n_ctx: int | None, templates: list[str], seed: int) -> torch.Tensor:
+    """The starting context (m, D).
+
+    how: "template" (the words of the task's template before "{}", e.g. "a photo of a";
+    left-padded with N(0, 0.02²) vectors when n_ctx is longer, cut from the left when shorter),
+    "random" (N(0, 0.02²), CoOp's and the official ZIP code's init), or any phrase to embed.
+    """
+    g = torch.Generator().manual_seed(seed + 7919)
+    D = box.ctx_dim
+    if how == "random":
+        if not n_ctx:
+            raise BadInput("ctx_init='random' needs n_ctx >= 1")
+        return torch.randn(n_ctx, D, generator=g) * 0.02
+    text = templates[0].split("{}")[0].strip() if how == "template" else how
+    words = box.embed_words(text) if text else torch.zeros(0, D)
+    m = n_ctx or len(words)
+    if m < 1:
+        raise BadInput(f"the template {templates[0]!r} has no words before '{{}}'; set n_ctx or ctx_init")
+    if len(words) >= m:
+        return words[len(words) - m :].clone()
+    return torch.cat([torch.randn(m - len(words), D, generator=g) * 0.02, words])
+
+
+def embedding_std(box: BlackBox, words: list[str]) -> float:
+    """Std of word embeddings the client received through ``embed_words`` (BBT's statistic,
+    estimated client-side, without reading the model's weights)."""
+    return float(torch.cat([box.embed_words(w) for w in words if w.strip()]).std())
+
+
+class BatchStream:
+    """Endless epochs of shuffled training batches (Dassl's drop_last when N >= batch)."""
+
+    def __init__(self, data, batch_size: int, seed: int):
+        self.data, self.batch_size = data, batch_size
+        self.rng = np.random.default_rng(seed)
+        self._it = iter(())
+
+    def next(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = self.data.batches(self.batch_size, self.rng)
+            return next(self._it)

@@ -1,0 +1,277 @@
+"""Derivative-free optimisers behind one ask/tell interface.
+
+Every optimiser asks for a whole step's candidates as one (n, d) tensor, so they go to the
+black box in one batched query, and is told their n losses (lower is better):
+
+    z = opt.ask()            # (n, d)
+    opt.tell(losses)         # (n,)
+
+- :class:`CMAES`: pycma's CMA-ES, its numpy RNG kept private so runs are reproducible.
+- :class:`ZOSGD`: zeroth-order SGD; the gradient estimate comes from a ``GradientEstimator``:
+  :class:`SPSA` (Spall: (L+ - L-) / (2 c_k Δ), Δ Rademacher or segmented-uniform),
+  :class:`RGE` (Gaussian directions, MeZO-style: directions regenerated from seeds),
+  :class:`CGE` (coordinate-wise central differences); then optional clipping
+  (ZIP's intrinsic-dimensional clipping α_t = min(√δ / ‖ĝ‖, 1), or a fixed threshold),
+  an optional Nesterov-style momentum (BlackVIP's SPSA-GC) and an optional coordinate mask
+  (SharpZO's sparse fine-tuning).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import BadInput
+
+
+# ---------------------------------------------------------------------------------------
+# schedules
+@dataclass(frozen=True)
+class SPSASchedule:
+    """a_k = a / (k + o)^alpha (step size), c_k = c / k^gamma (perturbation), k = 1, 2, ...
+
+    ZIP / BlackVIP defaults: [o, c, a, alpha, gamma] = [1.0, 0.01, 0.01, 0.4, 0.1].
+    """
+
+    a: float = 0.01
+    c: float = 0.01
+    o: float = 1.0
+    alpha: float = 0.4
+    gamma: float = 0.1
+
+    def a_k(self, k: int) -> float:
+        return self.a / (k + self.o) ** self.alpha
+
+    def c_k(self, k: int) -> float:
+        return self.c / k**self.gamma
+
+
+@dataclass(frozen=True)
+class Constant:
+    """Constant step size and perturbation (MeZO / SharpZO stage 2)."""
+
+    a: float = 1e-3
+    c: float = 1e-3
+
+    def a_k(self, k: int) -> float:
+        return self.a
+
+    def c_k(self, k: int) -> float:
+        return self.c
+
+
+# ---------------------------------------------------------------------------------------
+# gradient estimators: directions for a step, then the estimate from the losses
+class SPSA:
+    """Spall's simultaneous perturbation: N pairs w ± c_k Δ_j, ĝ = mean_j (L+ - L-)/(2 c_k) · Δ_j^{-1}.
+
+    ``dist``: "rademacher" (Δ_i = ±1) or "segmented" (|Δ_i| ~ U[0.5, 1], random sign; the
+    official ZIP/BlackVIP code). Costs 2N evaluations.
+    """
+
+    def __init__(self, n_perturb: int = 5, dist: str = "rademacher"):
+        if dist not in ("rademacher", "segmented"):
+            raise BadInput(f"SPSA perturbation {dist!r} must be 'rademacher' or 'segmented'")
+        if n_perturb < 1:
+            raise BadInput(f"SPSA needs at least one perturbation, got {n_perturb}")
+        self.n, self.dist = n_perturb, dist
+
+    def evals(self, d: int) -> int:
+        return 2 * self.n
+
+    def directions(self, d: int, gen: torch.Generator) -> torch.Tensor:
+        """(N, d) perturbation directions Δ_j."""
+        sign = torch.randint(0, 2, (self.n, d), generator=gen).float() * 2 - 1
+        if self.dist == "rademacher":
+            return sign
+        return sign * (0.5 + 0.5 * torch.rand(self.n, d, generator=gen))
+
+    def points(self, w: torch.Tensor, dirs: torch.Tensor, c: float) -> torch.Tensor:
+        """(2N, d): w + cΔ_1, w - cΔ_1, w + cΔ_2, ..."""
+        return torch.stack([w + c * dirs, w - c * dirs], dim=1).reshape(-1, w.numel())
+
+    def estimate(self, losses: torch.Tensor, dirs: torch.Tensor, c: float) -> torch.Tensor:
+        lp, lm = losses.view(-1, 2).unbind(1)  # (N,), (N,)
+        return ((lp - lm) / (2 * c))[:, None].mul(1.0 / dirs).mean(0)
+
+
+class RGE(SPSA):
+    """Randomised gradient estimate with Gaussian directions: ĝ = mean_j (L+ - L-)/(2μ) · u_j.
+
+    MeZO-style: the directions are regenerated from the step's seed, never stored.
+    """
+
+    def __init__(self, n_perturb: int = 1):
+        if n_perturb < 1:
+            raise BadInput(f"RGE needs at least one direction, got {n_perturb}")
+        self.n = n_perturb
+
+    def directions(self, d: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(self.n, d, generator=gen)
+
+    def estimate(self, losses: torch.Tensor, dirs: torch.Tensor, c: float) -> torch.Tensor:
+        lp, lm = losses.view(-1, 2).unbind(1)
+        return ((lp - lm) / (2 * c))[:, None].mul(dirs).mean(0)
+
+
+class CGE(RGE):
+    """Coordinate-wise gradient estimate: ĝ_i = (L(w + μe_i) - L(w - μe_i)) / (2μ); 2d evaluations."""
+
+    def __init__(self):
+        self.n = 0
+
+    def evals(self, d: int) -> int:
+        return 2 * d
+
+    def directions(self, d: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.eye(d)
+
+    def estimate(self, losses: torch.Tensor, dirs: torch.Tensor, c: float) -> torch.Tensor:
+        lp, lm = losses.view(-1, 2).unbind(1)  # (d,)
+        return (lp - lm) / (2 * c)
+
+
+def clip_factor(g: torch.Tensor, threshold: float | None) -> float:
+    """α = min(threshold / ‖g‖, 1); ZIP's intrinsic-dimensional clipping uses threshold = √δ."""
+    if threshold is None:
+        return 1.0
+    n = float(g.norm())
+    return 1.0 if n == 0 else min(threshold / n, 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+class ZOSGD:
+    """w_{k+1} = w_k - a_k · α_k · update(ĝ_k) with ĝ_k from ``estimator`` at perturbation c_k.
+
+    clip: None (no clipping), "intrinsic" (threshold √d, ZIP) or a float threshold.
+    momentum: 0 for plain ZO-SGD; β > 0 for BlackVIP's SPSA-GC (m ← βm + ĝ; update ĝ + βm).
+    mask: optional (d,) bool tensor; only those coordinates are perturbed and updated.
+    """
+
+    def __init__(self, w0: torch.Tensor, estimator, schedule, clip=None, momentum: float = 0.0, seed: int = 0):
+        self.w = w0.detach().clone().float().flatten()
+        self.d = self.w.numel()
+        self.est, self.sched, self.momentum = estimator, schedule, momentum
+        if clip == "intrinsic":
+            self.threshold = math.sqrt(self.d)
+        elif clip is None or isinstance(clip, (int, float)):
+            self.threshold = None if clip is None else float(clip)
+            if self.threshold is not None and self.threshold <= 0:
+                raise BadInput(f"clipping threshold must be positive, got {clip}")
+        else:
+            raise BadInput(f"clip must be None, 'intrinsic' or a positive number, got {clip!r}")
+        self.k = 1
+        self.m = None
+        self.mask: torch.Tensor | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+        self._dirs: torch.Tensor | None = None
+        self.last: dict = {}
+
+    @property
+    def evals_per_step(self) -> int:
+        return self.est.evals(self.d)
+
+    def ask(self) -> torch.Tensor:
+        """(2N, d) points to evaluate for this step."""
+        dirs = self.est.directions(self.d, self.gen)
+        if self.mask is not None:
+            dirs = dirs * self.mask
+        self._dirs = dirs
+        return self.est.points(self.w, dirs, self.sched.c_k(self.k))
+
+    def tell(self, losses: torch.Tensor) -> torch.Tensor:
+        if self._dirs is None:
+            raise RuntimeError("tell() without ask()")
+        g = self.est.estimate(losses.float(), self._dirs, self.sched.c_k(self.k))
+        if self.mask is not None:
+            g = torch.nan_to_num(g) * self.mask  # CGE/SPSA over masked coordinates: 0/0 -> 0
+        alpha = clip_factor(g, self.threshold)
+        g = alpha * g
+        if self.momentum:
+            self.m = g.clone() if self.m is None else self.momentum * self.m + g
+            upd = g + self.momentum * self.m
+        else:
+            upd = g
+        self.w = self.w - self.sched.a_k(self.k) * upd
+        self.last = {"grad_norm": float(g.norm() / max(alpha, 1e-12)), "clip": alpha, "lr": self.sched.a_k(self.k)}
+        self.k += 1
+        self._dirs = None
+        return g
+
+    def state_dict(self) -> dict:
+        return {"w": self.w.clone(), "k": self.k, "m": self.m, "gen": self.gen.get_state(), "mask": self.mask}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.w, self.k, self.m, self.mask = s["w"].clone(), s["k"], s["m"], s["mask"]
+        self.gen.set_state(s["gen"])
+
+
+# ---------------------------------------------------------------------------------------
+class CMAES:
+    """pycma's CMA-ES with an (n, d) tensor ask and an (n,) tensor tell.
+
+    pycma draws from numpy's global RNG; here that stream is private to the optimiser
+    (swapped in around each call) so other code cannot perturb it and the state is explicit.
+    """
+
+    def __init__(self, x0: torch.Tensor, sigma0: float, popsize: int, seed: int = 0, bound: float = 0.0):
+        import cma
+
+        if sigma0 <= 0:
+            raise BadInput(f"CMA-ES sigma must be positive, got {sigma0}")
+        if popsize < 2:
+            raise BadInput(f"CMA-ES population must be at least 2, got {popsize}")
+        opts = {"popsize": popsize, "seed": seed + 1, "verbose": -9, "maxiter": 10**9, "tolfun": 0, "tolx": 0,
+                "tolfunhist": 0, "tolstagnation": 10**9, "tolflatfitness": 10**9}
+        if bound > 0:
+            opts["bounds"] = [-bound, bound]
+        outer = np.random.get_state()
+        self.es = cma.CMAEvolutionStrategy(x0.detach().double().flatten().numpy(), sigma0, opts)
+        self._rng = np.random.get_state()
+        np.random.set_state(outer)
+        self.d, self.popsize = x0.numel(), popsize
+        self._asked: list | None = None
+
+    def _private(self, fn):
+        outer = np.random.get_state()
+        np.random.set_state(self._rng)
+        try:
+            return fn()
+        finally:
+            self._rng = np.random.get_state()
+            np.random.set_state(outer)
+
+    def ask(self) -> torch.Tensor:
+        self._asked = self._private(self.es.ask)
+        return torch.from_numpy(np.stack(self._asked)).float()
+
+    def sample(self) -> torch.Tensor:
+        """A fresh generation that is *not* told back (CraFT's re-asked bias)."""
+        return torch.from_numpy(np.stack(self._private(self.es.ask))).float()
+
+    def tell(self, losses: torch.Tensor) -> None:
+        if self._asked is None:
+            raise RuntimeError("tell() without ask()")
+        self._private(lambda: self.es.tell(self._asked, [float(v) for v in losses]))
+        self._asked = None
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.es.mean)).float()
+
+    @property
+    def best(self) -> torch.Tensor:
+        xb = self.es.result.xbest
+        return self.mean if xb is None else torch.from_numpy(np.asarray(xb)).float()
+
+    def state_dict(self) -> dict:
+        import pickle
+
+        return {"es": pickle.dumps(self.es), "rng": self._rng}
+
+    def load_state_dict(self, s: dict) -> None:
+        import pickle
+
+        self.es, self._rng = pickle.loads(s["es"]), s["rng"]

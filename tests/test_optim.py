@@ -1,0 +1,199 @@
+"""Optimisers and parameterisations against their formulas."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bbpt.errors import BadInput
+from bbpt.optim import CGE, CMAES, RGE, SPSA, SPSASchedule, ZOSGD, Constant, clip_factor
+from bbpt.params import Direct, Fastfood, RandomProjection, ZIPProjection, fwht
+
+
+def quad(w_star):
+    return lambda W: 0.5 * ((W - w_star) ** 2).sum(-1)  # (n, d) -> (n,)
+
+
+def test_spsa_single_pair_is_spalls_formula():
+    d, c = 6, 0.01
+    w, w_star = torch.randn(d), torch.randn(d)
+    g_true = w - w_star
+    for dist in ("rademacher", "segmented"):
+        est = SPSA(1, dist)
+        dirs = est.directions(d, torch.Generator().manual_seed(0))
+        if dist == "segmented":
+            assert dirs.abs().min() >= 0.5 and dirs.abs().max() <= 1.0
+        else:
+            assert set(dirs.abs().unique().tolist()) == {1.0}
+        pts = est.points(w, dirs, c)
+        assert torch.allclose(pts[0], w + c * dirs[0]) and torch.allclose(pts[1], w - c * dirs[0])
+        g = est.estimate(quad(w_star)(pts), dirs, c)
+        # (L+ - L-) / (2c) = Δ·∇f exactly on a quadratic; divided element-wise by Δ
+        expect = (dirs[0] @ g_true) / dirs[0]
+        assert torch.allclose(g, expect, atol=1e-4)
+
+
+def test_spsa_average_is_unbiased_on_quadratic():
+    d = 5
+    w, w_star = torch.randn(d), torch.randn(d)
+    est = SPSA(50000, "rademacher")
+    dirs = est.directions(d, torch.Generator().manual_seed(1))
+    g = est.estimate(quad(w_star)(est.points(w, dirs, 0.01)), dirs, 0.01)
+    assert torch.allclose(g, w - w_star, atol=0.08)  # noise std ≈ ‖g‖/√N ≈ 0.016
+
+
+def test_cge_exact_and_rge_unbiased():
+    d = 7
+    w, w_star = torch.randn(d), torch.randn(d)
+    cge = CGE()
+    dirs = cge.directions(d, None)
+    assert cge.evals(d) == 2 * d
+    g = cge.estimate(quad(w_star)(cge.points(w, dirs, 1e-3)), dirs, 1e-3)
+    assert torch.allclose(g, w - w_star, atol=1e-3)
+    rge = RGE(40000)
+    dirs = rge.directions(d, torch.Generator().manual_seed(0))
+    g = rge.estimate(quad(w_star)(rge.points(w, dirs, 1e-3)), dirs, 1e-3)
+    assert torch.allclose(g, w - w_star, atol=0.1)
+
+
+def test_intrinsic_clipping_exactly_at_sqrt_delta():
+    delta = 417
+    thr = math.sqrt(delta)
+    g = torch.ones(delta) * 2.0  # norm 2·√δ
+    assert clip_factor(g, thr) == pytest.approx(0.5)
+    assert (clip_factor(g, thr) * g).norm() == pytest.approx(thr)
+    small = torch.ones(delta) * 0.5
+    assert clip_factor(small, thr) == 1.0
+    # inside ZOSGD: clip="intrinsic" uses √d of the optimised vector
+    opt = ZOSGD(torch.zeros(delta), SPSA(1), SPSASchedule(), clip="intrinsic")
+    assert opt.threshold == pytest.approx(thr)
+    opt.ask()
+    g = opt.tell(torch.tensor([1e6, -1e6]))  # huge estimate
+    assert float(g.norm()) == pytest.approx(thr, rel=1e-5)
+    assert torch.allclose(opt.w, -SPSASchedule().a_k(1) * g)
+    with pytest.raises(BadInput):
+        ZOSGD(torch.zeros(3), SPSA(1), SPSASchedule(), clip=-1.0)
+
+
+def test_schedules():
+    s = SPSASchedule(a=0.01, c=0.01, o=1.0, alpha=0.4, gamma=0.1)
+    assert s.a_k(1) == pytest.approx(0.01 / 2**0.4) and s.c_k(3) == pytest.approx(0.01 / 3**0.1)
+    assert Constant(1e-3, 1e-3).a_k(100) == 1e-3
+
+
+def test_zosgd_descends_quadratic_and_momentum_formula():
+    d = 10
+    w_star = torch.linspace(-1, 1, d)
+    f = quad(w_star)
+    opt = ZOSGD(torch.zeros(d), SPSA(5), Constant(a=0.05, c=0.01), seed=0)
+    start = float(f(opt.w[None]))
+    for _ in range(300):
+        opt.tell(f(opt.ask()))
+    assert float(f(opt.w[None])) < 0.05 * start
+    # SPSA-GC: m1 = g1, update = g1 + βm1; m2 = βm1 + g2, update = g2 + βm2
+    f = quad(torch.tensor([1.0, -2.0]))
+    opt = ZOSGD(torch.zeros(2), CGE(), Constant(a=1.0, c=1e-3), momentum=0.9)
+    g1 = opt.tell(f(opt.ask()))
+    assert torch.allclose(opt.w, -(g1 + 0.9 * g1))
+    w1 = opt.w.clone()
+    g2 = opt.tell(f(opt.ask()))
+    assert torch.allclose(opt.w, w1 - (g2 + 0.9 * (0.9 * g1 + g2)), atol=1e-5)
+
+
+def test_zosgd_mask_freezes_coordinates():
+    opt = ZOSGD(torch.zeros(4), RGE(1), Constant(0.1, 1e-3), seed=0)
+    opt.mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    pts = opt.ask()
+    assert torch.all(pts[:, 1] == 0) and torch.all(pts[:, 3] == 0)
+    opt.tell(quad(torch.ones(4))(pts))
+    assert opt.w[1] == 0 and opt.w[3] == 0 and opt.w[0] != 0
+
+
+def test_zosgd_resume_is_exact():
+    f = quad(torch.ones(6))
+    a = ZOSGD(torch.zeros(6), SPSA(2, "segmented"), SPSASchedule(), seed=3)
+    for _ in range(3):
+        a.tell(f(a.ask()))
+    state = a.state_dict()
+    b = ZOSGD(torch.zeros(6), SPSA(2, "segmented"), SPSASchedule(), seed=99)
+    b.load_state_dict(state)
+    for _ in range(3):
+        a.tell(f(a.ask()))
+        b.tell(f(b.ask()))
+    assert torch.equal(a.w, b.w)
+
+
+def test_cmaes_batched_deterministic_private_rng():
+    f = quad(torch.full((8,), 2.0))
+
+    def run(seed):
+        es = CMAES(torch.zeros(8), 1.0, 10, seed=seed)
+        for _ in range(30):
+            z = es.ask()
+            assert z.shape == (10, 8)
+            np.random.rand(5)  # other code touching numpy's global RNG must not matter
+            es.tell(f(z))
+        return es
+
+    a, b = run(0), run(0)
+    assert torch.equal(a.mean, b.mean)
+    assert float(f(a.mean[None])) < float(f(torch.zeros(1, 8)))
+    assert not torch.equal(run(1).mean, a.mean)
+    es = CMAES(torch.zeros(3), 1.0, 6, seed=0, bound=0.5)
+    assert es.ask().abs().max() <= 0.5
+    with pytest.raises(RuntimeError):
+        CMAES(torch.zeros(3), 1.0, 6).tell(torch.zeros(6))
+
+
+def test_fwht_matches_hadamard_matrix():
+    H = torch.ones(1, 1)
+    for _ in range(4):  # Sylvester's construction of the 16 x 16 Hadamard matrix
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    x = torch.randn(3, 16)
+    assert torch.allclose(fwht(x), x @ H.T, atol=1e-4)
+
+
+def test_zip_projection_dimensions_and_init():
+    ctx0 = torch.randn(8, 512)
+    p = ZIPProjection(ctx0, intrinsic_dim=500, rank=5, seed=0)
+    assert p.q == 62 and p.dim == 417  # δ = r(q + m + 1) + q
+    z = p.init()
+    assert torch.equal(p.decode(z)[0], ctx0)  # U = 0, u = 0: the prompt starts at θ0
+    n_no_lr = ZIPProjection(ctx0, 500, 5, low_rank=False).dim
+    n_no_fs = ZIPProjection(ctx0, 500, 5, feature_sharing=False).dim
+    assert n_no_lr == 8 * 62 + 62 and n_no_fs == 5 * (62 + 8 + 1)
+    # W = U diag(s) Vᵀ + 1 uᵀ, row i fed to token i's own map
+    zz = torch.randn(2, p.dim)
+    W = p.matrix(zz)
+    U = zz[:, :40].view(2, 8, 5)
+    s = zz[:, 40:45]
+    V = zz[:, 45:355].view(2, 62, 5)
+    u = zz[:, 355:]
+    assert torch.allclose(W, U @ torch.diag_embed(s) @ V.transpose(1, 2) + u[:, None], atol=1e-5)
+    out = p.decode(zz)
+    assert out.shape == (2, 8, 512)
+    # token i depends on row i only
+    zz2 = zz.clone()
+    zz2[:, :5] += 1.0  # U row 0
+    diff = (p.decode(zz2) - out).abs().sum(-1)
+    assert diff[:, 0].min() > 0 and diff[:, 1:].max() == 0
+    with pytest.raises(BadInput):
+        ZIPProjection(ctx0, intrinsic_dim=4)
+
+
+def test_fastfood_roughly_norm_preserving_and_linear():
+    ff = Fastfood(m=4, q=62, D=128, seed=0)
+    w = torch.randn(256, 4, 62)
+    y = ff(w)
+    ratio = y.norm(dim=-1) / w.norm(dim=-1)
+    assert 0.5 < ratio.mean() < 1.5
+    assert torch.allclose(ff(2 * w[:2] + w[2:4]), 2 * y[:2] + y[2:4], atol=1e-4)
+
+
+def test_random_projection_bbt_std_and_decode():
+    assert RandomProjection.bbt_std(0.02, 500, 1.0) == pytest.approx(0.02 / math.sqrt(500))
+    p = RandomProjection(torch.zeros(4, 16), 8, std=0.5, seed=0)
+    assert p.A.shape == (64, 8) and abs(float(p.A.std()) - 0.5) < 0.1
+    z = torch.randn(3, 8)
+    assert torch.allclose(p.decode(z), (z @ p.A.T).view(3, 4, 16))
+    assert torch.equal(Direct(torch.ones(2, 3)).decode(torch.arange(6.0)), torch.arange(6.0).view(1, 2, 3))
