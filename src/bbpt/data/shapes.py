@@ -116,13 +116,21 @@ def scene_batch(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, list[str
     return np.stack(imgs), caps
 
 
-def task_split(n_per_class: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """The ``shapes`` task: single objects of the held-out pairs; (N, size, size, 3), labels (N,)."""
+def task_split(n_per_class: int, seed: int, size: int = 32, distractors: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The ``shapes`` task: (N, size, size, 3) scenes, labels (N,).
+
+    Each scene holds one object of a held-out pair (its class) among 0..``distractors``
+    objects of seen pairs, as in a CLEVR scene; the label is never ambiguous, since the
+    distractors are never of a held-out pair.
+    """
     imgs, labels = [], []
     for label, pair in enumerate(HELD_OUT):
         for i in range(n_per_class):
             rng = np.random.default_rng([seed, label, i])
-            imgs.append(render([random_object(rng, [pair], [])], rng, size))
+            objs = [random_object(rng, [pair], [])]
+            for _ in range(int(rng.integers(0, distractors + 1))):
+                objs.append(random_object(rng, SEEN, objs))
+            imgs.append(render(objs, rng, size))
             labels.append(label)
     return np.stack(imgs), np.asarray(labels, dtype=np.int64)
 

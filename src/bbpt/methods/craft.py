@@ -150,7 +150,7 @@ class CraFT(Method):
                 self.opt.zero_grad()
                 loss.backward()
                 self.opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
         self.head.eval()
         return float(np.mean(losses))
 

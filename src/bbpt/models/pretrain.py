@@ -131,19 +131,23 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-eval", action="store_true", help="skip the zero-shot table at the end")
+    ap.add_argument("--eval-only", action="store_true", help="only re-measure the zero-shot table of --out")
     args = ap.parse_args(argv)
-    for name in list(CAPTIONS) + ["shapes"]:
+    for name in TASKS:
         TASKS.get(name).prepare()
-    out = train(args)
-    model = out.pop("model")
-    save_weights(model, args.out)
-    card = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "train_seconds": out["seconds"], "log": out["log"]}
+    card_path = args.out.with_suffix(".card.json")
+    if args.eval_only:
+        card = json.loads(card_path.read_text())
+    else:
+        out = train(args)
+        save_weights(out.pop("model"), args.out)
+        card = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "eval_only"},
+                "train_seconds": out["seconds"], "log": out["log"]}
     if not args.no_eval:
         bb = create_backbone("mini", str(args.out))
         card["zero_shot_test_accuracy"] = {n: round(zero_shot(bb, n), 4) for n in TASKS}
         print(json.dumps(card["zero_shot_test_accuracy"]), flush=True)
-    args.out.with_suffix(".card.json").write_text(json.dumps(card, indent=1) + "\n")
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -1,0 +1,98 @@
+"""Benchmark: the seed methods on every offline task, 3 seeds, 16 shots, default budgets.
+
+    python bench/seed_methods.py                      # everything (resumable: finished runs are kept)
+    python bench/seed_methods.py --methods zip,bbt --tasks shapes --seeds 1
+
+Writes under --out (default bench/results/seed_methods):
+  runs/<method>/<task>/seed<k>/result.json   one folder per run (bbpt's normal run output)
+  table.md                                   mean ± std test accuracy, queries spent, wall seconds
+  curve_<task>.png                           validation accuracy against api_calls, all methods
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bbpt.engine import make_run_config, run
+from bbpt.results import plot_curves
+
+DEFAULT_METHODS = "zeroshot,zosgd,bbt,zip,craft,sharpzo"
+DEFAULT_TASKS = "mnist,fashion-mnist,animal-mnist,shapes"
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    m = 100 * statistics.mean(xs)
+    s = 100 * statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """Average validation accuracy over seeds at the points all seeds share."""
+    n = min(len(c) for c in curves)
+    return [{"api_calls": curves[0][i]["api_calls"],
+             "val_accuracy": statistics.mean(c[i]["val_accuracy"] for c in curves)} for i in range(n)]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=DEFAULT_METHODS)
+    ap.add_argument("--tasks", default=DEFAULT_TASKS)
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/seed_methods"))
+    ap.add_argument("--rerun", action="store_true", help="run again even where result.json exists")
+    args = ap.parse_args(argv)
+    methods, tasks = args.methods.split(","), args.tasks.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    results: dict[tuple[str, str], list[dict]] = {}
+    for task in tasks:
+        for method in methods:
+            for seed in seeds:
+                folder = args.out / "runs" / method / task / f"seed{seed}"
+                f = folder / "result.json"
+                if f.exists() and not args.rerun:
+                    r = json.loads(f.read_text())
+                else:
+                    t = time.time()
+                    cfg = make_run_config(method=method, dataset=task, shots=args.shots, seed=seed)
+                    r = run(cfg, out=folder, progress=False)
+                    print(f"{method:9s} {task:14s} seed {seed}: test {100 * r['accuracy']['test']:5.1f}%  "
+                          f"api_calls {r['queries']['api_calls']:6d}  {time.time() - t:5.1f}s", flush=True)
+                results.setdefault((method, task), []).append(r)
+
+    lines = [f"Test accuracy (%), mean ± std over seeds {args.seeds}, {args.shots} shots, default budgets; "
+             "api_calls / prompt_evals spent in training (mean); wall seconds per run (mean / max).", "",
+             "| method | " + " | ".join(tasks) + " | average | api_calls | prompt_evals | wall s |",
+             "|---|" + "---|" * (len(tasks) + 4)]
+    for method in methods:
+        accs = [mean_std([r["accuracy"]["test"] for r in results[(method, t)]]) for t in tasks]
+        avg = statistics.mean(r["accuracy"]["test"] for t in tasks for r in results[(method, t)])
+        rs = [r for t in tasks for r in results[(method, t)]]
+        calls = statistics.mean(r["queries"]["api_calls"] for r in rs)
+        evals = statistics.mean(r["queries"]["prompt_evals"] for r in rs)
+        walls = [r["wall_seconds"] for r in rs]
+        extra = ""
+        if "queries_total" in rs[0]:  # CraFT: the head's own queries, which the paper does not count
+            extra = f" (+{statistics.mean(r['aux_queries']['prompt_evals'] for r in rs):.0f} head)"
+        lines.append(f"| {method} | " + " | ".join(accs) + f" | {100 * avg:.1f} | {calls:.0f} | {evals:.0f}{extra} | "
+                     f"{statistics.mean(walls):.1f} / {max(walls):.1f} |")
+    table = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(table)
+    print(table)
+    for task in tasks:
+        curves = {m: mean_curve([r["curve"] for r in results[(m, task)]]) for m in methods}
+        plot_curves(args.out / f"curve_{task}.png", curves,
+                    f"{task}: validation accuracy vs queries ({args.shots}-shot, mean of {len(seeds)} seeds)")
+    print(f"wrote {args.out}/table.md and curve_<task>.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

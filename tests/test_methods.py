@@ -1,0 +1,173 @@
+"""Seed methods: formula-level checks, exact query counts, determinism, and improvement."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bbpt.data import fewshot_split, load_task
+from bbpt.engine import evaluate, make_run_config, run
+from bbpt.methods import METHODS, FewShotData, make_config
+from bbpt.methods.common import ce_per_candidate, kl_per_candidate
+from bbpt.models import BlackBox, QueryMeter
+
+
+def build(name, mini, dataset="shapes", shots=4, seed=1, **opts):
+    cls = METHODS.get(name)
+    cfg = cls.resolve_config(make_config(cls, opts), shots)
+    task = load_task(dataset)
+    train, _ = fewshot_split(task, shots, seed)
+    budget = {cls.budget_unit: cfg.budget} if cfg.budget else {}
+    box = BlackBox(mini, task.classnames, QueryMeter(budget))
+    info = {"name": task.name, "classnames": task.classnames, "templates": task.templates}
+    aux = {"aux_box": box.for_classes(task.classnames, QueryMeter())} if cls.uses_aux_box else {}
+    return cls(cfg, box, FewShotData(train, box.image_size), info, seed, **aux), box, task
+
+
+def test_zip_delta_417_and_10_calls_per_step(mini):
+    m, box, _ = build("zip", mini, shots=16)
+    assert m.param.dim == 417 and m.opt.threshold == pytest.approx(417**0.5)
+    m.step()
+    assert box.meter.counts == {"api_calls": 10, "prompt_evals": 10, "images_forwarded": 10 * 128}
+    m.step()
+    assert box.meter.counts["api_calls"] == 20
+    assert m.opt.k == 3
+
+
+def test_zip_ablations_and_zosgd(mini):
+    assert build("zip", mini, low_rank=False)[0].param.dim == 8 * 62 + 62
+    assert build("zip", mini, feature_sharing=False)[0].param.dim == 5 * 71
+    assert build("zip", mini, clip="none")[0].opt.threshold is None
+    assert build("zip", mini, clip=3.0)[0].opt.threshold == 3.0
+    z, box, _ = build("zosgd", mini)
+    assert z.param.dim == 8 * box.ctx_dim and z.opt.threshold is None
+    r = build("zip", mini, ctx_init="random")[0]
+    assert r.prompt().ctx.abs().max() < 0.2  # N(0, 0.02²) context, the official code's init
+
+
+def test_zip_starts_from_template_words(mini):
+    m, box, task = build("zip", mini, n_ctx=4)
+    words = box.embed_words(task.templates[0].split("{}")[0].strip())
+    assert torch.equal(m.prompt().ctx[0], words[-4:])
+
+
+def test_craft_fitness_and_head_losses(mini):
+    m, box, _ = build("craft", mini, shots=2, popsize=6, intrinsic_dim=32)
+    C = box.num_classes
+    assert m.lam == pytest.approx(0.1 / C) and m.beta == pytest.approx(0.1 / C)
+    # residual head: refined = f + g(f)
+    f = torch.randn(3, 5, C)
+    assert torch.allclose(m.refine(f) - f, m.head(f), atol=1e-6)
+    # capture what CMA-ES is told and the logits it came from
+    told, seen = {}, {}
+    orig_tell, orig_query = m.es.tell, m.box.query
+
+    def spy_query(prompt, images):
+        out = orig_query(prompt, images)
+        seen["logits"] = out
+        return out
+
+    m.box.query = spy_query
+    m.es.tell = lambda losses: (told.setdefault("f", losses.clone()), orig_tell(losses))
+    head0 = copy.deepcopy(m.head)
+    m.step()
+    logits = seen["logits"]
+    with torch.no_grad():
+        refined = logits + head0(logits)
+        expect = ce_per_candidate(logits, m.labels) + m.lam * kl_per_candidate(refined, logits)
+    assert torch.allclose(told["f"], expect, atol=1e-5)
+    # KL(refined || raw) for the prompt, not the reverse
+    assert not torch.allclose(kl_per_candidate(refined, logits), kl_per_candidate(logits, refined))
+    # head loss: CE(refined) + β KL(raw || refined), on the aux meter's queries
+    assert m.aux_box.meter.counts["prompt_evals"] == 1 and box.meter.counts["prompt_evals"] == 6
+
+
+def test_craft_head_objective(mini):
+    m, box, _ = build("craft", mini, shots=2, popsize=4, intrinsic_dim=16, batch_size=512)
+    head0 = copy.deepcopy(m.head)
+    f = m.aux_box.query(m.prompt(), m.data.images())[0]
+    with torch.no_grad():
+        r = f + head0(f)
+        expect = F.cross_entropy(r, m.labels) + m.beta * kl_per_candidate(f[None], r[None])[0]
+    got = m.train_head()  # one batch: the loss before its update
+    assert got == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_craft_budget_by_shots():
+    cls = METHODS.get("craft")
+    cfg = make_config(cls, {})
+    assert [cls.resolve_config(cfg, k).budget for k in (1, 2, 4, 8, 16)] == [2000, 4000, 4000, 8000, 8000]
+    assert cls.resolve_config(make_config(cls, {"budget": 123}), 16).budget == 123
+    p = cls.resolve_config(make_config(cls, {"preset": "dtd"}), 16)
+    assert (p.sigma, p.proj_std, p.lam, p.bias) == (0.02, 1, 0.001, "reask")
+
+
+def test_sharpzo_cge_cost_and_stage_switch(mini):
+    d, pop = 16, 4
+    m, box, _ = build("sharpzo", mini, intrinsic_dim=d, popsize=pop, change_point=2, sparsity=0.25)
+    m.step()
+    assert box.meter.counts["prompt_evals"] == 2 * d + pop  # CGE at the mean, then the population
+    m.step()
+    assert m.stage == 1 and box.meter.counts["prompt_evals"] == 2 * (2 * d + pop)
+    s = m.step()
+    assert m.stage == 2 and s["stage"] == 2
+    assert box.meter.counts["prompt_evals"] == 2 * (2 * d + pop) + 2  # one RGE pair
+    assert int(m.zo.mask.sum()) == 4  # 25 % of 16 coordinates
+    moved = (m.zo.w - m.es.mean).abs() > 0
+    assert moved.sum() <= 4 and not moved[m.zo.mask == 0].any()
+
+
+def test_sharpzo_perturbs_candidates_by_eps(mini):
+    m, box, _ = build("sharpzo", mini, intrinsic_dim=8, popsize=4, change_point=1, rho=0.5)
+    scored, asked = [], []
+    orig_losses, orig_ask = m.losses, m.es.ask
+    m.losses = lambda z: (scored.append(z.clone()), orig_losses(z))[1]
+    m.es.ask = lambda: (asked.append(orig_ask()), asked[-1])[1]
+    m.stage1_step()
+    cge_points, population = scored
+    assert cge_points.shape == (16, 8)  # 2d points around the mean
+    assert torch.allclose(cge_points[0] - cge_points[1], torch.eye(8)[0] * 2e-3)
+    assert float(m.eps.norm()) == pytest.approx(0.5, rel=1e-5)  # ε = ρ g / ‖g‖
+    assert torch.allclose(m.eps, 0.5 * m.grad / m.grad.norm())
+    assert torch.allclose(population, asked[0] + m.eps)  # scored at z_i + ε, told as z_i
+
+
+@pytest.mark.parametrize("name", ["zip", "bbt", "craft", "sharpzo"])
+def test_same_seed_same_result(name):
+    budgets = {"zip": 60, "bbt": 60, "craft": 80, "sharpzo": 200}
+    opts = {"budget": budgets[name]}
+    if name == "sharpzo":
+        opts.update(intrinsic_dim=32, popsize=8)
+    cfg = make_run_config(method=name, dataset="shapes", shots=2, seed=2, options=opts)
+    a, b = run(cfg, progress=False), run(cfg, progress=False)
+    assert a["accuracy"] == b["accuracy"] and a["curve"] == b["curve"] and a["queries"] == b["queries"]
+    c = run(make_run_config(method=name, dataset="shapes", shots=2, seed=3, options=opts), progress=False)
+    assert c["curve"] != a["curve"]
+
+
+REDUCED = {
+    "zip": {"budget": 1000},
+    "zosgd": {"budget": 1000},
+    "bbt": {"budget": 600},
+    "craft": {"budget": 600},
+    "sharpzo": {"budget": 3000, "intrinsic_dim": 64},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REDUCED))
+def test_reduced_budget_lowers_training_loss(mini, name):
+    """Each method, at a reduced budget, lowers the full few-shot training loss it started from."""
+    m, box, task = build(name, mini, dataset="fashion-mnist", shots=8, seed=1, **REDUCED[name])
+    eval_box = box.for_classes(task.classnames, QueryMeter())
+    before = evaluate(m, eval_box, m.data.set, 500, progress=False)
+    from bbpt.errors import BudgetExhausted
+
+    try:
+        while m.step() is not None:
+            pass
+    except BudgetExhausted:
+        pass
+    after = evaluate(m, eval_box, m.data.set, 500, progress=False)
+    spent = box.meter.counts[type(m).budget_unit]
+    assert spent <= REDUCED[name]["budget"] and spent > 0.8 * REDUCED[name]["budget"]
+    assert after["loss"] < before["loss"] - 0.02, (before, after)
