@@ -171,3 +171,29 @@ def test_reduced_budget_lowers_training_loss(mini, name):
     spent = box.meter.counts[type(m).budget_unit]
     assert spent <= REDUCED[name]["budget"] and spent > 0.8 * REDUCED[name]["budget"]
     assert after["loss"] < before["loss"] - 0.02, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zosgd", "bbt", "zip", "craft", "sharpzo"])
+def test_beats_zero_shot_on_two_tasks_at_default_budget(name):
+    """Each method, at its paper-default budget, 16 shots, seed 1, above zero-shot on >= 2 tasks."""
+    wins = []
+    for task in ("mnist", "fashion-mnist", "animal-mnist", "shapes"):
+        zs = run(make_run_config(method="zeroshot", dataset=task, shots=16, seed=1), progress=False)
+        r = run(make_run_config(method=name, dataset=task, shots=16, seed=1), progress=False)
+        wins.append(r["accuracy"]["test"] > zs["accuracy"]["test"])
+    assert sum(wins) >= 2, wins
+
+
+@pytest.mark.parametrize("name,budget", [("zip", 60), ("craft", 80)])
+def test_eval_reproduces_run_test_accuracy(tmp_path, name, budget):
+    from bbpt.engine import evaluate_prompt
+
+    cfg = make_run_config(method=name, dataset="shapes", shots=2, seed=1, options={"budget": budget})
+    r = run(cfg, out=tmp_path / name, progress=False)
+    e = evaluate_prompt(tmp_path / name / "prompt.safetensors", "shapes", progress=False)
+    assert e["accuracy"] == r["accuracy"]["test"] and e["method"] == name
+    assert (tmp_path / name / "curve.csv").read_text().startswith("api_calls,prompt_evals,train_loss,val_accuracy")
+    if name == "craft":
+        assert r["aux_queries"]["prompt_evals"] > 0
+        assert r["queries_total"]["prompt_evals"] == r["queries"]["prompt_evals"] + r["aux_queries"]["prompt_evals"]

@@ -166,25 +166,28 @@ class ZOSGD:
         self.m = None
         self.mask: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
-        self._dirs: torch.Tensor | None = None
+        self._seed: torch.Tensor | None = None
         self.last: dict = {}
 
     @property
     def evals_per_step(self) -> int:
         return self.est.evals(self.d)
 
+    def _directions(self) -> torch.Tensor:
+        dirs = self.est.directions(self.d, self.gen)
+        return dirs if self.mask is None else dirs * self.mask
+
     def ask(self) -> torch.Tensor:
         """(2N, d) points to evaluate for this step."""
-        dirs = self.est.directions(self.d, self.gen)
-        if self.mask is not None:
-            dirs = dirs * self.mask
-        self._dirs = dirs
-        return self.est.points(self.w, dirs, self.sched.c_k(self.k))
+        self._seed = self.gen.get_state()  # MeZO: keep the seed, not the directions
+        return self.est.points(self.w, self._directions(), self.sched.c_k(self.k))
 
     def tell(self, losses: torch.Tensor) -> torch.Tensor:
-        if self._dirs is None:
+        if self._seed is None:
             raise RuntimeError("tell() without ask()")
-        g = self.est.estimate(losses.float(), self._dirs, self.sched.c_k(self.k))
+        self.gen.set_state(self._seed)
+        dirs = self._directions()  # regenerated from the step's seed
+        g = self.est.estimate(losses.float(), dirs, self.sched.c_k(self.k))
         if self.mask is not None:
             g = torch.nan_to_num(g) * self.mask  # CGE/SPSA over masked coordinates: 0/0 -> 0
         alpha = clip_factor(g, self.threshold)
@@ -197,7 +200,7 @@ class ZOSGD:
         self.w = self.w - self.sched.a_k(self.k) * upd
         self.last = {"grad_norm": float(g.norm() / max(alpha, 1e-12)), "clip": alpha, "lr": self.sched.a_k(self.k)}
         self.k += 1
-        self._dirs = None
+        self._seed = None
         return g
 
     def state_dict(self) -> dict:
