@@ -61,7 +61,7 @@ def test_unprepared_task_says_how_to_prepare(tmp_path, monkeypatch):
         load_task("mnist")
     TASKS.get("shapes").prepare()  # procedural: prepares anywhere
     assert len(load_task("shapes").test) == 2000
-    (tmp_path / "shapes" / "test.npz").write_bytes(b"garbage")
+    TASKS.get("shapes").files()[1].write_bytes(b"garbage")
     with pytest.raises(DataNotPrepared, match="--force"):
         load_task("shapes")
 

@@ -45,7 +45,7 @@ def _parse_sets(sets: list[str]) -> dict:
 @app.command()
 def run(
     ctx: typer.Context,
-    method: str = typer.Option("zeroshot", help="Method name (`bbpt methods`)."),
+    method: str = typer.Option("zip", help="Method name (`bbpt methods`)."),
     dataset: str = typer.Option("fashion-mnist", help="Registered task (`bbpt datasets`) or a path to an image folder."),
     shots: int = typer.Option(16, help="Training images per class (1, 2, 4, 8, 16)."),
     seed: int = typer.Option(1, help="Seed of the few-shot sample and of the method."),

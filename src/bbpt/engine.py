@@ -30,7 +30,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: str = "zeroshot"
+    method: str = "zip"
     dataset: str = "fashion-mnist"
     model: str = "mini"
     pretrained: str | None = None
