@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     for task in tasks:
         curves = {m: mean_curve([r["curve"] for r in results[(m, task)]]) for m in methods}
         plot_curves(args.out / f"curve_{task}.png", curves,
-                    f"{task}: validation accuracy vs queries ({args.shots}-shot, mean of {len(seeds)} seeds)")
+                    f"{task}, {args.shots}-shot, mean of {len(seeds)} seeds")
     print(f"wrote {args.out}/table.md and curve_<task>.png", file=sys.stderr)
 
 

@@ -169,7 +169,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
         **({"aux_queries": aux["aux_box"].meter.counts,
             "queries_total": {k: v + aux["aux_box"].meter.counts[k] for k, v in meter.counts.items()}} if aux else {}),
         "eval_queries": eval_box.meter.counts,
-        "accuracy": {"test": test["accuracy"], "val": curve[-1]["val_accuracy"]},
+        "accuracy": {"test": test["accuracy"], "val": curve[-1]["val_accuracy"] if curve else None},
         "curve": curve,
         "wall_seconds": round(time.time() - t0, 2),
         "config": {**cfg.model_dump(), "options": mcfg.model_dump()},

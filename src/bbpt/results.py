@@ -44,7 +44,10 @@ def plot_curves(path: Path, curves: dict[str, list[dict]], title: str, x: str = 
     for name, curve in curves.items():
         xs = [p[x] for p in curve]
         ys = [100 * p["val_accuracy"] for p in curve]
-        ax.plot(xs, ys, marker="o" if len(xs) < 3 else None, ms=4, label=name)
+        if len(xs) == 1:  # no training (zero-shot): a reference line
+            ax.axhline(ys[0], ls="--", lw=1, color="gray", label=name)
+        else:
+            ax.plot(xs, ys, lw=1.4, label=name)
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title)
