@@ -1,7 +1,7 @@
 """A name -> object registry with did-you-mean errors (methods, tasks, backbones)."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 from .errors import UnknownName
 
@@ -41,14 +41,3 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
-
-def lazy(fn: Callable[[], T]) -> Callable[[], T]:
-    """Cache a zero-argument factory's result."""
-    box: list[T] = []
-
-    def get() -> T:
-        if not box:
-            box.append(fn())
-        return box[0]
-
-    return get

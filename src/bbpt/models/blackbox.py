@@ -104,9 +104,6 @@ class FeatureCache:
                 self._rows[keys[i]] = feats[j]
         return torch.stack([self._rows[k] for k in keys]), len(miss)
 
-    def clear(self) -> None:
-        self._rows.clear()
-
 
 class BlackBox:
     """Metered class scores (P, B, C) for images under candidate prompts.

@@ -74,11 +74,6 @@ class QueryMeter:
         lim = self.budget.get(unit)
         return None if lim is None else lim - self.counts[unit]
 
-    def can_afford(self, num_prompts: int, num_images: int) -> bool:
-        c = self.cost(num_prompts, num_images)
-        counts = self.counts
-        return all(lim is None or counts[u] + c[u] <= lim for u, lim in self.budget.items())
-
     def state_dict(self) -> dict:
         with self._lock:
             return {"counts": dict(self._counts), "images_encoded": self.images_encoded, "budget": dict(self.budget)}
