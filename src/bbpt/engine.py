@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .data import fewshot_split, load_task
+from .data import fewshot_split, load_task, subsample_classes
 from .data.core import ImageSet
 from .errors import BadInput, BudgetExhausted
 from .methods import METHODS, FewShotData, Method, make_config
@@ -41,6 +41,7 @@ class RunConfig(BaseModel):
     eval_every: int = 0  # budget units between validation points on the curve; 0: auto (~20 points)
     eval_batch: int = 500
     max_images_per_call: int = 128
+    classes: str = "all"  # "all", or CoOp's base-to-new halves "base" / "new"
     options: dict[str, Any] = {}  # method-specific overrides of its paper defaults
 
 
@@ -98,21 +99,23 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
     set_seed(cfg.seed)
     cls = METHODS.get(cfg.method)
     mcfg = cls.resolve_config(make_config(cls, cfg.options), cfg.shots)
-    task = load_task(cfg.dataset)
+    task = subsample_classes(load_task(cfg.dataset), cfg.classes)
     train, val = fewshot_split(task, cfg.shots, cfg.seed)
     backbone = create_backbone(cfg.model, cfg.pretrained, cfg.device)
-    budget = {cls.budget_unit: mcfg.budget} if mcfg.budget is not None else {}
+    unit = cls.unit(mcfg)
+    budget = {unit: mcfg.budget} if mcfg.budget is not None else {}
     meter = QueryMeter(budget, cfg.max_images_per_call)
     box = BlackBox(backbone, task.classnames, meter, precision=cfg.precision)
     eval_box = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
     task_info = {"name": task.name, "classnames": task.classnames, "templates": task.templates}
-    aux = {}
+    aux: dict = {}
+    if not cls.black_box:  # the white-box reference (CoOp) alone gets the model itself
+        aux["backbone"] = backbone
     if cls.uses_aux_box:  # a method's side queries (CraFT's head), counted apart from the budget
         aux["aux_box"] = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
     method = cls(mcfg, box, FewShotData(train, box.image_size), task_info, cfg.seed, **aux)
     writer = RunWriter(out, cfg, method) if out is not None else None
 
-    unit = cls.budget_unit
     every = cfg.eval_every or max(1, (mcfg.budget or 0) // 20)
     curve: list[dict] = []
     last_loss, next_eval, status = None, every, "finished"
@@ -167,7 +170,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
         "budget": {unit: mcfg.budget} if unit == "api_calls" else {"api_calls": None, unit: mcfg.budget},
         "queries": meter.counts,
         **({"aux_queries": aux["aux_box"].meter.counts,
-            "queries_total": {k: v + aux["aux_box"].meter.counts[k] for k, v in meter.counts.items()}} if aux else {}),
+            "queries_total": {k: v + aux["aux_box"].meter.counts[k] for k, v in meter.counts.items()}}
+           if "aux_box" in aux else {}),
         "eval_queries": eval_box.meter.counts,
         "accuracy": {"test": test["accuracy"], "val": curve[-1]["val_accuracy"] if curve else None},
         "curve": curve,

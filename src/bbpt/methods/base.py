@@ -13,7 +13,7 @@ the kind of method it runs:
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    budget: int | None = None  # hard stop in the method's budget unit; None: no training queries
+    budget: int | None = None  # hard stop in ``budget_unit``; None: no training queries
+    budget_unit: Literal["api_calls", "prompt_evals"] | None = None  # None: the method's paper unit
     batch_size: int = 128  # images per training query (ZIP's API batch)
 
 
@@ -67,7 +68,7 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     budget_unit: ClassVar[str] = "api_calls"
-    black_box: ClassVar[bool] = True  # False only for the white-box reference (CoOp)
+    black_box: ClassVar[bool] = True  # False only for the white-box reference (CoOp): gets ``backbone``
     uses_aux_box: ClassVar[bool] = False  # True: gets ``aux_box``, metered apart (CraFT's head)
 
     def __init__(self, cfg: MethodConfig, box: BlackBox, data: FewShotData, task_info: dict, seed: int):
@@ -77,6 +78,11 @@ class Method:
     def resolve_config(cls, cfg: MethodConfig, shots: int) -> MethodConfig:
         """Fill defaults that depend on the run (e.g. a budget by shots)."""
         return cfg
+
+    @classmethod
+    def unit(cls, cfg: MethodConfig) -> str:
+        """The unit the budget is counted in: the config's override, else the paper's."""
+        return cfg.budget_unit or cls.budget_unit
 
     def step(self) -> dict | None:
         raise NotImplementedError

@@ -137,7 +137,7 @@ class CraFT(Method):
 
     def train_head(self) -> float:
         """One epoch (``head_epochs``) of the refinement head on the current prompt's logits."""
-        use_kl = self.box.meter.counts["prompt_evals"] <= self.cfg.head_kl_fraction * (self.cfg.budget or 0)
+        use_kl = self.box.meter.counts[self.unit(self.cfg)] <= self.cfg.head_kl_fraction * (self.cfg.budget or 0)
         prompt, losses = self.prompt(), []
         self.head.train()
         for _ in range(self.cfg.head_epochs):

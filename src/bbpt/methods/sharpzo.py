@@ -82,7 +82,7 @@ class SharpZO(Method):
         cfg = self.cfg
         if cfg.change_point is not None:
             return self.generation < cfg.change_point
-        return self.box.meter.counts["prompt_evals"] < cfg.switch_fraction * (cfg.budget or 0)
+        return self.box.meter.counts[self.unit(cfg)] < cfg.switch_fraction * (cfg.budget or 0)
 
     def step(self):
         if self.stage == 1 and self.in_stage1():
