@@ -2,7 +2,8 @@
 
 An :class:`ImageSet` holds images either as one uint8 array (the offline tasks) or as file
 paths read on demand (ImageFolder / CoOp datasets), with integer labels and a stable string
-id per image; the id is the key of the black box's image-feature cache. A :class:`Task`
+id per image; the id is the key of the black box's image-feature cache. An optional
+``shift`` (:mod:`bbpt.data.shift`) transforms the pixels after resizing. A :class:`Task`
 bundles class names, prompt templates and train / val / test image sets.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput
+from .shift import SHIFTS, apply_shift
 
 
 def data_dir() -> Path:
@@ -32,6 +34,7 @@ class ImageSet:
     ids: np.ndarray  # (N,) str, unique within a task: the feature-cache key
     array: np.ndarray | None = None
     paths: Sequence[str] | None = None
+    shift: str | None = None  # a name in bbpt.data.shift.SHIFTS, applied by pixels()
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -41,6 +44,8 @@ class ImageSet:
         n = len(self.array) if self.array is not None else len(self.paths)
         if len(self.labels) != n or len(self.ids) != n:
             raise ValueError(f"ImageSet: {n} images but {len(self.labels)} labels, {len(self.ids)} ids")
+        if self.shift is not None:
+            SHIFTS.get(self.shift)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,18 +57,30 @@ class ImageSet:
             ids=self.ids[idx],
             array=None if self.array is None else self.array[idx],
             paths=None if self.paths is None else [self.paths[i] for i in idx],
+            shift=self.shift,
         )
+
+    def with_shift(self, name: str) -> "ImageSet":
+        """The same images shifted by ``name``, with ids ``"<id>@<name>"``."""
+        if self.shift is not None:
+            raise BadInput(f"images are already shifted ({self.shift}); apply one shift at a time")
+        return ImageSet(labels=self.labels, ids=np.char.add(self.ids, f"@{name}"), array=self.array,
+                        paths=self.paths, shift=name)
 
     def pixels(self, idx=None, size: int = 224) -> torch.Tensor:
         """Images ``idx`` as float RGB in [0, 1], (n, 3, size, size).
 
         Arrays are resized whole (bicubic, antialiased); files get CLIP's test transform
-        (shorter side to ``size``, centre crop).
+        (shorter side to ``size``, centre crop). Then the shift, if any.
         """
         idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)
         if self.array is not None:
-            return _array_to_pixels(self.array[idx], size)
-        return torch.stack([_read_image(self.paths[i], size) for i in idx]) if len(idx) else torch.zeros(0, 3, size, size)
+            x = _array_to_pixels(self.array[idx], size)
+        elif len(idx):
+            x = torch.stack([_read_image(self.paths[i], size) for i in idx])
+        else:
+            x = torch.zeros(0, 3, size, size)
+        return x if self.shift is None else apply_shift(self.shift, x, self.ids[idx])
 
 
 def _array_to_pixels(a: np.ndarray, size: int) -> torch.Tensor:
