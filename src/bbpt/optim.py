@@ -10,7 +10,8 @@ black box in one batched query, and is told their n losses (lower is better):
 - :class:`ZOSGD`: zeroth-order SGD; the gradient estimate comes from a ``GradientEstimator``:
   :class:`SPSA` (Spall: (L+ - L-) / (2 c_k Δ), Δ Rademacher or segmented-uniform),
   :class:`RGE` (Gaussian directions, MeZO-style: directions regenerated from seeds),
-  :class:`CGE` (coordinate-wise central differences); then optional clipping
+  :class:`CGE` (coordinate-wise central differences), :class:`OneSidedRGF` (BAR: q unit
+  directions against one pivot evaluation); then optional clipping
   (ZIP's intrinsic-dimensional clipping α_t = min(√δ / ‖ĝ‖, 1), or a fixed threshold),
   an optional Nesterov-style momentum (BlackVIP's SPSA-GC) and an optional coordinate mask
   (SharpZO's sparse fine-tuning).
@@ -60,6 +61,25 @@ class Constant:
 
     def c_k(self, k: int) -> float:
         return self.c
+
+
+@dataclass(frozen=True)
+class PolyDecay:
+    """BAR's schedule: a_k = (lr0 - lr_min) · max(0, 1 - t / (frac·T))^power + lr_min, t = k - 1;
+    constant smoothing c_k = beta."""
+
+    lr0: float = 10.0
+    lr_min: float = 0.1
+    total: int = 1000  # T, steps of the decay horizon
+    power: float = 0.9
+    frac: float = 0.9
+    beta: float = 0.01
+
+    def a_k(self, k: int) -> float:
+        return (self.lr0 - self.lr_min) * max(0.0, 1 - (k - 1) / (self.frac * self.total)) ** self.power + self.lr_min
+
+    def c_k(self, k: int) -> float:
+        return self.beta
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,6 +151,32 @@ class CGE(RGE):
     def estimate(self, losses: torch.Tensor, dirs: torch.Tensor, c: float) -> torch.Tensor:
         lp, lm = losses.view(-1, 2).unbind(1)  # (d,)
         return (lp - lm) / (2 * c)
+
+
+class OneSidedRGF:
+    """One-sided random gradient-free estimate (BAR, Tsai et al. 2020):
+    ĝ = (d / q) Σ_j u_j (L(w + βu_j) - L(w)) / β with u_j ~ N(0, I) scaled to unit length.
+    Points: the pivot w first, then the q perturbed ones; q + 1 evaluations.
+    """
+
+    def __init__(self, q: int = 5):
+        if q < 1:
+            raise BadInput(f"RGF needs at least one direction, got q={q}")
+        self.q = q
+
+    def evals(self, d: int) -> int:
+        return self.q + 1
+
+    def directions(self, d: int, gen: torch.Generator) -> torch.Tensor:
+        u = torch.randn(self.q, d, generator=gen)
+        return u / u.norm(dim=1, keepdim=True)
+
+    def points(self, w: torch.Tensor, dirs: torch.Tensor, c: float) -> torch.Tensor:
+        return torch.cat([w[None], w + c * dirs])  # (q + 1, d)
+
+    def estimate(self, losses: torch.Tensor, dirs: torch.Tensor, c: float) -> torch.Tensor:
+        d = dirs.shape[1]
+        return (d / self.q) * ((losses[1:] - losses[0]) / c) @ dirs
 
 
 def clip_factor(g: torch.Tensor, threshold: float | None) -> float:

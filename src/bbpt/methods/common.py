@@ -64,3 +64,9 @@ class BatchStream:
         except StopIteration:
             self._it = self.data.batches(self.batch_size, self.rng)
             return next(self._it)
+
+
+def focal_per_candidate(logits: torch.Tensor, y: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss mean_b (1 - p_t)^γ · (-log p_t) per candidate: (P, B, C), (B,) -> (P,)."""
+    logp = F.log_softmax(logits, -1).gather(-1, y.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)  # (P, B)
+    return ((1 - logp.exp()) ** gamma * -logp).mean(1)

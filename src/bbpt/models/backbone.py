@@ -155,6 +155,38 @@ class Backbone:
         """[0, 1] pixels (B, 3, S, S) -> L2-normalised image features (B, E)."""
         return F.normalize(self.model.encode_image(self.normalize(pixels)).float(), dim=-1)
 
+    # ---- visual prompt tokens (BPT-VLM) ---------------------------------------------
+    @property
+    def vit(self) -> nn.Module | None:
+        """The image tower if it is an open_clip VisionTransformer (visual tokens need one)."""
+        v = self.model.visual
+        return v if all(hasattr(v, a) for a in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "_pool")) else None
+
+    def _need_vit(self) -> nn.Module:
+        if self.vit is None:
+            raise BadInput(f"{self.name}: visual prompt tokens need a ViT image tower; {type(self.model.visual).__name__} has none")
+        return self.vit
+
+    def patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels (B, 3, S, S) -> [CLS, patches] + positional embedding, (B, 1 + G, W)."""
+        v = self._need_vit()
+        x = v.conv1(self.normalize(pixels).to(v.conv1.weight.dtype))  # (B, W, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, G, W)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+
+    def encode_tokens(self, x: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens (N, 1 + G, W) with visual prompt tokens (N, n, W) appended after the
+        patches (no positional embedding, before ln_pre, as BPT-VLM) -> normalised features (N, E)."""
+        v = self._need_vit()
+        if prompt is not None:
+            x = torch.cat([x, prompt.to(x.dtype)], dim=1)  # (N, 1 + G + n, W)
+        x = v.transformer(v.ln_pre(x))
+        pooled, _ = v._pool(x)  # CLS token ('tok' pooling) after ln_post
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return F.normalize(pooled.float(), dim=-1)
+
 
 def open_clip_models() -> list[str]:
     import open_clip

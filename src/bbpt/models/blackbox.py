@@ -1,7 +1,17 @@
 """The black box: class scores for a batch of images under a batch of candidate prompts.
 
 This is the only thing a tuning method may touch. In: P candidate prompts (hard templates
-or soft context vectors) and B images; out: logits (P, B, C) over the task's C classes.
+or soft context vectors), B images, and optionally a visual prompt; out: logits (P, B, C)
+over the task's C classes. Visual prompts come in two kinds:
+
+- prompted pixels (BlackVIP, BAR): the client modifies the images itself and sends them,
+  one batch for all candidates (B, 3, S, S) or one per candidate (P, B, 3, S, S), without
+  cache keys;
+- visual prompt tokens (BPT-VLM): :class:`VisualPrompt` tokens (P, n, W) appended after a
+  ViT's patch tokens.
+
+Image features are cached only when neither is in play (4-d pixels with keys, no visual
+tokens); otherwise every image is re-encoded and the meter's ``images_encoded`` says so.
 Every call is charged to a :class:`QueryMeter` before anything is computed. Methods never
 see weights, features or gradients through it (outputs are detached, computed under
 ``torch.no_grad``); the white-box CoOp reference is the one exception and says so.
@@ -66,8 +76,20 @@ class SoftPrompt:
 
 
 @dataclass
+class VisualPrompt:
+    """P sets of n visual prompt tokens (P, n, W), W the ViT's width (``BlackBox.visual_width``)."""
+
+    tokens: torch.Tensor
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
 class Images:
-    """A batch of images as float RGB in [0, 1], (B, 3, S, S), with optional cache keys.
+    """A batch of images as float RGB in [0, 1], (B, 3, S, S), with optional cache keys; or
+    prompted images, one batch per candidate, (P, B, 3, S, S), never cached.
 
     ``keys[i]`` names image i *as sent* (its id plus augmentation view): equal keys promise
     equal pixels, which lets the black box reuse the image features. None: never cached.
@@ -77,11 +99,22 @@ class Images:
     keys: Sequence[str] | None = None
 
     def __post_init__(self):
-        if self.keys is not None and len(self.keys) != len(self.pixels):
-            raise BadInput(f"Images: {len(self.pixels)} images but {len(self.keys)} keys")
+        if torch.is_tensor(self.pixels) and self.pixels.ndim == 5 and self.keys is not None:
+            raise BadInput("Images: per-candidate (prompted) pixels (P, B, 3, S, S) cannot carry cache keys")
+        if self.keys is not None and len(self.keys) != len(self):
+            raise BadInput(f"Images: {len(self)} images but {len(self.keys)} keys")
+
+    @property
+    def per_candidate(self) -> bool:
+        return self.pixels.ndim == 5
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.pixels.shape[0]) if self.per_candidate else 1
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        """B, the images scored under each candidate."""
+        return int(self.pixels.shape[-4]) if self.pixels.ndim >= 4 else len(self.pixels)
 
 
 class FeatureCache:
@@ -123,6 +156,7 @@ class BlackBox:
         fast: bool = True,
         precision: str = "fp32",
         text_chunk: int = 4096,
+        image_chunk: int = 2048,
         _cache: FeatureCache | None = None,
     ):
         if not classnames:
@@ -134,7 +168,7 @@ class BlackBox:
         self._bb = backbone
         self.classnames = list(classnames)
         self.meter = meter if meter is not None else QueryMeter()
-        self.fast, self.precision, self.text_chunk = fast, precision, text_chunk
+        self.fast, self.precision, self.text_chunk, self.image_chunk = fast, precision, text_chunk, image_chunk
         self._cache = _cache if _cache is not None else FeatureCache()
         self._soft_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._hard_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -164,11 +198,27 @@ class BlackBox:
     def cached_images(self) -> int:
         return len(self._cache)
 
+    @property
+    def visual_width(self) -> int | None:
+        """W, the width of a visual prompt token; None when the image tower is not a ViT."""
+        v = self._bb.vit
+        return None if v is None else int(v.conv1.out_channels)
+
+    @property
+    def pixel_mean(self) -> tuple:
+        """The model's published input normalisation (what ``(x - mean) / std`` it applies)."""
+        return tuple(self._bb.mean)
+
+    @property
+    def pixel_std(self) -> tuple:
+        return tuple(self._bb.std)
+
     def for_classes(self, classnames: Sequence[str], meter: QueryMeter | None = None) -> "BlackBox":
         """The same model (and image-feature cache) over other classes and/or another meter."""
         return BlackBox(
             self._bb, classnames, meter if meter is not None else self.meter,
-            fast=self.fast, precision=self.precision, text_chunk=self.text_chunk, _cache=self._cache,
+            fast=self.fast, precision=self.precision, text_chunk=self.text_chunk, image_chunk=self.image_chunk,
+            _cache=self._cache,
         )
 
     @torch.no_grad()
@@ -178,19 +228,37 @@ class BlackBox:
         n = int(self._bb.text.eot_positions(ids[None])[0])
         return self._bb.text.embed(ids[1:n]).float().cpu()
 
+    @torch.no_grad()
+    def embed_patches(self, images: Images) -> torch.Tensor:
+        """The ViT's input tokens [CLS, patches] + positions, (B, 1 + G, W), of ``images``: the
+        visual analogue of :meth:`embed_words` (scale for visual prompt tokens). Not a query."""
+        self._check_pixels(images.pixels)
+        px = images.pixels[0] if images.per_candidate else images.pixels
+        return self._bb.patch_tokens(px).float().cpu()
+
     # ---- the query ------------------------------------------------------------------
     @torch.no_grad()
-    def query(self, prompt: TextPrompt | SoftPrompt, images: Images) -> torch.Tensor:
-        """Logits (P, B, C) of B images under P candidate prompts. Charged before computing."""
+    def query(self, prompt: TextPrompt | SoftPrompt, images: Images, visual: VisualPrompt | None = None) -> torch.Tensor:
+        """Logits (P, B, C) of B images under P candidates. Charged before computing.
+
+        The candidates' text prompts, per-candidate images and visual tokens each come in
+        P or 1 (shared by all candidates).
+        """
         if not isinstance(images, Images):
             raise BadInput(f"images must be bbpt.models.Images, got {type(images).__name__}")
         self._check_pixels(images.pixels)
-        P = self._check_prompt(prompt)
+        Pt = self._check_prompt(prompt)
+        Pv = self._check_visual(visual)
+        P = max(Pt, Pv, images.num_prompts)
+        for what, n in (("text prompts", Pt), ("visual prompts", Pv), ("per-candidate image batches", images.num_prompts)):
+            if n not in (1, P):
+                raise BadInput(f"{n} {what} for {P} candidates: each part of a query comes in P or 1")
         self.meter.charge(P, len(images))
         with self._autocast():
-            img = self._image_features(images)  # (B, E)
-            txt = self._text_features(prompt)  # (P, C, E)
-        logits = self._bb.logit_scale * torch.einsum("be,pce->pbc", img.float(), txt.float())
+            img = self._image_features(images, visual)  # (P or 1, B, E)
+            txt = self._text_features(prompt)  # (P or 1, C, E)
+        img, txt = img.float().expand(P, -1, -1), txt.float().expand(P, -1, -1)
+        logits = self._bb.logit_scale * torch.einsum("pbe,pce->pbc", img, txt)
         return (logits + self._bb.logit_bias).cpu()
 
     def _autocast(self):
@@ -201,11 +269,31 @@ class BlackBox:
 
     def _check_pixels(self, px: torch.Tensor) -> None:
         S = self.image_size
-        if not torch.is_tensor(px) or px.ndim != 4 or px.shape[1] != 3 or px.shape[2] != S or px.shape[3] != S:
+        if not torch.is_tensor(px) or px.ndim not in (4, 5) or tuple(px.shape[-3:]) != (3, S, S):
             shape = tuple(px.shape) if torch.is_tensor(px) else type(px).__name__
-            raise BadInput(f"images must be (B, 3, {S}, {S}) RGB in [0, 1] for {self.model_name}; got {shape}")
-        if len(px) == 0:
+            raise BadInput(
+                f"images must be (B, 3, {S}, {S}) RGB in [0, 1] for {self.model_name} "
+                f"(or (P, B, 3, {S}, {S}) prompted per candidate); got {shape}"
+            )
+        if px.numel() == 0:
             raise BadInput("a query needs at least one image")
+        if not torch.isfinite(px).all():
+            raise BadInput("images contain NaN or inf")
+
+    def _check_visual(self, visual) -> int:
+        if visual is None:
+            return 1
+        if not isinstance(visual, VisualPrompt):
+            raise BadInput(f"visual must be a bbpt.models.VisualPrompt, got {type(visual).__name__}")
+        W = self.visual_width
+        if W is None:
+            raise BadInput(f"{self.model_name} has no ViT image tower: visual prompt tokens are not supported")
+        t = visual.tokens
+        if t.ndim != 3 or t.shape[0] == 0 or t.shape[1] == 0 or t.shape[2] != W:
+            raise BadInput(f"visual prompt tokens must be (P, n, {W}) with P, n >= 1; got {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise BadInput("visual prompt tokens contain NaN or inf")
+        return visual.num_prompts
 
     def _check_prompt(self, prompt) -> int:
         if isinstance(prompt, TextPrompt):
@@ -223,13 +311,35 @@ class BlackBox:
             raise BadInput("soft prompt ctx contains NaN or inf")
         return prompt.num_prompts
 
-    def _image_features(self, images: Images) -> torch.Tensor:
-        if self.fast and images.keys is not None:
-            feats, n = self._cache.get_or_encode(images, self._bb.encode_images)
-        else:
-            feats, n = self._bb.encode_images(images.pixels), len(images)
-        self.meter.record_encoded(n)
-        return feats
+    def _image_features(self, images: Images, visual: VisualPrompt | None) -> torch.Tensor:
+        """(P or 1, B, E) image features; cached only without any visual prompt."""
+        if visual is None and not images.per_candidate:
+            if self.fast and images.keys is not None:
+                feats, n = self._cache.get_or_encode(images, self._bb.encode_images)
+            else:
+                feats, n = self._bb.encode_images(images.pixels), len(images)
+            self.meter.record_encoded(n)
+            return feats[None]
+        bb, B = self._bb, len(images)
+        px = images.pixels if images.per_candidate else images.pixels[None]  # (Pi, B, 3, S, S)
+        if visual is None:  # prompted pixels only
+            feats = torch.stack([bb.encode_images(x) for x in px])
+            self.meter.record_encoded(feats.shape[0] * B)
+            return feats
+        tok = visual.tokens.to(bb.device)  # (Pv, n, W)
+        P = max(len(px), len(tok))
+        per = max(1, self.image_chunk // B)  # candidates per forward
+        base = None if images.per_candidate else bb.patch_tokens(px[0])  # (B, 1+G, W), shared
+        out = []
+        for p0 in range(0, P, per):
+            ps = range(p0, min(P, p0 + per))
+            x = torch.stack([base if base is not None else bb.patch_tokens(px[p]) for p in ps])  # (p, B, 1+G, W)
+            t = torch.stack([tok[p if len(tok) > 1 else 0] for p in ps])  # (p, n, W)
+            t = t[:, None].expand(-1, B, -1, -1)
+            f = bb.encode_tokens(x.flatten(0, 1), t.flatten(0, 1))  # (p*B, E)
+            out.append(f.view(len(ps), B, -1))
+        self.meter.record_encoded(P * B)
+        return torch.cat(out)
 
     # ---- text side ------------------------------------------------------------------
     def _sequences(self, prompt) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,100 @@
+"""BAR (Tsai et al., ICML 2020): black-box adversarial reprogramming, as BlackVIP and ZIP run it.
+
+The image is shrunk into the centre of the model's input (194 of 224 pixels: the same ratio
+at other sizes) and surrounded by a learned frame: X = pad(resize(x)) + sigmoid(W) ⊙ M, with
+W (3, S, S) ~ N(0, 1) and M = 1 outside the centre, 0 inside. The text side is the task's
+fixed hand-crafted template. W is trained with the one-sided random gradient-free estimate
+(q = 5 unit directions and one pivot: 6 api_calls per 128-image step, smoothing β = 0.01)
+on the focal loss (γ = 2), step size by poly decay from lr0 = 10 to lr_min = 0.1 (ZIP's
+setting) over the steps the budget allows. ``decay_steps`` sets the horizon instead (the ZIP
+code's quirk: a 1000-epoch horizon, so the rate barely decays before the 5000-call cap).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.blackbox import Images, TextPrompt
+from ..optim import ZOSGD, OneSidedRGF, PolyDecay
+from .base import Method, MethodConfig, register_method
+from .common import BatchStream, focal_per_candidate
+
+
+class BARConfig(MethodConfig):
+    budget: int | None = 5000  # api_calls
+    inner_ratio: float = 194 / 224  # side of the shrunk image / side of the input
+    q: int = 5  # directions per step (q + 1 queries)
+    beta: float = 0.01  # smoothing of the finite difference
+    lr0: float = 10.0
+    lr_min: float = 0.1
+    power: float = 0.9
+    decay_steps: int | None = None  # None: the number of steps the budget allows
+    gamma: float = 2.0  # focal loss
+
+
+def frame_mask(size: int, inner: int) -> torch.Tensor:
+    """(S, S) mask: 1 on the frame, 0 on the centred inner x inner square."""
+    m = torch.ones(size, size)
+    lo = (size - inner) // 2
+    m[lo : lo + inner, lo : lo + inner] = 0
+    return m
+
+
+def reprogram(pixels: torch.Tensor, W: torch.Tensor, inner: int) -> torch.Tensor:
+    """Images (B, 3, S, S) in [0, 1] and frames W (P, 3, S, S) -> programmed images (P, B, 3, S, S)."""
+    S = pixels.shape[-1]
+    lo = (S - inner) // 2
+    small = F.interpolate(pixels, size=(inner, inner), mode="bilinear", antialias=True, align_corners=False)
+    x = F.pad(small, (lo, S - inner - lo, lo, S - inner - lo))  # zero frame around the centre
+    frame = torch.sigmoid(W) * frame_mask(S, inner)  # (P, 3, S, S)
+    return (x[None] + frame[:, None]).clamp(0, 1)
+
+
+def inner_size(size: int, ratio: float) -> int:
+    return max(1, min(size, round(size * ratio)))
+
+
+@register_method
+class BAR(Method):
+    name = "bar"
+    Config = BARConfig
+
+    def __init__(self, cfg: BARConfig, box, data, task_info, seed):
+        super().__init__(cfg, box, data, task_info, seed)
+        S = box.image_size
+        self.inner = inner_size(S, cfg.inner_ratio)
+        self.template = TextPrompt(task_info["templates"][0])
+        g = torch.Generator().manual_seed(seed)
+        W0 = torch.randn(3 * S * S, generator=g)  # (d,) = 3·S·S
+        per_batch = -(-min(cfg.batch_size, len(data)) // box.meter.max_images_per_call)
+        steps = cfg.decay_steps or max(1, (cfg.budget or 1000 * (cfg.q + 1)) // ((cfg.q + 1) * per_batch))
+        sched = PolyDecay(cfg.lr0, cfg.lr_min, steps, cfg.power, 0.9, cfg.beta)
+        self.opt = ZOSGD(W0, OneSidedRGF(cfg.q), sched, seed=seed)
+        self.batches = BatchStream(data, cfg.batch_size, seed)
+
+    def frames(self, w: torch.Tensor) -> torch.Tensor:
+        S = self.box.image_size
+        return w.view(-1, 3, S, S)
+
+    def step(self):
+        images, y = self.batches.next()
+        points = self.opt.ask()  # (q + 1, 3·S·S): the pivot, then q perturbed frames
+        px = reprogram(images.pixels, self.frames(points), self.inner)  # (q + 1, B, 3, S, S)
+        logits = self.box.query(self.template, Images(px))  # (q + 1, B, C)
+        losses = focal_per_candidate(logits, y, self.cfg.gamma)
+        self.opt.tell(losses)
+        return {"train_loss": float(losses[0]), "lr": self.opt.last["lr"]}
+
+    def prompt(self) -> TextPrompt:
+        return self.template
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {"frame": self.frames(self.opt.w)[0].clone(), "inner": torch.tensor(self.inner)}
+
+    @classmethod
+    def apply(cls, prompt, extra, box, images) -> torch.Tensor:
+        W, inner = extra["frame"], int(extra["inner"])
+        if W.shape[-1] != box.image_size:  # another input size: same ratio, frame resized
+            W = F.interpolate(W[None], size=(box.image_size,) * 2, mode="bilinear", align_corners=False)[0]
+            inner = inner_size(box.image_size, inner / extra["frame"].shape[-1])
+        return box.query(prompt, Images(reprogram(images.pixels, W[None], inner)))[0]

@@ -1,0 +1,197 @@
+"""BlackVIP (Oh et al., CVPR 2023): a coordinator writes an input-dependent visual prompt,
+trained with SPSA-GC.
+
+Coordinator (client side): a frozen image encoder gives z (B, E) per image; a trainable
+decoder maps [z, trigger] (the trigger a learned vector, U(0, 0.1) at init) reshaped to
+(32, s0, s0) through up-sampling blocks (grouped 2×2 transposed conv with stride 2, 1×1
+transposed conv, BatchNorm, GELU) to an image-shaped prompt (3, S, S). The prompted image is
+clamp(x + p_eps · prompt) in the model's normalised units, i.e. x + p_eps · std · prompt in
+[0, 1] pixels, clamped to [0, 1]. The text side is the task's fixed hand-crafted template.
+
+SPSA-GC: SPSA (5 segmented-uniform perturbation pairs: 10 api_calls per 128-image step) with
+a_k = a/(k+o)^α, c_k = c/k^γ ([o, c, a, α, γ] = [1, 0.01, 0.01, 0.4, 0.1]) and the
+Nesterov-style correction m ← βm + ĝ, w ← w - a_k (ĝ + βm), β = 0.9. BatchNorm runs in train
+mode during SPSA (its running statistics update on every perturbed forward, as in the
+official code) and in eval mode for prediction.
+
+The official frozen encoder is a pretrained MAE ViT-B/16 (z = the CLS token, 768-d), which
+cannot be had offline. ``encoder="mini"`` (default) uses the image tower of bbpt's embedded
+model, loaded client-side from the weights shipped with bbpt (public weights, like MAE's:
+nothing is read through the black box; when the black box is itself ``mini`` the client's
+encoder shares its weights). ``encoder="conv"`` is a small seeded random frozen CNN that
+shares nothing with any black box.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from ..models.blackbox import Images, TextPrompt
+from ..optim import SPSA, SPSASchedule, ZOSGD
+from .base import Method, MethodConfig, register_method
+from .common import BatchStream, ce_per_candidate
+
+CHANNELS = [64, 32, 32, 16, 3]  # the official decoder's 5 blocks (7 -> 224)
+ENCODERS = ("mini", "conv")
+
+
+class BlackVIPConfig(MethodConfig):
+    budget: int | None = 5000  # api_calls
+    encoder: Literal["mini", "conv"] = "mini"
+    p_eps: float = 1.0
+    n_perturb: int = 5
+    perturbation: Literal["rademacher", "segmented"] = "segmented"
+    a: float = 0.01
+    c: float = 0.01
+    o: float = 1.0
+    alpha: float = 0.4
+    gamma: float = 0.1
+    momentum: float = 0.9
+
+
+class ConvEncoder(nn.Module):
+    """A small frozen CNN (seeded random weights): (B, 3, S, S) in [0, 1] -> (B, 64)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.GELU(), nn.Conv2d(16, 32, 3, 2, 1), nn.GELU(),
+                                 nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * (1 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.0)
+        self.requires_grad_(False).eval()
+
+    def forward(self, pixels):
+        return self.net(pixels)
+
+
+class MiniEncoder(nn.Module):
+    """The embedded model's image tower, loaded client-side from bbpt's shipped weights: (B, E)."""
+
+    def __init__(self):
+        super().__init__()
+        from ..models.backbone import create_backbone
+
+        self.bb = create_backbone("mini")
+
+    @torch.no_grad()
+    def forward(self, pixels):
+        size = self.bb.image_size
+        if pixels.shape[-1] != size:
+            pixels = nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True)
+        return self.bb.model.encode_image(self.bb.normalize(pixels)).float()
+
+
+def make_encoder(kind: str) -> nn.Module:
+    return MiniEncoder() if kind == "mini" else ConvEncoder()
+
+
+class Decoder(nn.Module):
+    """[z (E), trigger] -> (32, s0, s0) -> n up-sampling blocks -> prompt (3, S), S = s0 · 2^n."""
+
+    def __init__(self, z_dim: int, size: int):
+        super().__init__()
+        n = max(k for k in range(1, 6) if size % 2**k == 0 and size // 2**k >= 4 or k == 1)
+        self.s0, self.z_dim = size // 2**n, z_dim
+        src = 32 * self.s0**2
+        if src <= z_dim:
+            raise ValueError(f"decoder source ({src}) must exceed the encoder's {z_dim} features")
+        self.trigger = nn.Parameter(torch.rand(src - z_dim) * 0.1)  # U(0, 0.1)
+        chans = [32] + CHANNELS[-n:]
+        blocks = []
+        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+            blocks += [nn.ConvTranspose2d(cin, cin, 2, stride=2, groups=cin), nn.ConvTranspose2d(cin, cout, 1)]
+            if i < n - 1:
+                blocks += [nn.BatchNorm2d(cout), nn.GELU()]
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([z, self.trigger.expand(len(z), -1)], dim=1)  # (B, 32·s0²)
+        return self.net(x.view(len(z), 32, self.s0, self.s0))  # (B, 3, S, S)
+
+
+def prompted(pixels: torch.Tensor, prompt: torch.Tensor, p_eps: float, std: tuple) -> torch.Tensor:
+    """x + p_eps · prompt in normalised units, clamped to the valid range: [0, 1] pixels."""
+    return (pixels + p_eps * prompt * torch.tensor(std).view(1, 3, 1, 1)).clamp(0, 1)
+
+
+@register_method
+class BlackVIP(Method):
+    name = "blackvip"
+    Config = BlackVIPConfig
+
+    def __init__(self, cfg: BlackVIPConfig, box, data, task_info, seed):
+        super().__init__(cfg, box, data, task_info, seed)
+        torch.manual_seed(seed)
+        self.encoder = make_encoder(cfg.encoder)
+        z_dim = self.encoder(data.images([0]).pixels).shape[1]
+        self.decoder = Decoder(z_dim, box.image_size).train()
+        self.names = [n for n, _ in self.decoder.named_parameters()]
+        self.shapes = [p.shape for _, p in self.decoder.named_parameters()]
+        w0 = torch.cat([p.detach().flatten() for p in self.decoder.parameters()])
+        sched = SPSASchedule(a=cfg.a, c=cfg.c, o=cfg.o, alpha=cfg.alpha, gamma=cfg.gamma)
+        self.opt = ZOSGD(w0, SPSA(cfg.n_perturb, cfg.perturbation), sched, momentum=cfg.momentum, seed=seed)
+        self.template = TextPrompt(task_info["templates"][0])
+        self.batches = BatchStream(data, cfg.batch_size, seed)
+        self._z: dict[str, torch.Tensor] = {}  # encoder features by image key (the encoder is frozen)
+
+    def params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, i = {}, 0
+        for n, s in zip(self.names, self.shapes):
+            out[n] = w[i : i + s.numel()].view(s)
+            i += s.numel()
+        return out
+
+    @torch.no_grad()
+    def features(self, images: Images) -> torch.Tensor:
+        miss = [i for i, k in enumerate(images.keys) if k not in self._z]
+        if miss:
+            for i, z in zip(miss, self.encoder(images.pixels[miss])):
+                self._z[images.keys[i]] = z
+        return torch.stack([self._z[k] for k in images.keys])  # (B, E)
+
+    @torch.no_grad()
+    def step(self):
+        images, y = self.batches.next()
+        z = self.features(images)
+        points = self.opt.ask()  # (2N, d)
+        px = torch.stack([prompted(images.pixels, functional_call(self.decoder, self.params(w), (z,)),
+                                   self.cfg.p_eps, self.box.pixel_std) for w in points])  # (2N, B, 3, S, S)
+        logits = self.box.query(self.template, Images(px))  # (2N, B, C)
+        losses = ce_per_candidate(logits, y)
+        self.opt.tell(losses)
+        return {"train_loss": float(losses.mean()), **self.opt.last}
+
+    def prompt(self) -> TextPrompt:
+        return self.template
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        self.decoder.load_state_dict({**self.decoder.state_dict(), **self.params(self.opt.w)})
+        state = {f"decoder.{k}": v.clone() for k, v in self.decoder.state_dict().items()}
+        return {**state, "p_eps": torch.tensor(self.cfg.p_eps),
+                "encoder": torch.tensor(ENCODERS.index(self.cfg.encoder)),
+                "pixel_std": torch.tensor(self.box.pixel_std)}
+
+    @classmethod
+    @torch.no_grad()
+    def apply(cls, prompt, extra, box, images) -> torch.Tensor:
+        enc = make_encoder(ENCODERS[int(extra["encoder"])])
+        z = enc(images.pixels)
+        dec = Decoder(z.shape[1], box.image_size)
+        dec.load_state_dict({k[len("decoder."):]: v for k, v in extra.items() if k.startswith("decoder.")})
+        std = tuple(extra["pixel_std"].tolist())
+        px = prompted(images.pixels, dec.eval()(z), float(extra["p_eps"]), std)
+        return box.query(prompt, Images(px))[0]
+
+    def predict(self, box, images) -> torch.Tensor:
+        z = self.features(images) if images.keys is not None else self.encoder(images.pixels)
+        self.decoder.load_state_dict({**self.decoder.state_dict(), **self.params(self.opt.w)})
+        with torch.no_grad():
+            px = prompted(images.pixels, self.decoder.eval()(z), self.cfg.p_eps, self.box.pixel_std)
+            out = box.query(self.template, Images(px))[0]
+        self.decoder.train()
+        return out
