@@ -1,6 +1,9 @@
 """The ``bbpt`` command line.
 
     bbpt run --method zeroshot --dataset fashion-mnist --shots 16 --seed 1 --out runs/x
+    bbpt base2new --method zip --dataset fashion-mnist --seeds 1,2,3 --out runs/b2n
+    bbpt cross-dataset --method zip --source mnist --targets fashion-mnist,shapes --out runs/xd
+    bbpt shift --method zip --dataset fashion-mnist --shifts inverted,rotated,noised --out runs/shift
     bbpt datasets | bbpt models | bbpt methods | bbpt data prepare [NAMES]
 
 Bad input (unknown names, missing files, corrupt weights, exhausted budget) prints one line
@@ -107,12 +110,14 @@ def eval_(
 def datasets():
     """List the registered offline tasks and whether they are prepared."""
     from .data.offline import TASKS
+    from .data.shift import SHIFTS
 
     for name in TASKS:
         t = TASKS.get(name)
         state = "ready" if t.is_prepared() else "not prepared (bbpt data prepare)"
         typer.echo(f"{name:15s} {len(t.classnames):3d} classes  {state:34s} {t.description}")
     typer.echo("Any image folder works too: --dataset PATH (train/val/test class folders, split.json, or split_zhou_*.json).")
+    typer.echo("Shifted test split: --dataset NAME@SHIFT, SHIFT one of " + ", ".join(SHIFTS.names()) + ".")
 
 
 @app.command()
@@ -151,6 +156,116 @@ def data_prepare(
         path = TASKS.get(name).prepare(force=force)
         typer.echo(f"{name}: {path}")
     typer.echo(f"data folder: {data_dir()}")
+
+
+# ---- protocols: one command each, summary.json + summary.md in --out ----------------------
+def _names(value: str, what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise BadInput(f"--{what} is empty; give a comma-separated list, e.g. --{what} a,b")
+    return names
+
+
+def _seeds(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _names(value, "seeds")]
+    except ValueError:
+        raise BadInput(f"--seeds {value!r}: expected comma-separated integers, e.g. --seeds 1,2,3") from None
+
+
+def _protocol(fn, *args, seeds, budget, set_, quiet, **kw) -> None:
+    from .protocols import summary_table
+
+    options = _parse_sets(set_)
+    if budget is not None:
+        options["budget"] = budget
+    summary = fn(*args, seeds=_seeds(seeds), options=options, progress=not quiet, **kw)
+    typer.echo(summary_table(summary))
+    typer.echo(f"summary: {summary['out']}/summary.md")
+
+
+def _o_method():
+    return typer.Option("zip", help="Method name (`bbpt methods`).")
+
+
+def _o_shots():
+    return typer.Option(16, help="Training images per class.")
+
+
+def _o_seeds():
+    return typer.Option("1,2,3", help="Comma-separated seeds, one run each.")
+
+
+def _o_out():
+    return typer.Option(None, help="Output folder: seed{N}/ run folders, summary.json, summary.md (default runs/...).")
+
+
+def _o_model():
+    return typer.Option("mini", help="Backbone (`bbpt models`).")
+
+
+def _o_pretrained():
+    return typer.Option(None, help="open_clip tag, local checkpoint path, or 'random'.")
+
+
+def _o_budget():
+    return typer.Option(None, help="Query budget per run in the method's unit; default: the paper's.")
+
+
+def _o_set():
+    return typer.Option([], "--set", help="Method option KEY=VALUE (repeatable).")
+
+
+def _o_device():
+    return typer.Option("cpu", help="cpu or cuda.")
+
+
+def _o_precision():
+    return typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA.")
+
+
+def _o_quiet():
+    return typer.Option(False, help="No progress bars.")
+
+
+@app.command("base2new")
+def base2new(method: str = _o_method(), dataset: str = typer.Option("fashion-mnist", help="Task to split into base / new classes."),
+             shots: int = _o_shots(), seeds: str = _o_seeds(), out: Optional[str] = _o_out(), model: str = _o_model(),
+             pretrained: Optional[str] = _o_pretrained(), budget: Optional[int] = _o_budget(), set_: List[str] = _o_set(),
+             device: str = _o_device(), precision: str = _o_precision(), quiet: bool = _o_quiet()):
+    """Base-to-new: train on the base half of the classes, test on base and new; H per seed."""
+    from .protocols import base_to_new
+
+    _protocol(base_to_new, method, dataset, shots=shots, seeds=seeds, out=out, model=model, pretrained=pretrained,
+              budget=budget, set_=set_, device=device, precision=precision, quiet=quiet)
+
+
+@app.command("cross-dataset")
+def cross_dataset_(method: str = _o_method(), source: str = typer.Option("mnist", help="Task to train on."),
+                   targets: str = typer.Option(..., help="Comma-separated tasks to test the learned prompt on."),
+                   shots: int = _o_shots(), seeds: str = _o_seeds(), out: Optional[str] = _o_out(), model: str = _o_model(),
+                   pretrained: Optional[str] = _o_pretrained(), budget: Optional[int] = _o_budget(),
+                   set_: List[str] = _o_set(), device: str = _o_device(), precision: str = _o_precision(),
+                   quiet: bool = _o_quiet()):
+    """Cross-dataset transfer: train on --source, test on each of --targets."""
+    from .protocols import cross_dataset
+
+    _protocol(cross_dataset, method, source, _names(targets, "targets"), shots=shots, seeds=seeds, out=out, model=model,
+              pretrained=pretrained, budget=budget, set_=set_, device=device, precision=precision, quiet=quiet)
+
+
+@app.command("shift")
+def shift_(method: str = _o_method(), dataset: str = typer.Option("fashion-mnist", help="Task to train on."),
+           shifts: str = typer.Option("inverted,rotated,noised", help="Comma-separated shifts of the test split."),
+           shots: int = _o_shots(), seeds: str = _o_seeds(), out: Optional[str] = _o_out(), model: str = _o_model(),
+           pretrained: Optional[str] = _o_pretrained(), budget: Optional[int] = _o_budget(), set_: List[str] = _o_set(),
+           device: str = _o_device(), precision: str = _o_precision(), quiet: bool = _o_quiet()):
+    """Distribution shift: train on --dataset, test on DATASET@SHIFT for each of --shifts."""
+    from .protocols import distribution_shift
+
+    _protocol(distribution_shift, method, dataset, _names(shifts, "shifts"), shots=shots, seeds=seeds, out=out,
+              model=model, pretrained=pretrained, budget=budget, set_=set_, device=device, precision=precision,
+              quiet=quiet)
 
 
 def main() -> None:
