@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bbpt.errors import BadInput, BudgetExhausted
-from bbpt.models import BlackBox, Images, QueryMeter, SoftPrompt, TextPrompt, create_backbone
+from bbpt.models import BlackBox, Images, QueryMeter, SoftPrompt, TextPrompt, VisualPrompt, create_backbone
 
 NAMES = ["cat", "sea lion", "ankle boot", "t-shirt", "zero"]
 
@@ -194,3 +194,83 @@ def test_bf16_close_to_fp32_on_cuda():
     a = BlackBox(bb, NAMES).query(TextPrompt("a photo of a {}."), Images(px))
     b = BlackBox(bb, NAMES, precision="bf16").query(TextPrompt("a photo of a {}."), Images(px))
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+# ---- visual prompts -------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["mini", "ViT-B-32"])
+def test_token_path_without_prompt_equals_encode_image(mini, openclip_random, arch):
+    bb = mini if arch == "mini" else openclip_random[arch]
+    px = torch.rand(3, 3, bb.image_size, bb.image_size)
+    ref = F.normalize(bb.model.encode_image(bb.normalize(px)).float(), dim=-1)
+    assert torch.allclose(bb.encode_tokens(bb.patch_tokens(px)), ref, atol=1e-5)
+
+
+def test_visual_tokens_change_features_and_disable_cache(mini):
+    meter = QueryMeter()
+    box = BlackBox(mini, NAMES, meter)
+    px = torch.rand(6, 3, 32, 32)
+    imgs, p = Images(px, keys=[f"k{i}" for i in range(6)]), TextPrompt("a photo of a {}.")
+    plain = box.query(p, imgs)
+    assert meter.images_encoded == 6 and box.cached_images == 6
+    tok = torch.randn(4, 5, box.visual_width) * 0.5  # P = 4 candidates, 5 tokens each
+    out = box.query(p, imgs, VisualPrompt(tok))
+    assert out.shape == (4, 6, len(NAMES))
+    assert meter.images_encoded == 6 + 4 * 6 and box.cached_images == 6  # re-encoded, not cached
+    assert (out - plain).abs().amax(dim=(1, 2)).min() > 1e-3  # every candidate's tokens change the scores
+    assert meter.counts == {"api_calls": 1 + 4, "prompt_evals": 1 + 4, "images_forwarded": 6 + 24}
+    # batched candidates == one at a time; a text prompt per candidate pairs with its tokens
+    one = torch.cat([box.query(p, imgs, VisualPrompt(tok[i : i + 1])) for i in range(4)])
+    assert torch.allclose(out, one, atol=1e-5)
+    ctx = box.embed_words("a photo of a")
+    soft = SoftPrompt(torch.stack([ctx, ctx + 0.1 * torch.randn_like(ctx)] * 2))
+    both = box.query(soft, imgs, VisualPrompt(tok))
+    assert torch.allclose(both[0], out[0], atol=1e-4) and (both[1] - out[1]).abs().max() > 1e-3
+    # the same features by hand: tokens appended after the patches, before ln_pre
+    x = mini.patch_tokens(px)
+    v = mini.model.visual
+    h = v.transformer(v.ln_pre(torch.cat([x, tok[0].expand(6, -1, -1)], dim=1)))
+    f = F.normalize(v.ln_post(h[:, 0]) @ v.proj, dim=-1)
+    t = F.normalize(mini.model.encode_text(mini.tokenize([f"a photo of a {c}." for c in NAMES])), dim=-1)
+    assert torch.allclose(out[0], mini.logit_scale * f @ t.T, atol=1e-3)
+
+
+def test_prompted_pixels_per_candidate(mini):
+    meter = QueryMeter()
+    box = BlackBox(mini, NAMES, meter)
+    px = torch.rand(3, 4, 3, 32, 32)  # P = 3 prompted versions of 4 images
+    p = TextPrompt("a photo of a {}.")
+    out = box.query(p, Images(px))
+    assert out.shape == (3, 4, len(NAMES)) and meter.images_encoded == 12 and box.cached_images == 0
+    assert meter.counts["api_calls"] == 3 and meter.counts["images_forwarded"] == 12
+    for i in range(3):
+        assert torch.allclose(out[i], box.query(p, Images(px[i]))[0], atol=1e-5)
+    with pytest.raises(BadInput, match="cannot carry cache keys"):
+        Images(px, keys=list("abcd"))
+    with pytest.raises(BadInput, match="P or 1"):
+        box.query(TextPrompt(("a {}.", "the {}.")), Images(px))  # 2 text prompts for 3 candidates
+
+
+def test_visual_prompt_errors(mini, openclip_random):
+    box = BlackBox(mini, NAMES)
+    imgs = Images(torch.rand(2, 3, 32, 32))
+    p = TextPrompt("a photo of a {}.")
+    with pytest.raises(BadInput, match=r"\(P, n, 128\)"):
+        box.query(p, imgs, VisualPrompt(torch.randn(2, 5, 64)))
+    with pytest.raises(BadInput, match="NaN"):
+        box.query(p, imgs, VisualPrompt(torch.full((1, 2, 128), float("nan"))))
+    rn = openclip_random["RN50"]
+    rbox = BlackBox(rn, NAMES)
+    assert rbox.visual_width is None
+    with pytest.raises(BadInput, match="no ViT"):
+        rbox.query(p, Images(torch.rand(1, 3, rn.image_size, rn.image_size)), VisualPrompt(torch.randn(1, 2, 64)))
+
+
+def test_white_box_features_refused_by_black_box(mini):
+    box = BlackBox(mini, NAMES)
+    ctx = box.embed_words("a photo of a")[None]
+    with pytest.raises(BadInput, match="white-box only"):
+        box.differentiable_text_features(SoftPrompt(ctx))
+    white = BlackBox(mini, NAMES, white_box=True)
+    c = ctx.clone().requires_grad_(True)
+    white.differentiable_text_features(SoftPrompt(c)).sum().backward()
+    assert c.grad is not None and c.grad.abs().sum() > 0

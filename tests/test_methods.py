@@ -17,10 +17,12 @@ def build(name, mini, dataset="shapes", shots=4, seed=1, **opts):
     cfg = cls.resolve_config(make_config(cls, opts), shots)
     task = load_task(dataset)
     train, _ = fewshot_split(task, shots, seed)
-    budget = {cls.budget_unit: cfg.budget} if cfg.budget else {}
+    budget = {cls.unit(cfg): cfg.budget} if cfg.budget else {}
     box = BlackBox(mini, task.classnames, QueryMeter(budget))
     info = {"name": task.name, "classnames": task.classnames, "templates": task.templates}
     aux = {"aux_box": box.for_classes(task.classnames, QueryMeter())} if cls.uses_aux_box else {}
+    if not cls.black_box:
+        aux["backbone"] = mini
     return cls(cfg, box, FewShotData(train, box.image_size), info, seed, **aux), box, task
 
 
@@ -168,7 +170,7 @@ def test_reduced_budget_lowers_training_loss(mini, name):
     except BudgetExhausted:
         pass
     after = evaluate(m, eval_box, m.data.set, 500, progress=False)
-    spent = box.meter.counts[type(m).budget_unit]
+    spent = box.meter.counts[type(m).unit(m.cfg)]
     assert spent <= REDUCED[name]["budget"] and spent > 0.8 * REDUCED[name]["budget"]
     assert after["loss"] < before["loss"] - 0.02, (before, after)
 

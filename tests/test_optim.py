@@ -197,3 +197,35 @@ def test_random_projection_bbt_std_and_decode():
     z = torch.randn(3, 8)
     assert torch.allclose(p.decode(z), (z @ p.A.T).view(3, 4, 16))
     assert torch.equal(Direct(torch.ones(2, 3)).decode(torch.arange(6.0)), torch.arange(6.0).view(1, 2, 3))
+
+
+def test_one_sided_rgf_formula_and_cost():
+    from bbpt.optim import OneSidedRGF
+
+    est, d = OneSidedRGF(q=5), 40
+    g = torch.Generator().manual_seed(0)
+    u = est.directions(d, g)
+    assert u.shape == (5, d) and torch.allclose(u.norm(dim=1), torch.ones(5))
+    w, beta = torch.randn(d), 0.01
+    pts = est.points(w, u, beta)
+    assert est.evals(d) == 6 and torch.equal(pts[0], w) and torch.allclose(pts[1:], w + beta * u)
+    a = torch.randn(d)  # linear loss: the one-sided difference is exact
+    losses = pts @ a
+    ghat = est.estimate(losses, u, beta)
+    assert torch.allclose(ghat, (d / 5) * sum(u[j] * (u[j] @ a) for j in range(5)), atol=1e-3)
+    # unbiased: E[(d/q) Σ u uᵀ] a = a for unit-uniform u
+    gen, acc, n = torch.Generator().manual_seed(1), torch.zeros(d), 4000
+    for _ in range(n):
+        u = est.directions(d, gen)
+        acc += est.estimate(est.points(w, u, beta) @ a, u, beta)
+    assert torch.nn.functional.cosine_similarity(acc / n, a, dim=0) > 0.95
+
+
+def test_poly_decay_schedule():
+    from bbpt.optim import PolyDecay
+
+    s = PolyDecay(lr0=10.0, lr_min=0.1, total=100, power=0.9, frac=0.9, beta=0.01)
+    assert s.a_k(1) == pytest.approx(10.0)
+    assert s.a_k(46) == pytest.approx(9.9 * (1 - 45 / 90) ** 0.9 + 0.1)
+    assert s.a_k(91) == pytest.approx(0.1) and s.a_k(500) == pytest.approx(0.1)
+    assert s.c_k(7) == 0.01

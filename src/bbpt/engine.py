@@ -116,9 +116,12 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
     method = cls(mcfg, box, FewShotData(train, box.image_size), task_info, cfg.seed, **aux)
     writer = RunWriter(out, cfg, method) if out is not None else None
 
-    every = cfg.eval_every or max(1, (mcfg.budget or 0) // 20)
+    # curve points every `every` budget units, or (no budget: CoOp) every `every` steps
+    total = mcfg.budget or (method.total_steps() or 0)
+    every = cfg.eval_every or max(1, total // 20)
+    done = (lambda: meter.counts[unit]) if mcfg.budget else (lambda: steps)
     curve: list[dict] = []
-    last_loss, next_eval, status = None, every, "finished"
+    last_loss, next_eval, status, steps = None, every, "finished", 0
 
     def add_point():
         nonlocal last_loss
@@ -132,7 +135,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
 
     from tqdm import tqdm
 
-    bar = tqdm(total=mcfg.budget or 0, desc=f"{cfg.method} on {task.name}", unit=unit, disable=not progress or not mcfg.budget)
+    bar = tqdm(total=total, desc=f"{cfg.method} on {task.name}", unit=unit if mcfg.budget else "step",
+               disable=not progress or not total)
     try:
         add_point()  # the starting point (api_calls = 0)
         while True:
@@ -144,13 +148,14 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) ->
                 break
             if stats is None:
                 break
+            steps += 1
             last_loss = stats.get("train_loss", last_loss)
-            bar.n = meter.counts[unit]
+            bar.n = done()
             bar.set_postfix(loss=f"{last_loss:.3f}" if last_loss is not None else "-")
             bar.refresh()
-            if meter.counts[unit] >= next_eval:
+            if done() >= next_eval:
                 add_point()
-                next_eval = meter.counts[unit] + every
+                next_eval = done() + every
         if not curve or curve[-1]["api_calls"] != meter.counts["api_calls"]:
             add_point()
     except KeyboardInterrupt:

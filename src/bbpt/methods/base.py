@@ -87,6 +87,10 @@ class Method:
     def step(self) -> dict | None:
         raise NotImplementedError
 
+    def total_steps(self) -> int | None:
+        """Steps a budget-free method will take (spaces its curve points); None: unknown."""
+        return None
+
     def prompt(self) -> TextPrompt | SoftPrompt:
         raise NotImplementedError
 

@@ -23,6 +23,7 @@ shares nothing with any black box.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -86,7 +87,9 @@ class MiniEncoder(nn.Module):
         return self.bb.model.encode_image(self.bb.normalize(pixels)).float()
 
 
+@functools.lru_cache(maxsize=2)
 def make_encoder(kind: str) -> nn.Module:
+    """The frozen encoder (cached: it never changes)."""
     return MiniEncoder() if kind == "mini" else ConvEncoder()
 
 

@@ -162,6 +162,11 @@ class CraFT(Method):
 
     @classmethod
     def apply(cls, prompt, extra, box, images) -> torch.Tensor:
+        """Refined logits; on other classes (base-to-new, cross-dataset) the C×C head cannot
+        apply, and the prompt alone is used."""
         f = box.query(prompt, images)[0]
+        head = head_from_state(extra)
+        if head[0].in_features != box.num_classes:
+            return f
         with torch.no_grad():
-            return f + head_from_state(extra)(f)
+            return f + head(f)

@@ -157,6 +157,7 @@ class BlackBox:
         precision: str = "fp32",
         text_chunk: int = 4096,
         image_chunk: int = 2048,
+        white_box: bool = False,
         _cache: FeatureCache | None = None,
     ):
         if not classnames:
@@ -169,6 +170,7 @@ class BlackBox:
         self.classnames = list(classnames)
         self.meter = meter if meter is not None else QueryMeter()
         self.fast, self.precision, self.text_chunk, self.image_chunk = fast, precision, text_chunk, image_chunk
+        self.white_box = white_box  # True only for the white-box CoOp reference: gradients allowed
         self._cache = _cache if _cache is not None else FeatureCache()
         self._soft_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._hard_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -235,6 +237,17 @@ class BlackBox:
         self._check_pixels(images.pixels)
         px = images.pixels[0] if images.per_candidate else images.pixels
         return self._bb.patch_tokens(px).float().cpu()
+
+    def differentiable_text_features(self, prompt: SoftPrompt) -> torch.Tensor:
+        """WHITE-BOX: (P, C, E) normalised text features with gradients to ``prompt.ctx``.
+
+        Only a box built with ``white_box=True`` answers; the engine builds one only for the
+        white-box reference (CoOp). Black-box methods get a box that refuses.
+        """
+        if not self.white_box:
+            raise BadInput("differentiable_text_features is white-box only; black-box methods may only query()")
+        self._check_prompt(prompt)
+        return self._text_features(prompt)
 
     # ---- the query ------------------------------------------------------------------
     @torch.no_grad()

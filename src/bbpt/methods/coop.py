@@ -1,0 +1,102 @@
+"""CoOp (Zhou et al., IJCV 2022): WHITE-BOX prompt learning, the upper reference.
+
+NOT a black-box method: it back-propagates through the text tower, so the engine hands it
+the model itself (``backbone``), which no black-box method receives. Its numbers are the
+white-box row of every table, never ranked with the black-box methods.
+
+16 context vectors N(0, 0.02²) shared by all classes ("X .. X <class>."), class-specific
+with ``class_specific=True``; loss cross-entropy of logit_scale · cos(image, text); SGD
+(lr 0.002, momentum 0.9, weight decay 5e-4), batch 32, one warm-up epoch at constant lr
+1e-5, then cosine decay; 200 epochs at 8/16 shots, 100 at 2/4, 50 at 1. The last epoch's
+prompt is reported (CoOp's practice since 2021-10). Image features are computed once (no
+augmentation here; the official code re-samples random crops and flips every epoch).
+Each training forward is charged to the meter (1 prompt × batch images) for comparison.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.blackbox import BlackBox, SoftPrompt
+from .base import Method, MethodConfig, register_method
+from .common import initial_context
+
+
+class CoOpConfig(MethodConfig):
+    budget: int | None = None  # white-box: no query budget
+    batch_size: int = 32
+    n_ctx: int = 16
+    ctx_init: str = "random"  # or "template" / a phrase ("a photo of a": CoOp's ctxv1)
+    class_specific: bool = False
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int | None = None  # None: 200 (8/16 shots), 100 (2/4), 50 (1)
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+
+
+@register_method
+class CoOp(Method):
+    name = "coop"
+    Config = CoOpConfig
+    black_box = False
+
+    @classmethod
+    def resolve_config(cls, cfg: CoOpConfig, shots: int) -> CoOpConfig:
+        if cfg.epochs is not None:
+            return cfg
+        return cfg.model_copy(update={"epochs": 200 if shots >= 8 else 100 if shots >= 2 else 50})
+
+    def __init__(self, cfg: CoOpConfig, box, data, task_info, seed, backbone=None):
+        super().__init__(cfg, box, data, task_info, seed)
+        if backbone is None:
+            raise ValueError("CoOp is white-box: the engine must pass backbone=")
+        self.white = BlackBox(backbone, box.classnames, white_box=True)  # gradients to the context
+        self.scale = backbone.logit_scale
+        with torch.no_grad():
+            self.feats = backbone.encode_images(data.images().pixels).cpu()  # (N, E), frozen tower
+        ctx = initial_context(box, cfg.ctx_init, cfg.n_ctx, task_info["templates"], seed)  # (m, D)
+        if cfg.class_specific:
+            ctx = ctx[None].repeat(box.num_classes, 1, 1)  # (C, m, D)
+        self.ctx = torch.nn.Parameter(ctx.clone())
+        self.opt = torch.optim.SGD([self.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.rng = np.random.default_rng(seed)
+        self.epoch = 0
+
+    def total_steps(self) -> int:
+        return self.cfg.epochs
+
+    def lr_at(self, epoch: int) -> float:
+        """Constant warm-up, then cosine over the epochs (Dassl's per-epoch schedule)."""
+        cfg = self.cfg
+        if epoch < cfg.warmup_epochs:
+            return cfg.warmup_lr
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+    def step(self):
+        """One epoch of SGD on shuffled batches of the few-shot set."""
+        if self.epoch >= self.cfg.epochs:
+            return None
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.epoch)
+        order, bs, losses = self.rng.permutation(len(self.feats)), self.cfg.batch_size, []
+        stop = len(order) - len(order) % bs if len(order) >= bs else len(order)
+        for i in range(0, stop, bs):
+            idx = order[i : i + bs]
+            self.box.meter.charge(1, len(idx))  # counted for comparison; never a black-box query
+            txt = self.white.differentiable_text_features(SoftPrompt(self.ctx[None]))[0]  # (C, E)
+            logits = self.scale * self.feats[idx] @ txt.T  # (B, C)
+            loss = F.cross_entropy(logits, self.data.labels[idx])
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            losses.append(float(loss.detach()))
+        self.epoch += 1
+        return {"train_loss": float(np.mean(losses)), "lr": self.lr_at(self.epoch - 1)}
+
+    def prompt(self) -> SoftPrompt:
+        return SoftPrompt(self.ctx.detach().clone()[None])

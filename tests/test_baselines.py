@@ -1,0 +1,137 @@
+"""The remaining baselines: BAR, BlackVIP, BPT-VLM and the white-box CoOp reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bbpt.engine import make_run_config, run
+from bbpt.methods.bar import frame_mask, inner_size, reprogram
+from bbpt.methods.common import ce_per_candidate, focal_per_candidate
+from bbpt.models import Images
+from test_methods import build
+
+
+# ---- BAR --------------------------------------------------------------------------------
+def test_bar_frame_size_and_mask():
+    assert inner_size(224, 194 / 224) == 194 and inner_size(32, 194 / 224) == 28
+    m = frame_mask(224, 194)
+    assert m.sum() == 224**2 - 194**2 and m[15:209, 15:209].sum() == 0 and m[14, 100] == 1 and m[209, 100] == 1
+    px = torch.rand(2, 3, 32, 32)
+    W = torch.randn(3, 3, 32, 32)
+    out = reprogram(px, W, 28)  # (P, B, 3, S, S)
+    assert out.shape == (3, 2, 3, 32, 32)
+    small = F.interpolate(px, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(out[1, :, :, 2:30, 2:30], small.clamp(0, 1))  # the image, shrunk into the centre
+    frame = frame_mask(32, 28).bool()
+    assert torch.allclose(out[1][:, :, frame], torch.sigmoid(W[1])[:, frame].expand(2, -1, -1))  # sigmoid(W) · M
+
+
+def test_focal_loss_formula():
+    logits, y = torch.randn(3, 7, 5), torch.randint(0, 5, (7,))
+    p = logits.softmax(-1)[:, torch.arange(7), y]  # (P, B) probability of the true class
+    assert torch.allclose(focal_per_candidate(logits, y, 2.0), ((1 - p) ** 2 * -p.log()).mean(1), atol=1e-6)
+    assert torch.allclose(focal_per_candidate(logits, y, 0.0), ce_per_candidate(logits, y), atol=1e-6)
+
+
+def test_bar_step_is_one_sided_rgf_with_6_calls(mini):
+    m, box, _ = build("bar", mini, dataset="fashion-mnist", shots=16)
+    assert m.opt.d == 3 * 32 * 32 and m.inner == 28
+    assert m.opt.sched.total == 5000 // 6  # decay horizon: the steps the budget allows
+    w0 = m.opt.w.clone()
+    m.step()
+    assert box.meter.counts == {"api_calls": 6, "prompt_evals": 6, "images_forwarded": 6 * 128}
+    assert box.meter.images_encoded == 6 * 128 and box.cached_images == 0  # prompted pixels: no cache
+    assert m.opt.last["lr"] == pytest.approx(10.0) and not torch.equal(m.opt.w, w0)
+
+
+# ---- BlackVIP ------------------------------------------------------------------------------
+def test_blackvip_coordinator_and_spsa_gc_step(mini):
+    m, box, _ = build("blackvip", mini, dataset="fashion-mnist", shots=16, encoder="conv")
+    dec = m.decoder
+    assert dec(torch.randn(4, 64)).shape == (4, 3, 32, 32)
+    assert dec.trigger.min() >= 0 and dec.trigger.max() <= 0.1 and dec.trigger.numel() == 32 * 4 * 4 - 64
+    assert all(p.requires_grad is False for p in m.encoder.parameters())  # the encoder is frozen
+    # one SPSA-GC step: w1 = w0 - a_1 (g + β m), m = g at step 1 -> w0 - a_1 (1 + β) g
+    w0 = m.opt.w.clone()
+    out = m.step()
+    g = m.opt.m  # the first momentum equals the first (unclipped) estimate
+    a1 = 0.01 / (1 + 1.0) ** 0.4
+    assert torch.allclose(m.opt.w, w0 - a1 * (1 + 0.9) * g, atol=1e-6)
+    assert box.meter.counts["api_calls"] == 10 and box.meter.images_encoded == 10 * 128
+    assert out["train_loss"] > 0
+    # second step: m2 = β g1 + g2, update g2 + β m2
+    w1, m1 = m.opt.w.clone(), m.opt.m.clone()
+    m.step()
+    g2 = m.opt.m - 0.9 * m1
+    a2 = 0.01 / (2 + 1.0) ** 0.4
+    assert torch.allclose(m.opt.w, w1 - a2 * (g2 + 0.9 * m.opt.m), atol=1e-6)
+
+
+def test_blackvip_prompted_image_is_clamped_and_scaled(mini):
+    from bbpt.methods.blackvip import prompted
+
+    x, p = torch.rand(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    std = (0.25, 0.5, 1.0)
+    out = prompted(x, p, 0.3, std)
+    ref = (x + 0.3 * p * torch.tensor(std).view(1, 3, 1, 1)).clamp(0, 1)
+    assert torch.equal(out, ref) and out.min() >= 0 and out.max() <= 1
+
+
+# ---- BPT-VLM -------------------------------------------------------------------------------
+def test_bptvlm_tokens_and_query_cost(mini):
+    m, box, _ = build("bptvlm", mini, dataset="fashion-mnist", shots=16, popsize=6)
+    assert m.es.d == 1000 and m.text.ctx0.shape == (8, box.ctx_dim) and m.visual.ctx0.shape == (5, 128)
+    text, vis = m.decode(torch.zeros(2, 1000))
+    assert torch.equal(text.ctx, torch.zeros(2, 8, box.ctx_dim)) and vis.tokens.shape == (2, 5, 128)
+    m.step()  # one generation: 6 candidates on the whole 160-image set, re-encoded
+    assert box.meter.counts == {"api_calls": 6 * 2, "prompt_evals": 6, "images_forwarded": 6 * 160}
+    assert box.meter.images_encoded == 6 * 160 and box.cached_images == 0
+    z = build("bptvlm", mini, dataset="fashion-mnist", shots=16, preset="zip")[0]
+    assert z.es.d == 4000 and z.cfg.popsize == 15 and z.cfg.budget_unit == "api_calls" and z.cfg.budget == 5000
+
+
+# ---- CoOp (white box) ----------------------------------------------------------------------
+def test_coop_is_white_box_and_learns(mini):
+    m, box, _ = build("coop", mini, dataset="fashion-mnist", shots=4, epochs=20)
+    assert type(m).black_box is False and m.ctx.shape == (16, box.ctx_dim)
+    assert m.lr_at(0) == 1e-5 and m.lr_at(10) == pytest.approx(0.5 * 0.002 * (1 + torch.cos(torch.tensor(torch.pi / 2))))
+    first = m.step()["train_loss"]
+    losses = [m.step()["train_loss"] for _ in range(19)]
+    assert m.step() is None  # 20 epochs, then done
+    assert losses[-1] < first - 0.1
+    assert box.meter.counts["api_calls"] == 20 * 1  # 40 images / batch 32: one batch per epoch (drop_last)
+    r = run(make_run_config(method="coop", dataset="shapes", shots=1, seed=1, options={"epochs": 3}), progress=False)
+    assert r["black_box"] is False and len(r["curve"]) >= 2
+
+
+REDUCED = {
+    "bar": {"budget": 300},
+    "blackvip": {"budget": 300, "encoder": "conv"},
+    "bptvlm": {"budget": 150, "popsize": 10},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REDUCED))
+def test_reduced_budget_lowers_training_loss(mini, name):
+    from test_methods import test_reduced_budget_lowers_training_loss as check, REDUCED as R
+
+    R[name] = REDUCED[name]
+    check(mini, name)
+
+
+@pytest.mark.parametrize("name,budget", [("bar", 60), ("blackvip", 60), ("bptvlm", 20)])
+def test_saved_prompt_reproduces_test_accuracy(tmp_path, name, budget):
+    from bbpt.engine import evaluate_prompt
+
+    cfg = make_run_config(method=name, dataset="shapes", shots=1, seed=1,
+                          options={"budget": budget, **({"popsize": 4} if name == "bptvlm" else {})})
+    r = run(cfg, out=tmp_path / name, progress=False)
+    e = evaluate_prompt(tmp_path / name / "prompt.safetensors", "shapes", progress=False)
+    assert e["accuracy"] == pytest.approx(r["accuracy"]["test"], abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["bar", "blackvip", "bptvlm"])
+def test_same_seed_same_result(name):
+    opts = {"budget": 24, **({"popsize": 4} if name == "bptvlm" else {}), **({"encoder": "conv"} if name == "blackvip" else {})}
+    cfg = make_run_config(method=name, dataset="shapes", shots=1, seed=2, options=opts)
+    a, b = run(cfg, progress=False), run(cfg, progress=False)
+    assert a["curve"] == b["curve"] and a["accuracy"] == b["accuracy"]
