@@ -135,3 +135,18 @@ def test_same_seed_same_result(name):
     cfg = make_run_config(method=name, dataset="shapes", shots=1, seed=2, options=opts)
     a, b = run(cfg, progress=False), run(cfg, progress=False)
     assert a["curve"] == b["curve"] and a["accuracy"] == b["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bptvlm", "blackvip", "bar"])
+def test_beats_zero_shot_on_a_task_at_default_budget(name):
+    """Each new black-box method, at its default budget, 16 shots, seed 1, above zero-shot on
+    at least one offline task (tried in order; stops at the first win)."""
+    tried = {}
+    for task in ("mnist", "fashion-mnist", "animal-mnist", "shapes"):
+        zs = run(make_run_config(method="zeroshot", dataset=task, shots=16, seed=1), progress=False)
+        r = run(make_run_config(method=name, dataset=task, shots=16, seed=1), progress=False)
+        tried[task] = (r["accuracy"]["test"], zs["accuracy"]["test"])
+        if r["accuracy"]["test"] > zs["accuracy"]["test"]:
+            return
+    pytest.fail(f"{name} never beat zero-shot: {tried}")
