@@ -44,8 +44,9 @@ def mean_std(xs: list[float]) -> str:
     if not xs:
         return "-"
     m = 100 * statistics.mean(xs)
-    s = 100 * statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{m:.1f} ± {s:.1f}"
+    if len(xs) == 1:  # one seed: no spread to report
+        return f"{m:.1f}"
+    return f"{m:.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
@@ -89,7 +90,8 @@ def main(argv=None) -> None:
                 results.setdefault((method, task), []).append(r)
 
     budget = f"every black-box method at {calls} api_calls (CoOp: white-box, its own epochs)" if calls else "default budgets"
-    lines = [f"Test accuracy (%), mean ± std over seeds {args.seeds}, {args.shots} shots, {budget}; "
+    spread = "mean ± std over seeds" if len(seeds) > 1 else "seed"
+    lines = [f"Test accuracy (%), {spread} {args.seeds}, {args.shots} shots, {budget}; "
              "api_calls / prompt_evals spent in training (mean); wall seconds per run (mean / max).", "",
              "| method | " + " | ".join(tasks) + " | average | api_calls | prompt_evals | wall s |",
              "|---|" + "---|" * (len(tasks) + 4)]
@@ -97,13 +99,13 @@ def main(argv=None) -> None:
         accs = [mean_std([r["accuracy"]["test"] for r in results[(method, t)]]) for t in tasks]
         avg = statistics.mean(r["accuracy"]["test"] for t in tasks for r in results[(method, t)])
         rs = [r for t in tasks for r in results[(method, t)]]
-        calls = statistics.mean(r["queries"]["api_calls"] for r in rs)
+        spent = statistics.mean(r["queries"]["api_calls"] for r in rs)
         evals = statistics.mean(r["queries"]["prompt_evals"] for r in rs)
         walls = [r["wall_seconds"] for r in rs]
         extra = ""
         if "queries_total" in rs[0]:  # CraFT: the head's own queries, which the paper does not count
             extra = f" (+{statistics.mean(r['aux_queries']['prompt_evals'] for r in rs):.0f} head)"
-        lines.append(f"| {label(method)} | " + " | ".join(accs) + f" | {100 * avg:.1f} | {calls:.0f} | {evals:.0f}{extra} | "
+        lines.append(f"| {label(method)} | " + " | ".join(accs) + f" | {100 * avg:.1f} | {spent:.0f} | {evals:.0f}{extra} | "
                      f"{statistics.mean(walls):.1f} / {max(walls):.1f} |")
     table = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,8 @@ def main(argv=None) -> None:
         if "coop" in methods:  # white-box: its x axis is not black-box queries; a reference line at its end
             curves[label("coop")] = curves[label("coop")][-1:]
         plot_curves(args.out / f"curve_{task}.png", curves,
-                    f"{task}, {args.shots}-shot, mean of {len(seeds)} seeds")
+                    f"{task}, {args.shots}-shot, " + (f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}")
+                    + (f", {calls} api_calls each" if calls else ""))
     print(f"wrote {args.out}/table.md and curve_<task>.png", file=sys.stderr)
 
 

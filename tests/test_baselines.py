@@ -150,3 +150,12 @@ def test_beats_zero_shot_on_a_task_at_default_budget(name):
         if r["accuracy"]["test"] > zs["accuracy"]["test"]:
             return
     pytest.fail(f"{name} never beat zero-shot: {tried}")
+
+
+def test_budget_unit_override_compares_at_equal_api_calls():
+    """bbt counts prompt_evals by default; budget_unit=api_calls puts it on ZIP's unit."""
+    r = run(make_run_config(method="bbt", dataset="shapes", shots=16, seed=1,
+                            options={"budget": 90, "budget_unit": "api_calls", "popsize": 20}), progress=False)
+    # 160 images = 2 api_calls per candidate: 2 generations of 20 fit in 90 calls, a third would not
+    assert r["queries"]["api_calls"] == 80 and r["queries"]["prompt_evals"] == 40
+    assert r["budget"]["api_calls"] == 90 and r["config"]["options"]["budget_unit"] == "api_calls"

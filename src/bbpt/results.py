@@ -41,11 +41,13 @@ def plot_curves(path: Path, curves: dict[str, list[dict]], title: str, x: str = 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    refs = iter([("gray", "--"), ("black", ":"), ("brown", "-.")] * 4)
     for name, curve in curves.items():
         xs = [p[x] for p in curve]
         ys = [100 * p["val_accuracy"] for p in curve]
-        if len(xs) == 1:  # no training (zero-shot): a reference line
-            ax.axhline(ys[0], ls="--", lw=1, color="gray", label=name)
+        if len(xs) == 1:  # no training (zero-shot) or not on this axis (white-box): a reference line
+            color, ls = next(refs)
+            ax.axhline(ys[0], ls=ls, lw=1.2, color=color, label=name)
         else:
             ax.plot(xs, ys, lw=1.4, label=name)
     ax.set_xlabel(x.replace("_", " "))
