@@ -7,27 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from bbpt import cli, protocols
+from bbpt import protocols
 from bbpt.data import load_task, subsample_classes
 from bbpt.engine import make_run_config, run
 from bbpt.errors import BadInput, UnknownName
+from test_cli import cli_run
 from bbpt.protocols import harmonic_mean
 
 FAST = dict(shots=2, seeds=(1,), progress=False)
 
 
-def cli_run(args, capsys):
-    """The CLI in-process: (exit code, stdout, stderr)."""
-    old, sys.argv = sys.argv, ["bbpt", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def pct(v):

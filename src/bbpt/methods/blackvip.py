@@ -32,25 +32,19 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from ..models.blackbox import Images, TextPrompt
-from ..optim import SPSA, SPSASchedule, ZOSGD
-from .base import Method, MethodConfig, register_method
+from ..optim import SPSA, ZOSGD
+from .base import Method, register_method
 from .common import BatchStream, ce_per_candidate
+from .zip import SPSAConfig
 
 CHANNELS = [64, 32, 32, 16, 3]  # the official decoder's 5 blocks (7 -> 224)
 ENCODERS = ("mini", "conv")
 
 
-class BlackVIPConfig(MethodConfig):
-    budget: int | None = 5000  # api_calls
+class BlackVIPConfig(SPSAConfig):
     encoder: Literal["mini", "conv"] = "mini"
     p_eps: float = 1.0
-    n_perturb: int = 5
     perturbation: Literal["rademacher", "segmented"] = "segmented"
-    a: float = 0.01
-    c: float = 0.01
-    o: float = 1.0
-    alpha: float = 0.4
-    gamma: float = 0.1
     momentum: float = 0.9
 
 
@@ -136,8 +130,7 @@ class BlackVIP(Method):
         self.names = [n for n, _ in self.decoder.named_parameters()]
         self.shapes = [p.shape for _, p in self.decoder.named_parameters()]
         w0 = torch.cat([p.detach().flatten() for p in self.decoder.parameters()])
-        sched = SPSASchedule(a=cfg.a, c=cfg.c, o=cfg.o, alpha=cfg.alpha, gamma=cfg.gamma)
-        self.opt = ZOSGD(w0, SPSA(cfg.n_perturb, cfg.perturbation), sched, momentum=cfg.momentum, seed=seed)
+        self.opt = ZOSGD(w0, SPSA(cfg.n_perturb, cfg.perturbation), cfg.schedule(), momentum=cfg.momentum, seed=seed)
         self.template = TextPrompt(task_info["templates"][0])
         self.batches = BatchStream(data, cfg.batch_size, seed)
         self._z: dict[str, torch.Tensor] = {}  # encoder features by image key (the encoder is frozen)

@@ -22,13 +22,10 @@ from .base import Method, MethodConfig, register_method
 from .common import BatchStream, ce_per_candidate, initial_context
 
 
-class SPSAPromptConfig(MethodConfig):
-    """ZIP's loop: SPSA on a soft context, one 128-image batch per step."""
+class SPSAConfig(MethodConfig):
+    """SPSA on 128-image batches (ZIP / BlackVIP): N pairs per step, a_k and c_k schedules."""
 
     budget: int | None = 5000  # api_calls
-    n_ctx: int = 8
-    ctx_init: str = "template"  # "template" | "random" (official code) | a phrase
-    clip: float | Literal["intrinsic", "none"] = "none"  # √δ, no clipping, or a fixed threshold
     n_perturb: int = 5
     perturbation: Literal["rademacher", "segmented"] = "rademacher"
     a: float = 0.01
@@ -36,6 +33,17 @@ class SPSAPromptConfig(MethodConfig):
     o: float = 1.0
     alpha: float = 0.4
     gamma: float = 0.1
+
+    def schedule(self) -> SPSASchedule:
+        return SPSASchedule(a=self.a, c=self.c, o=self.o, alpha=self.alpha, gamma=self.gamma)
+
+
+class SPSAPromptConfig(SPSAConfig):
+    """ZIP's loop: SPSA on a soft context, one 128-image batch per step."""
+
+    n_ctx: int = 8
+    ctx_init: str = "template"  # "template" | "random" (official code) | a phrase
+    clip: float | Literal["intrinsic", "none"] = "none"  # √δ, no clipping, or a fixed threshold
 
 
 class ZIPConfig(SPSAPromptConfig):
@@ -57,8 +65,7 @@ class ZIP(Method):
         ctx0 = initial_context(box, cfg.ctx_init, cfg.n_ctx, task_info["templates"], seed)
         self.param = self.build_param(cfg, ctx0, seed)
         clip = None if cfg.clip == "none" else cfg.clip
-        sched = SPSASchedule(a=cfg.a, c=cfg.c, o=cfg.o, alpha=cfg.alpha, gamma=cfg.gamma)
-        self.opt = ZOSGD(self.param.init(), SPSA(cfg.n_perturb, cfg.perturbation), sched, clip=clip, seed=seed)
+        self.opt = ZOSGD(self.param.init(), SPSA(cfg.n_perturb, cfg.perturbation), cfg.schedule(), clip=clip, seed=seed)
         self.batches = BatchStream(data, cfg.batch_size, seed)
 
     def build_param(self, cfg, ctx0, seed):
