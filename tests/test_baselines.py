@@ -137,9 +137,9 @@ def test_same_seed_same_result(name):
     assert a["curve"] == b["curve"] and a["accuracy"] == b["accuracy"]
 
 
-BAR_MISSES = pytest.mark.xfail(strict=True, reason="measured (bench/results/zip_comparison, seed 1): BAR at its "
-                               "default budget does not beat zero-shot on any offline task with mini (71.9/57.4/53.3/47.2 "
-                               "vs 72.6/57.4/57.7/49.2)")
+BAR_MISSES = pytest.mark.xfail(strict=True, reason="measured (seed 1, mini): BAR at its default 5000 api_calls does "
+                               "not beat zero-shot on any offline task (71.9/57.4/53.3/47.2 vs 72.6/57.4/57.7/49.2); "
+                               "it needs more queries: see test_bar_beats_zero_shot_with_more_queries")
 
 
 @pytest.mark.slow
@@ -155,6 +155,18 @@ def test_beats_zero_shot_on_a_task_at_default_budget(name):
         if r["accuracy"]["test"] > zs["accuracy"]["test"]:
             return
     pytest.fail(f"{name} never beat zero-shot: {tried}")
+
+
+@pytest.mark.slow
+def test_bar_beats_zero_shot_with_more_queries():
+    """BAR's frame does learn what zero-shot lacks, given queries: at 12000 api_calls (2000 RGF
+    steps, paper settings otherwise) it is above zero-shot on mnist and fashion-mnist (measured
+    73.8 vs 72.6 and 59.4 vs 57.4, seed 1), where its default 5000 calls are not enough."""
+    for task in ("mnist", "fashion-mnist"):
+        zs = run(make_run_config(method="zeroshot", dataset=task, shots=16, seed=1), progress=False)
+        r = run(make_run_config(method="bar", dataset=task, shots=16, seed=1, options={"budget": 12000}), progress=False)
+        assert r["queries"]["api_calls"] == 12000
+        assert r["accuracy"]["test"] > zs["accuracy"]["test"], (task, r["accuracy"]["test"], zs["accuracy"]["test"])
 
 
 def test_budget_unit_override_compares_at_equal_api_calls():
