@@ -60,7 +60,7 @@ def test_any_context_length(mini):
     for m in (1, 3, 16):
         out = box.query(SoftPrompt(torch.randn(2, m, box.ctx_dim) * 0.02), imgs)
         assert out.shape == (2, 2, len(NAMES))
-    with pytest.raises(BadInput, match="longer than"):
+    with pytest.raises(BadInput, match="has 82 tokens, more than the model's 75"):
         box.query(SoftPrompt(torch.randn(1, 80, box.ctx_dim)), imgs)
 
 
@@ -274,3 +274,237 @@ def test_white_box_features_refused_by_black_box(mini):
     c = ctx.clone().requires_grad_(True)
     white.differentiable_text_features(SoftPrompt(c)).sum().backward()
     assert c.grad is not None and c.grad.abs().sum() > 0
+
+
+# ---- refuse before charging -------------------------------------------------------------
+ZERO = {"api_calls": 0, "prompt_evals": 0, "images_forwarded": 0}
+LONG_CLASS = "very " * 80 + "long cat"
+
+
+def one_call_box(mini):
+    meter = QueryMeter({"api_calls": 1})
+    return BlackBox(mini, NAMES, meter), meter
+
+
+def px(n=2, lo=0.0, hi=1.0):
+    return lo + (hi - lo) * torch.rand(n, 3, 32, 32)
+
+
+@pytest.mark.parametrize("case", ["template", "soft", "classname"])
+def test_overlong_text_is_refused_before_charging(mini, case):
+    box, meter = one_call_box(mini)
+    imgs = Images(px(3), keys=["a", "b", "c"])
+    if case == "template":
+        query, n = lambda: box.query(TextPrompt("a " * 80 + "{}."), imgs), 82  # 80 x 'a', 'cat', '.'
+    elif case == "soft":
+        query, n = lambda: box.query(SoftPrompt(torch.zeros(1, 90, box.ctx_dim)), imgs), 92  # 90 x 'X', 'cat', '.'
+    else:
+        long_box = box.for_classes(["cat", LONG_CLASS])
+        n = len(mini.tokenizer.encode("a photo of a " + LONG_CLASS + "."))
+        query = lambda: long_box.query(TextPrompt("a photo of a {}."), imgs)  # noqa: E731
+    for _ in range(2):  # and the refusal is not cached away
+        with pytest.raises(BadInput, match=rf"^prompt '.*' .*has {n} tokens, more than the model's 75; ") as e:
+            query()
+        assert "\n" not in str(e.value)
+        assert meter.counts == ZERO and meter.images_encoded == 0 and box.cached_images == 0
+    out = box.query(TextPrompt("a photo of a {}."), imgs)  # the one call is still there
+    assert out.shape == (1, 3, len(NAMES))
+    assert meter.counts == {"api_calls": 1, "prompt_evals": 1, "images_forwarded": 3}
+    with pytest.raises(BudgetExhausted):
+        box.query(TextPrompt("a photo of a {}."), imgs)
+
+
+def test_length_limit_is_exact(mini):
+    """75 tokens (SOS + 75 + EOT = 77) fit; 76 do not, for templates and for soft prompts."""
+    box = BlackBox(mini, ["cat"])
+    imgs = Images(px(1))
+    assert len(mini.tokenizer.encode("a " * 73 + "cat.")) == 75
+    assert box.query(TextPrompt("a " * 73 + "{}."), imgs).shape == (1, 1, 1)
+    with pytest.raises(BadInput, match="has 76 tokens"):
+        box.query(TextPrompt("a " * 74 + "{}."), imgs)
+    assert box.query(SoftPrompt(torch.zeros(1, 73, box.ctx_dim)), imgs).shape == (1, 1, 1)
+    with pytest.raises(BadInput, match=r"^prompt 'X X \.\. X cat\.' \(74 context tokens\) has 76 tokens"):
+        box.query(SoftPrompt(torch.zeros(1, 74, box.ctx_dim)), imgs)
+
+
+class CountingTokenizer:
+    def __init__(self, tok):
+        self.tok, self.calls, self.encodes = tok, 0, 0
+
+    def __call__(self, texts):
+        self.calls += 1
+        return self.tok(texts)
+
+    def encode(self, text):
+        self.encodes += 1
+        return self.tok.encode(text)
+
+
+def test_texts_are_tokenised_once(mini, monkeypatch):
+    tok = CountingTokenizer(mini.tokenizer)
+    monkeypatch.setattr(mini, "tokenizer", tok)
+    box = BlackBox(mini, NAMES)
+    imgs = Images(px(2))
+    for _ in range(3):
+        box.query(TextPrompt(("a photo of a {}.", "a {}.")), imgs)
+        box.query(SoftPrompt(torch.zeros(2, 4, box.ctx_dim)), imgs)
+    assert tok.calls == 2 and tok.encodes == 0  # one fill per cache entry; short texts need no recount
+    with pytest.raises(BadInput, match="tokens"):
+        box.query(TextPrompt("a " * 80 + "{}."), imgs)
+    assert tok.calls == 3 and tok.encodes == 1  # only the window-filling text is counted exactly
+
+
+BAD_QUERIES = {
+    "uint8 pixels": (lambda box: (None, Images((px() * 255).to(torch.uint8)), None), r"torch\.uint8.*\.float\(\) / 255"),
+    "bool pixels": (lambda box: (None, Images(px() > 0.5), None), r"torch\.bool.*use pixels\.float\(\)$"),
+    "int64 pixels": (lambda box: (None, Images((px() * 255).long()), None), r"torch\.int64.*\.float\(\) / 255"),
+    "numpy pixels": (lambda box: (None, Images(px().numpy()), None), "torch.from_numpy"),
+    "pixels > 1": (lambda box: (None, Images(px(hi=255.0)), None), r"outside \[0, 1\]"),
+    "normalised pixels": (lambda box: (None, Images(px(lo=-2.0, hi=2.0)), None), r"outside \[0, 1\]"),
+    "NaN pixels": (lambda box: (None, Images(px().index_fill_(0, torch.tensor([1]), float("nan"))), None), "NaN"),
+    "inf pixels": (lambda box: (None, Images(px().index_fill_(0, torch.tensor([0]), float("inf"))), None), "inf"),
+    "wrong shape": (lambda box: (None, Images(torch.rand(2, 3, 64, 64)), None), r"got \(2, 3, 64, 64\)"),
+    "no images": (lambda box: (None, Images(torch.rand(0, 3, 32, 32)), None), "at least one image"),
+    "not Images": (lambda box: (None, px(), None), "bbpt.models.Images"),
+    "integer ctx": (lambda box: (SoftPrompt(torch.zeros(1, 4, box.ctx_dim, dtype=torch.long)), None, None), "floating point"),
+    "wrong ctx width": (lambda box: (SoftPrompt(torch.zeros(1, 4, 100)), None, None), r"got \(1, 4, 100\)"),
+    "NaN ctx": (lambda box: (SoftPrompt(torch.full((1, 4, box.ctx_dim), float("nan"))), None, None), "NaN"),
+    "bad visual width": (lambda box: (None, None, VisualPrompt(torch.zeros(1, 5, 64))), r"\(P, n, 128\)"),
+    "integer visual": (lambda box: (None, None, VisualPrompt(torch.zeros(1, 5, 128, dtype=torch.int32))), "floating point"),
+    "NaN visual": (lambda box: (None, None, VisualPrompt(torch.full((1, 5, 128), float("nan")))), "NaN"),
+    "P mismatch": (lambda box: (TextPrompt(("a {}.", "the {}.")), None, VisualPrompt(torch.zeros(3, 2, 128))), "P or 1"),
+    "not a prompt": (lambda box: ("a photo of a {}.", None, None), "TextPrompt or SoftPrompt"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_QUERIES))
+def test_every_refusal_is_free(mini, name):
+    make, match = BAD_QUERIES[name]
+    box, meter = one_call_box(mini)
+    prompt, images, visual = make(box)
+    prompt = TextPrompt("a photo of a {}.") if prompt is None else prompt
+    images = Images(px(), keys=["a", "b"]) if images is None else images
+    with pytest.raises(BadInput, match=match) as e:
+        box.query(prompt, images, visual)
+    assert "\n" not in str(e.value)
+    assert meter.counts == ZERO and meter.images_encoded == 0 and box.cached_images == 0
+    box.query(TextPrompt("a photo of a {}."), Images(px()))  # the budget is intact: exactly one call left
+    assert meter.counts["api_calls"] == 1
+
+
+def test_pixel_messages(mini):
+    box = BlackBox(mini, NAMES)
+    p = TextPrompt("a photo of a {}.")
+    with pytest.raises(BadInput) as e:
+        box.query(p, Images((px() * 255).to(torch.uint8)))
+    assert str(e.value) == "images are torch.uint8; bbpt expects float RGB in [0, 1]: use pixels.float() / 255"
+    with pytest.raises(BadInput) as e:
+        box.query(p, Images(px().numpy()))
+    assert str(e.value) == (
+        "images are a numpy array; pass a torch tensor: torch.from_numpy(x).float() / 255 for uint8, "
+        "torch.from_numpy(x) for floats in [0, 1]"
+    )
+    x = px(lo=0.25, hi=0.75)
+    x[0, 0, 0, 0], x[1, 2, 3, 4] = -0.2, 1.3
+    with pytest.raises(BadInput) as e:
+        box.query(p, Images(x))
+    assert str(e.value) == (
+        "images have values in [-0.20, 1.30], outside [0, 1]; pass unnormalised RGB in [0, 1] "
+        "(bbpt applies the model's mean/std itself)"
+    )
+    x = px(lo=0.25, hi=0.75)
+    x[0, 0, 0, 0] = 1.0000001  # rounds to 1.00: the message must still show it is out of range
+    with pytest.raises(BadInput, match=r"1\.0000001"):
+        box.query(p, Images(x))
+    x = px()
+    x[0], x[1] = 0.0, 1.0  # the bounds themselves are fine, and so are half-precision pixels
+    assert box.query(p, Images(x)).shape == box.query(p, Images(x.half())).shape == (1, 2, len(NAMES))
+    with pytest.raises(BadInput, match="torch.uint8"):  # the same checks guard embed_patches
+        box.embed_patches(Images((px() * 255).to(torch.uint8)))
+    with pytest.raises(BadInput, match="outside"):
+        box.embed_patches(Images(px(hi=2.0)))
+
+
+def test_keys_must_be_strings(mini):
+    with pytest.raises(BadInput, match="keys must be strings, got int at position 0"):
+        Images(px(), keys=[0, 1])
+    with pytest.raises(BadInput, match="list of strings"):
+        Images(px(), keys="ab")
+    imgs = Images(px(), keys=["a", "b"])
+    imgs.keys = [torch.tensor(0), torch.tensor(1)]  # replaced after construction: the query still checks
+    box, meter = one_call_box(mini)
+    with pytest.raises(BadInput, match="keys must be strings, got Tensor"):
+        box.query(TextPrompt("a {}."), imgs)
+    assert meter.counts == ZERO
+
+
+def test_text_prompt_templates_checked(mini):
+    with pytest.raises(BadInput, match="exactly one"):
+        TextPrompt("a {} of a {}.")
+    with pytest.raises(BadInput, match="at least one"):
+        TextPrompt(())
+    assert TextPrompt(["a {}.", "the {}."]).templates == ("a {}.", "the {}.")  # hashable for the cache
+
+
+# ---- upload ---------------------------------------------------------------------------
+def test_upload_fills_the_cache_for_free(mini):
+    torch.manual_seed(3)
+    x, keys = px(7), [f"k{i}" for i in range(7)]
+    p = TextPrompt("a photo of a {}.")
+    meter = QueryMeter()
+    box = BlackBox(mini, NAMES, meter)
+    assert box.upload(Images(x, keys)) == 7
+    assert meter.counts == ZERO and meter.images_encoded == 0 and box.cached_images == 7
+    assert box.upload(Images(x[2:5], keys[2:5])) == 0  # already there
+    sub = [4, 0, 6]
+    out = box.query(p, Images(x[sub], [keys[i] for i in sub]))
+    assert meter.images_encoded == 0  # every key was uploaded: nothing encoded by the query
+    assert meter.counts == {"api_calls": 1, "prompt_evals": 1, "images_forwarded": 3}
+    twin = BlackBox(mini, NAMES)  # its own cache, the same uploads in the same order
+    twin.upload(Images(x, keys))
+    assert torch.equal(out, twin.query(p, Images(x[sub], [keys[i] for i in sub])))
+    whole = BlackBox(mini, NAMES)  # encodes the same whole batch in one query
+    ref = whole.query(p, Images(x, keys))
+    assert all(torch.equal(box._cache._rows[k], whole._cache._rows[k]) for k in keys)
+    assert torch.equal(box.query(p, Images(x, keys)), ref)
+
+
+def test_upload_chunks_in_order(mini, monkeypatch):
+    x, keys = px(10), [f"u{i}" for i in range(10)]
+    box = BlackBox(mini, NAMES, image_chunk=4)
+    box.upload(Images(x[3:4], keys[3:4]))  # one already cached
+    seen = []
+    encode = mini.encode_images
+    monkeypatch.setattr(mini, "encode_images", lambda pixels: seen.append(pixels.clone()) or encode(pixels))
+    assert box.upload(Images(x, keys)) == 9
+    assert [len(s) for s in seen] == [4, 4, 1]
+    assert torch.equal(torch.cat(seen), x[[0, 1, 2, 4, 5, 6, 7, 8, 9]])
+    one = BlackBox(mini, NAMES)
+    one.upload(Images(x, keys))
+    for k in keys:  # chunks change only the last bits, if anything
+        assert torch.allclose(box._cache._rows[k], one._cache._rows[k], atol=1e-5)
+
+
+def test_upload_refusals_and_slow_path(mini):
+    box = BlackBox(mini, NAMES)
+    with pytest.raises(BadInput, match="needs Images with keys"):
+        box.upload(Images(px()))
+    with pytest.raises(BadInput, match="per-candidate"):
+        box.upload(Images(torch.rand(2, 2, 3, 32, 32)))
+    with pytest.raises(BadInput, match="torch.uint8"):
+        box.upload(Images((px() * 255).to(torch.uint8), keys=["a", "b"]))
+    slow = BlackBox(mini, NAMES, fast=False)
+    assert slow.upload(Images(px(), keys=["a", "b"])) == 0 and slow.cached_images == 0
+    with pytest.raises(BadInput, match="needs Images with keys"):
+        slow.upload(Images(px()))
+    assert box.cached_images == 0
+
+
+def test_max_images_per_call_is_public(mini):
+    box = BlackBox(mini, NAMES, QueryMeter(max_images_per_call=16))
+    assert box.max_images_per_call == 16
+    assert box.for_classes(["a", "b"], QueryMeter(max_images_per_call=3)).max_images_per_call == 3
+    with pytest.raises(AttributeError):
+        box.max_images_per_call = 5
+    with pytest.raises(BadInput, match="integer >= 1"):
+        QueryMeter(max_images_per_call=0)

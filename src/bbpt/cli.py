@@ -13,6 +13,8 @@ traceback instead.
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 import sys
 from typing import List, Optional
 
@@ -60,9 +62,17 @@ def run(
     precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA."),
     config: Optional[str] = typer.Option(None, help="JSON or TOML file of run fields and method `options`."),
     set_: List[str] = typer.Option([], "--set", help="Method option KEY=VALUE (repeatable), e.g. --set rank=5."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    test_subset: Optional[int] = typer.Option(None, help="Test on a seeded, stratified subset of N test images "
+                                              "(quick looks; marked as not comparable to full-test numbers)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N method steps (quick looks)."),
+    force: bool = typer.Option(False, help="Replace what --out holds (a finished or another run) instead of refusing."),
+    quiet: bool = typer.Option(False, help="No progress output."),
 ):
-    """Tune (or evaluate zero-shot) one method on one task and write result.json."""
+    """Tune (or evaluate zero-shot) one method on one task and write result.json.
+
+    --out holding an unfinished run of the same configuration resumes it; another
+    configuration or a finished run is refused unless --force. Ctrl-C / SIGTERM stop after
+    the current step with a checkpoint (exit 130 / 143); the same command resumes."""
     from . import engine
 
     fields = engine.load_config_file(config) if config else {}
@@ -70,21 +80,26 @@ def run(
     if budget is not None:
         options["budget"] = budget
     cli = dict(method=method, dataset=dataset, shots=shots, seed=seed, model=model, pretrained=pretrained,
-               device=device, precision=precision)
+               device=device, precision=precision, test_subset=test_subset, max_steps=max_steps)
     # explicit CLI values win over the file; the file wins over defaults
     for k, v in cli.items():
         src = ctx.get_parameter_source(k)
         if k not in fields or (src is not None and src.name != "DEFAULT"):
             fields[k] = v
     cfg = engine.make_run_config(**fields, options=options)
-    result = engine.run(cfg, out=out, progress=not quiet)
+    result = engine.run(cfg, out=out, progress=not quiet, force=force, log=_log)
     q = result["queries"]
     typer.echo(
         f"{result['method']} on {result['dataset']} ({result['shots']}-shot, seed {result['seed']}): "
         f"test {100 * result['accuracy']['test']:.2f}%  val {100 * result['accuracy']['val']:.2f}%  "
         f"api_calls {q['api_calls']}  prompt_evals {q['prompt_evals']}  images {q['images_forwarded']}  "
         f"{result['wall_seconds']:.1f}s -> {out}/result.json"
+        + ("  [test subset: not comparable to full-test numbers]" if "test_subset" in result else "")
     )
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg, err=True)
 
 
 @app.command("eval")
@@ -132,15 +147,18 @@ def models():
 
 
 @app.command()
-def methods():
-    """List the registered methods with their options and defaults."""
+def methods(name: Optional[str] = typer.Argument(None, help="One method to describe (default: all).")):
+    """List the registered methods with every option: default, allowed range and help."""
     from .methods import METHODS
+    from .methods.base import option_range
 
-    for name in METHODS:
-        cls = METHODS.get(name)
-        opts = ", ".join(f"{k}={v.default!r}" for k, v in cls.Config.model_fields.items())
+    for n in [name] if name else METHODS.names():
+        cls = METHODS.get(n)
         kind = "black-box" if cls.black_box else "WHITE-BOX reference"
-        typer.echo(f"{name:10s} [{kind}; budget in {cls.budget_unit}] {opts}")
+        typer.echo(f"{n} [{kind}; budget in {cls.budget_unit}]")
+        for k, f in cls.Config.model_fields.items():
+            rng = option_range(f)
+            typer.echo(f"  {k:18s} {f.default!r:>12}  {(rng + '; ') if rng else ''}{f.description or ''}")
 
 
 @data_app.command("prepare")
@@ -268,7 +286,18 @@ def shift_(method: str = _o_method(), dataset: str = typer.Option("fashion-mnist
               quiet=quiet)
 
 
+def _usage_line(e) -> str:
+    """A click usage error as one line: what was wrong, and where help is."""
+    msg = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "bbpt --help"
+    return f"error: {msg} (see `{where}`)"
+
+
 def main() -> None:
+    """Entry point: every user mistake is one line ``error: ...`` and exit code 2."""
+    from .engine import RunInterrupted
+
     try:
         app(standalone_mode=False)
     except BBPTError as e:
@@ -276,18 +305,28 @@ def main() -> None:
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except RunInterrupted as e:
+        cmd = " ".join(shlex.quote(a) for a in ["bbpt", *sys.argv[1:]] if a != "--force")
+        done = e.result["queries"]
+        where = f"saved in {e.out}; resume with: {cmd}" if e.out else "nothing saved (no --out)"
+        typer.echo(f"interrupted ({signal.Signals(e.signum).name}) after {done['api_calls']} api_calls: {where}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        raise
+    except typer.TyperException as e:  # click's usage errors (unknown option or command, bad value, missing)
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `bbpt` or `bbpt data`: help, success
+            typer.echo(e.ctx.get_help())
+            sys.exit(0)
+        if _state["debug"]:
+            raise
+        typer.echo(_usage_line(e), err=True)
+        sys.exit(getattr(e, "exit_code", 2) or 2)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (loading, listing): nothing to save
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -4,59 +4,100 @@ Training queries go through a budgeted :class:`QueryMeter`; validation and test 
 through a separate evaluation meter, reported apart and never charged to the budget (the
 papers do not count evaluation). Model selection, where a method does any, sees validation
 data only; the test split is queried once, at the end.
+
+A run survives its process. With an output folder (:mod:`bbpt.runfolder`) it checkpoints
+atomically at every curve point and at least every ``CHECKPOINT_SECONDS``: the method's
+whole state (:meth:`Method.state_dict`, RNGs included), the loop's own (curve, steps, next
+evaluation, last loss), the global RNGs and every meter. Rerun with the same configuration
+and ``--out``, it resumes bit-exactly. SIGINT / SIGTERM finish the current step, checkpoint,
+write ``result.json`` with ``status: interrupted`` and raise :class:`RunInterrupted`; a
+second signal exits at once, the last checkpoint already on disk.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .data import fewshot_split, load_task, subsample_classes
+from .data import check_images, fewshot_split, load_task, stratified_subset, subsample_classes
 from .data.core import ImageSet
 from .errors import BadInput, BudgetExhausted
-from .methods import METHODS, FewShotData, Method, make_config
+from .methods import METHODS, FewShotData, make_config
+from .methods.base import Budget, Env, option_range
 from .models import BlackBox, QueryMeter, create_backbone
-from .results import RunWriter
+from .models.whitebox import WhiteBox
+from .progress import Progress, eval_bar
+from .results import write_outputs
+from .runfolder import RunFolder
+from .state import global_rng_state, set_global_rng_state
+
+CHECKPOINT_SECONDS = 60.0
+MAX_SEED = 2**31 - 1
+TEST_SUBSET_SEED = 0  # the same subset for every method and seed, so quick looks compare
 
 
 class RunConfig(BaseModel):
-    """Everything that determines a run; stored in result.json."""
+    """Everything that determines a run; stored in run.json and result.json."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: str = "zip"
-    dataset: str = "fashion-mnist"
-    model: str = "mini"
-    pretrained: str | None = None
-    shots: int = 16
-    seed: int = 1
-    device: str = "cpu"
-    precision: str = "fp32"
-    eval_every: int = 0  # budget units between validation points on the curve; 0: auto (~20 points)
-    eval_batch: int = 500
-    max_images_per_call: int = 128
-    classes: str = "all"  # "all", or CoOp's base-to-new halves "base" / "new"
-    options: dict[str, Any] = {}  # method-specific overrides of its paper defaults
+    method: str = Field("zip", min_length=1, description="method name (`bbpt methods`)")
+    dataset: str = Field("fashion-mnist", min_length=1, description="registered task or image-folder path")
+    model: str = Field("mini", min_length=1, description="backbone (`bbpt models`)")
+    pretrained: str | None = Field(None, min_length=1, description="open_clip tag, checkpoint path, or 'random'")
+    shots: int = Field(16, ge=1, le=100_000, description="training images per class")
+    seed: int = Field(1, ge=0, le=MAX_SEED, description="seed of the few-shot sample and of the method")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or mps")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or bf16 / fp16 autocast on CUDA")
+    eval_every: int = Field(0, ge=0, description="budget units between curve points; 0: about 20 points")
+    eval_batch: int = Field(500, ge=1, le=100_000, description="images per evaluation query")
+    max_images_per_call: int = Field(128, ge=1, le=100_000, description="the API's images per call (ZIP's 128)")
+    classes: Literal["all", "base", "new"] = Field("all", description="all classes, or CoOp's base / new half")
+    test_subset: int | None = Field(None, ge=1, description="evaluate on a seeded, stratified subset of the test split")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many method steps (quick looks)")
+    options: dict[str, Any] = Field({}, description="method options over its paper defaults")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", v):
+            raise ValueError("use cpu, cuda, cuda:N or mps")
+        return v
 
 
 def load_config_file(path: str | Path) -> dict:
     p = Path(path)
-    if not p.exists():
-        raise BadInput(f"config file {p} does not exist")
+    if not p.is_file():
+        raise BadInput(f"config file {p} does not exist; pass a JSON or TOML file of run fields")
+    kind = "TOML" if p.suffix == ".toml" else "JSON"
     try:
-        if p.suffix in (".toml",):
+        if kind == "TOML":
             import tomllib
 
-            return tomllib.loads(p.read_text())
-        return json.loads(p.read_text())
-    except Exception as e:
-        raise BadInput(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
+            data = tomllib.loads(p.read_text())
+        else:
+            data = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInput(f"config file {p} is not valid {kind}: {str(e).splitlines()[0]}") from None
+    example = '{"dataset": "mnist", "shots": 16, "options": {"budget": 1000}}'
+    if not isinstance(data, dict):
+        raise BadInput(f"config file {p} holds a {kind} {type(data).__name__}; it must hold a mapping of run fields, "
+                       f"e.g. {example}")
+    if not isinstance(data.get("options", {}), dict):
+        raise BadInput(f"config file {p}: 'options' must be a mapping of method options, e.g. {example}")
+    return data
 
 
 def make_run_config(**kw) -> RunConfig:
@@ -64,7 +105,16 @@ def make_run_config(**kw) -> RunConfig:
         return RunConfig(**kw)
     except ValidationError as e:
         err = e.errors()[0]
-        raise BadInput(f"run option {'.'.join(map(str, err['loc']))!r}: {err['msg']}") from None
+        loc = str(err["loc"][0]) if err["loc"] else "?"
+        if err["type"] == "extra_forbidden":
+            raise BadInput(f"unknown run field {loc!r}; run fields: {', '.join(RunConfig.model_fields)}") from None
+        field = RunConfig.model_fields.get(loc)
+        rng = option_range(field) if field is not None else ""
+        msg = "is out of range" if err["type"] in _RANGE_ERRORS else "is invalid: " + err["msg"].removeprefix("Value error, ")
+        raise BadInput(f"--{loc.replace('_', '-')} {err.get('input')!r} {msg}" + (f" (allowed: {rng})" if rng else "")) from None
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
 
 def set_seed(seed: int) -> None:
@@ -75,117 +125,236 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.no_grad()
-def evaluate(method, box: BlackBox, images: ImageSet, batch: int, desc: str = "eval", progress: bool = True) -> dict:
-    """Accuracy and mean cross-entropy of ``method.predict`` (or any ``predict(box, images)``)
-    on ``images``, through ``box`` (an evaluation meter, not the training budget)."""
-    from tqdm import tqdm
+class RunInterrupted(Exception):
+    """A run stopped by SIGINT / SIGTERM after checkpointing; ``result`` has ``status: interrupted``."""
 
-    data = FewShotData(images, box.image_size) if images.array is not None and len(images) <= 20000 else None
-    correct, loss, n = 0, 0.0, len(images)
-    for i in tqdm(range(0, n, batch), desc=desc, leave=False, disable=not progress or n <= batch, unit="batch"):
-        idx = np.arange(i, min(i + batch, n))
-        imgs = data.images(idx) if data is not None else FewShotData(images.subset(idx), box.image_size).images()
-        logits = method.predict(box, imgs)  # (B, C)
-        y = torch.from_numpy(images.labels[idx])
-        correct += int((logits.argmax(-1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+    def __init__(self, signum: int, out: Path | None, result: dict):
+        self.signum, self.out, self.result = signum, out, result
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+class Interrupts:
+    """SIGINT / SIGTERM while a run is in progress: the first asks the loop to stop after the
+    current step; the second exits the process at once (the last checkpoint is on disk)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, where: Path | None):
+        self.where, self.signum, self._old = where, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            os.write(2, f"\n{name}: stopping after the current step (again to exit at once)\n".encode())
+            return
+        saved = f"; the last checkpoint is in {self.where}, rerun the command to resume" if self.where else ""
+        os.write(2, f"\n{name} again: exiting now{saved}\n".encode())
+        os._exit(128 + signum)
+
+
+@torch.no_grad()
+def evaluate(method, box: BlackBox, images: ImageSet | FewShotData, batch: int, desc: str = "eval",
+             progress: bool = True, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Accuracy and mean cross-entropy of ``method.predict`` (or any ``predict(box, images)``)
+    on ``images``, through ``box`` (an evaluation meter, not the training budget). Streams
+    the images ``batch`` at a time: memory stays flat in the size of the split."""
+    data = images if isinstance(images, FewShotData) else FewShotData(images, box.image_size, preload=False)
+    correct, loss, n = 0, 0.0, len(data)
+    with eval_bar(progress and n > batch, n, desc) as bar:
+        for i in range(0, n, batch):
+            if should_stop is not None and should_stop():
+                return {"accuracy": None, "loss": None, "stopped": True}
+            idx = np.arange(i, min(i + batch, n))
+            logits = method.predict(box, data.images(idx))  # (B, C)
+            y = data.labels[idx]
+            correct += int((logits.argmax(-1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            bar.update(len(idx))
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1)}
 
 
-def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True) -> dict:
-    """Run one method on one task; returns the result dict (also written to ``out``)."""
+class _Loop:
+    """The loop's own state, saved in every checkpoint."""
+
+    def __init__(self, every: int):
+        self.curve: list[dict] = []
+        self.steps, self.next_eval, self.every = 0, every, every
+        self.last_loss: float | None = None
+        self.stopped_by: str | None = None  # budget | done | max_steps: training is over
+        self.elapsed = 0.0  # wall seconds of earlier sessions of this run
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, s: dict) -> None:
+        vars(self).update(s)
+
+
+def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, force: bool = False,
+        keep_finished: bool = False, log: Callable[[str], None] | None = None,
+        on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run one method on one task; returns the result dict (also written to ``out``).
+
+    ``out`` holding an unfinished run of the same configuration resumes it; ``force``
+    replaces what ``out`` holds; ``keep_finished`` returns a finished run of the same
+    configuration instead of refusing (protocols and sweeps). ``log`` receives one-line
+    notices (resuming, interrupted); ``on_step(steps, stats)`` is called after every step.
+    """
     t0 = time.time()
-    set_seed(cfg.seed)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     cls = METHODS.get(cfg.method)
     mcfg = cls.resolve_config(make_config(cls, cfg.options), cfg.shots)
+    config = {**cfg.model_dump(), "options": mcfg.model_dump()}
+    folder = RunFolder(out) if out is not None else None
+    mode = folder.open(config, force=force, keep_finished=keep_finished) if folder else "new"
+    if mode == "finished":
+        return folder.result()
+    ckpt = folder.load_checkpoint() if mode == "resume" else None
+
+    set_seed(cfg.seed)
     task = subsample_classes(load_task(cfg.dataset), cfg.classes)
     train, val = fewshot_split(task, cfg.shots, cfg.seed)
+    test = task.test if cfg.test_subset is None else stratified_subset(task.test, cfg.test_subset, TEST_SUBSET_SEED)
+    for split, images in (("train", train), ("val", val), ("test", test)):  # before any query is spent
+        check_images(images, split, progress=progress)
     backbone = create_backbone(cfg.model, cfg.pretrained, cfg.device)
     unit = cls.unit(mcfg)
-    budget = {unit: mcfg.budget} if mcfg.budget is not None else {}
-    meter = QueryMeter(budget, cfg.max_images_per_call)
+    meter = QueryMeter({unit: mcfg.budget} if mcfg.budget is not None else {}, cfg.max_images_per_call)
     box = BlackBox(backbone, task.classnames, meter, precision=cfg.precision)
     eval_box = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
-    task_info = {"name": task.name, "classnames": task.classnames, "templates": task.templates}
-    aux: dict = {}
-    if not cls.black_box:  # the white-box reference (CoOp) alone gets the model itself
-        aux["backbone"] = backbone
-    if cls.uses_aux_box:  # a method's side queries (CraFT's head), counted apart from the budget
-        aux["aux_box"] = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
-    method = cls(mcfg, box, FewShotData(train, box.image_size), task_info, cfg.seed, **aux)
-    writer = RunWriter(out, cfg, method) if out is not None else None
+    data = FewShotData(train, box.image_size)
+    for chunk in data.chunks(box.image_chunk):  # features of the few-shot set once, in a fixed order
+        box.upload(chunk)
+    val_data = FewShotData(val, box.image_size)
+    env = Env(box, data, {"name": task.name, "classnames": task.classnames, "templates": task.templates},
+              cfg.seed, cls, white_box=lambda: WhiteBox(backbone, task.classnames, meter))
+    method = cls(mcfg, env)
 
-    # curve points every `every` budget units, or (no budget: CoOp) every `every` steps
     total = mcfg.budget or (method.total_steps() or 0)
-    every = cfg.eval_every or max(1, total // 20)
-    done = (lambda: meter.counts[unit]) if mcfg.budget else (lambda: steps)
-    curve: list[dict] = []
-    last_loss, next_eval, status, steps = None, every, "finished", 0
+    loop = _Loop(cfg.eval_every or max(1, total // 20))
+    meters = lambda: {"train": meter, "eval": eval_box.meter, "side": env.side_meter}  # noqa: E731
+    if ckpt is not None:
+        method.load_state_dict(ckpt["method"])
+        loop.load_state_dict(ckpt["loop"])
+        for k, m in meters().items():
+            if ckpt["meters"].get(k) is not None:
+                (m or env.side_box() and env.side_meter).load_state_dict(ckpt["meters"][k])
+        set_global_rng_state(ckpt["rng"])
+        log(f"resuming {out}: {cfg.method} on {task.name} from its checkpoint at step {loop.steps} "
+            f"({meter.counts[unit]} {unit} spent)")
+    elif mode == "resume":
+        log(f"resuming {out}: no checkpoint was written yet, starting the run from step 0")
 
-    def add_point():
-        nonlocal last_loss
-        if last_loss is None:  # a method that has not trained yet: its loss on the train set, uncounted
-            last_loss = evaluate(method, eval_box, train, cfg.eval_batch, "train", progress)["loss"]
-        v = evaluate(method, eval_box, val, cfg.eval_batch, "val", progress)
-        curve.append({"api_calls": meter.counts["api_calls"], "prompt_evals": meter.counts["prompt_evals"],
-                      "train_loss": last_loss, "val_accuracy": v["accuracy"]})
-        if writer:
-            writer.checkpoint(curve, meter)
+    def checkpoint() -> None:
+        nonlocal last_save
+        if folder is not None:
+            loop.elapsed = prior + time.time() - t0
+            folder.save_checkpoint({"method": method.state_dict(), "loop": loop.state_dict(), "rng": global_rng_state(),
+                                    "meters": {k: m.state_dict() if m else None for k, m in meters().items()}})
+        last_save = time.time()
 
-    from tqdm import tqdm
+    def done() -> int:
+        return meter.counts[unit] if mcfg.budget else loop.steps
 
-    bar = tqdm(total=total, desc=f"{cfg.method} on {task.name}", unit=unit if mcfg.budget else "step",
-               disable=not progress or not total)
-    try:
-        add_point()  # the starting point (api_calls = 0)
-        while True:
-            try:
-                stats = method.step()
-            except BudgetExhausted as e:
-                if meter.counts[unit] == 0:  # not even one step fits: the budget is unusable
-                    raise BudgetExhausted(e.counts, e.budget, e.requested) from None
-                break
-            if stats is None:
-                break
-            steps += 1
-            last_loss = stats.get("train_loss", last_loss)
-            bar.n = done()
-            bar.set_postfix(loss=f"{last_loss:.3f}" if last_loss is not None else "-")
-            bar.refresh()
-            if done() >= next_eval:
+    def add_point() -> None:
+        if loop.last_loss is None:  # a method that has not trained yet: its loss on the train set, uncounted
+            loop.last_loss = evaluate(method, eval_box, data, cfg.eval_batch, "train", progress)["loss"]
+        v = evaluate(method, eval_box, val_data, cfg.eval_batch, "val", progress)
+        point = {"api_calls": meter.counts["api_calls"], "prompt_evals": meter.counts["prompt_evals"],
+                 "train_loss": loop.last_loss, "val_accuracy": v["accuracy"]}
+        loop.curve.append(point)
+        bar.point(done(), point)
+
+    def result(status: str, test: dict | None) -> dict:
+        side = env.side_meter
+        return {
+            "method": cfg.method, "dataset": task.name,
+            "model": cfg.model if cfg.pretrained is None else f"{cfg.model}:{cfg.pretrained}",
+            "shots": cfg.shots, "seed": cfg.seed, "status": status, "stopped_by": loop.stopped_by,
+            "black_box": cls.black_box,
+            "budget": {unit: mcfg.budget} if unit == "api_calls" else {"api_calls": None, unit: mcfg.budget},
+            "queries": meter.counts,
+            **({"aux_queries": side.counts, "queries_total": {k: v + side.counts[k] for k, v in meter.counts.items()}}
+               if side is not None else {}),
+            "eval_queries": eval_box.meter.counts,
+            "accuracy": {"test": None if test is None else test["accuracy"],
+                         "val": loop.curve[-1]["val_accuracy"] if loop.curve else None},
+            **({"test_subset": {"n": len(test_set), "of": len(task.test), "seed": TEST_SUBSET_SEED,
+                                "comparable_to_full_test": False}} if cfg.test_subset is not None else {}),
+            "curve": loop.curve,
+            "wall_seconds": round(prior + time.time() - t0, 2),
+            "config": config,
+        }
+
+    def interrupted(signum: int) -> RunInterrupted:
+        checkpoint()
+        r = result("interrupted", None)
+        if folder is not None:
+            write_outputs(folder.path, r, method)
+        return RunInterrupted(signum, folder.path if folder else None, r)
+
+    prior, last_save, test_set = loop.elapsed, time.time(), test
+    budget = Budget.of(meter, unit, mcfg.budget)
+    bar = Progress(progress, f"{cfg.method} on {task.name}", total, unit if mcfg.budget else "step", done())
+    with Interrupts(folder.path if folder else None) as stop:
+        try:
+            if not loop.curve:
+                add_point()  # the starting point (api_calls = 0)
+                checkpoint()
+            while loop.stopped_by is None:
+                if stop.signum is not None:
+                    raise interrupted(stop.signum)
+                if cfg.max_steps is not None and loop.steps >= cfg.max_steps:
+                    loop.stopped_by = "max_steps"
+                    break
+                try:
+                    stats = method.step(budget)
+                except BudgetExhausted as e:
+                    if meter.counts[unit] == 0:  # not even one step fits: the budget is unusable
+                        raise BudgetExhausted(e.counts, e.budget, e.requested) from None
+                    loop.stopped_by = "budget"
+                    break
+                if stats is None:
+                    loop.stopped_by = "done"
+                    break
+                loop.steps += 1
+                loop.last_loss = stats.get("train_loss", loop.last_loss)
+                bar.update(done(), loop.last_loss)
+                if done() >= loop.next_eval:
+                    add_point()
+                    loop.next_eval = done() + loop.every
+                    checkpoint()
+                elif time.time() - last_save >= CHECKPOINT_SECONDS:
+                    checkpoint()
+                if on_step is not None:
+                    on_step(loop.steps, stats)
+            if loop.curve[-1]["api_calls"] != meter.counts["api_calls"] or loop.curve[-1]["prompt_evals"] != meter.counts["prompt_evals"]:
                 add_point()
-                next_eval = done() + every
-        if not curve or curve[-1]["api_calls"] != meter.counts["api_calls"]:
-            add_point()
-    except KeyboardInterrupt:
-        status = "interrupted"
-    finally:
-        bar.close()
+            checkpoint()  # training is over: a resumed run goes straight to the test split
+            if stop.signum is not None:
+                raise interrupted(stop.signum)
+            test_r = evaluate(method, eval_box, test, cfg.eval_batch, "test", progress,
+                              should_stop=lambda: stop.signum is not None)
+            if test_r.get("stopped"):
+                raise interrupted(stop.signum)
+        finally:
+            bar.close()
 
-    test = evaluate(method, eval_box, task.test, cfg.eval_batch, "test", progress)
-    result = {
-        "method": cfg.method,
-        "dataset": task.name,
-        "model": cfg.model if cfg.pretrained is None else f"{cfg.model}:{cfg.pretrained}",
-        "shots": cfg.shots,
-        "seed": cfg.seed,
-        "status": status,
-        "black_box": cls.black_box,
-        "budget": {unit: mcfg.budget} if unit == "api_calls" else {"api_calls": None, unit: mcfg.budget},
-        "queries": meter.counts,
-        **({"aux_queries": aux["aux_box"].meter.counts,
-            "queries_total": {k: v + aux["aux_box"].meter.counts[k] for k, v in meter.counts.items()}}
-           if "aux_box" in aux else {}),
-        "eval_queries": eval_box.meter.counts,
-        "accuracy": {"test": test["accuracy"], "val": curve[-1]["val_accuracy"] if curve else None},
-        "curve": curve,
-        "wall_seconds": round(time.time() - t0, 2),
-        "config": {**cfg.model_dump(), "options": mcfg.model_dump()},
-    }
-    if writer:
-        writer.finish(result)
-    return result
+    r = result("finished", test_r)
+    if folder is not None:
+        write_outputs(folder.path, r, method)
+    return r
 
 
 class _Saved:
@@ -203,15 +372,17 @@ def evaluate_prompt(prompt_path: str | Path, dataset: str, model: str | None = N
     """Test accuracy of a saved prompt (``runs/x/prompt.safetensors``) on a task."""
     from .results import load_prompt
 
+    if split not in ("test", "val", "train"):
+        raise BadInput(f"split {split!r} must be test, val or train")
     prompt, extra, meta = load_prompt(prompt_path)
     cls = METHODS.get(meta.get("method", "zeroshot"))
     if model is None:
         model, _, tag = meta.get("model", "mini").partition(":")
         pretrained = pretrained or (tag or None)
     task = load_task(dataset)
-    if split not in ("test", "val", "train"):
-        raise BadInput(f"split {split!r} must be test, val or train")
+    images = getattr(task, split)
+    check_images(images, split, progress=progress)
     backbone = create_backbone(model, pretrained, device)
     box = BlackBox(backbone, task.classnames, QueryMeter())
-    r = evaluate(_Saved(cls, prompt, extra), box, getattr(task, split), batch, split, progress)
+    r = evaluate(_Saved(cls, prompt, extra), box, images, batch, split, progress)
     return {"dataset": task.name, "split": split, "method": cls.name, "model": model, **r, "queries": box.meter.counts}

@@ -101,6 +101,10 @@ class SPSA:
     def evals(self, d: int) -> int:
         return 2 * self.n
 
+    def current_loss(self, losses: torch.Tensor) -> float:
+        """The training loss a step reports: the mean over the perturbed points."""
+        return float(losses.mean())
+
     def directions(self, d: int, gen: torch.Generator) -> torch.Tensor:
         """(N, d) perturbation directions Δ_j."""
         sign = torch.randint(0, 2, (self.n, d), generator=gen).float() * 2 - 1
@@ -167,6 +171,9 @@ class OneSidedRGF:
     def evals(self, d: int) -> int:
         return self.q + 1
 
+    def current_loss(self, losses: torch.Tensor) -> float:
+        return float(losses[0])  # the pivot: the loss at w itself
+
     def directions(self, d: int, gen: torch.Generator) -> torch.Tensor:
         u = torch.randn(self.q, d, generator=gen)
         return u / u.norm(dim=1, keepdim=True)
@@ -219,6 +226,9 @@ class ZOSGD:
     def evals_per_step(self) -> int:
         return self.est.evals(self.d)
 
+    def current_loss(self, losses: torch.Tensor) -> float:
+        return self.est.current_loss(losses)
+
     def _directions(self) -> torch.Tensor:
         dirs = self.est.directions(self.d, self.gen)
         return dirs if self.mask is None else dirs * self.mask
@@ -250,11 +260,16 @@ class ZOSGD:
         return g
 
     def state_dict(self) -> dict:
-        return {"w": self.w.clone(), "k": self.k, "m": self.m, "gen": self.gen.get_state(), "mask": self.mask}
+        """Everything a resumed run needs to continue bit-exactly, the RNG included."""
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        return {"w": self.w.clone(), "k": self.k, "m": clone(self.m), "gen": self.gen.get_state(),
+                "mask": clone(self.mask), "pending": clone(self._seed), "last": dict(self.last)}
 
     def load_state_dict(self, s: dict) -> None:
-        self.w, self.k, self.m, self.mask = s["w"].clone(), s["k"], s["m"], s["mask"]
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        self.w, self.k, self.m, self.mask = s["w"].clone(), int(s["k"]), clone(s["m"]), clone(s["mask"])
         self.gen.set_state(s["gen"])
+        self._seed, self.last = clone(s.get("pending")), dict(s.get("last", {}))
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,6 +315,9 @@ class CMAES:
         """A fresh generation that is *not* told back (CraFT's re-asked bias)."""
         return torch.from_numpy(np.stack(self._private(self.es.ask))).float()
 
+    def current_loss(self, losses: torch.Tensor) -> float:
+        return float(losses.min())  # the generation's best
+
     def tell(self, losses: torch.Tensor) -> None:
         if self._asked is None:
             raise RuntimeError("tell() without ask()")
@@ -316,11 +334,13 @@ class CMAES:
         return self.mean if xb is None else torch.from_numpy(np.asarray(xb)).float()
 
     def state_dict(self) -> dict:
+        """pycma's strategy has no state format but pickle: it is stored as bytes (see
+        :mod:`bbpt.state` for why and how it is loaded only from the run's own checkpoint)."""
         import pickle
 
-        return {"es": pickle.dumps(self.es), "rng": self._rng}
+        return {"es": pickle.dumps(self.es), "rng": self._rng, "asked": self._asked}
 
     def load_state_dict(self, s: dict) -> None:
-        import pickle
+        from .state import unpickle_own
 
-        self.es, self._rng = pickle.loads(s["es"]), s["rng"]
+        self.es, self._rng, self._asked = unpickle_own(s["es"]), s["rng"], s.get("asked")

@@ -27,7 +27,8 @@ from .data.shift import SHIFTS, shift_task
 from .errors import BadInput
 from .methods import METHODS
 from .models import BlackBox, QueryMeter, create_backbone
-from .results import _atomic_write, load_prompt
+from .results import load_prompt
+from .state import atomic_write_text
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -57,10 +58,13 @@ class _Evaluator:
 
 def _run_protocol(protocol: str, method: str, dataset: str, targets: dict[str, Task], row: Callable[[float, dict], dict],
                   classes: str, shots: int, seeds: Sequence[int], options: dict | None, out, progress: bool,
-                  **run_kw) -> tuple[dict, Path]:
+                  force: bool = False, **run_kw) -> tuple[dict, Path]:
     """Per seed: train on ``dataset`` (``classes``), evaluate on each target's test split, and
     record ``row(source test accuracy, {target: evaluation})`` in the summary's rows and,
-    with the evaluations, in the seed's result.json under ``protocol``."""
+    with the evaluations, in the seed's result.json under ``protocol``.
+
+    Rerun after an interruption, finished seeds are kept (and their evaluations reused),
+    an interrupted seed resumes from its checkpoint, and the rest run; ``force`` redoes all."""
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise BadInput(f"seeds must be a non-empty list of distinct integers, got {seeds}; e.g. --seeds 1,2,3")
@@ -68,21 +72,21 @@ def _run_protocol(protocol: str, method: str, dataset: str, targets: dict[str, T
     cfgs = {s: engine.make_run_config(method=method, dataset=dataset, shots=shots, seed=s, classes=classes,
                                       options=dict(options or {}), **run_kw) for s in seeds}
     evaluator = _Evaluator(cfgs[seeds[0]])
-    rows, runs, status = [], {}, "finished"
-    for s in seeds:
+    rows, runs = [], {}
+    for s in seeds:  # an interruption (engine.RunInterrupted) propagates: the seed's folder resumes
         run_dir = out / f"seed{s}"
-        result = engine.run(cfgs[s], out=run_dir, progress=progress)
-        evals = {name: evaluator(run_dir, name, t.classnames, t.test, progress) for name, t in targets.items()}
+        result = engine.run(cfgs[s], out=run_dir, progress=progress, force=force, keep_finished=True)
+        if set(result.get(protocol, {}).get("targets", {})) == set(targets):
+            evals = result[protocol]["targets"]  # a finished seed of an earlier invocation
+        else:
+            evals = {name: evaluator(run_dir, name, t.classnames, t.test, progress) for name, t in targets.items()}
         values = row(result["accuracy"]["test"], evals)
         result[protocol] = {**values, "targets": evals}
-        _atomic_write(run_dir / "result.json", json.dumps(result, indent=1) + "\n")  # rewritten with the evaluations
+        atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1) + "\n")  # rewritten with the evaluations
         rows.append({"seed": s, **values})
         runs[str(s)] = str(run_dir)
-        if result["status"] == "interrupted":  # Ctrl-C: keep what is done, skip the other seeds
-            status = "interrupted"
-            break
     summary = {"protocol": protocol, "method": method, "dataset": dataset, "model": result["model"], "shots": shots,
-               "seeds": [r["seed"] for r in rows], "options": result["config"]["options"], "status": status,
+               "seeds": [r["seed"] for r in rows], "options": result["config"]["options"], "status": "finished",
                "rows": rows, "runs": runs}
     return summary, out
 
@@ -94,8 +98,8 @@ def _finish(summary: dict, columns: dict[str, str], out: Path) -> dict:
     summary["mean"] = {k: float(np.mean(v)) for k, v in vals.items()}
     summary["std"] = {k: float(np.std(v)) for k, v in vals.items()}
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    _atomic_write(out / "summary.md", summary_table(summary) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "summary.md", summary_table(summary) + "\n")
     return summary
 
 
@@ -110,8 +114,6 @@ def summary_table(summary: dict) -> str:
     lines.append("| mean ± std | " + " | ".join(
         f"{100 * summary['mean'][k]:.2f} ± {100 * summary['std'][k]:.2f}" for k in cols) + " |")
     lines += ["", "Test accuracy (%). Evaluation queries are not charged to the training budget."]
-    if summary.get("status") == "interrupted":
-        lines.append("Interrupted: only the seeds listed were run.")
     return "\n".join(lines)
 
 

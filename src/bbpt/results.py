@@ -1,36 +1,30 @@
 """Run outputs: result.json, curve.csv, curve.png and the learned prompt (safetensors).
 
-Files are written atomically (temp file, then rename), and the curve is rewritten at every
-validation point, so an interrupted run leaves a readable record of what it did.
+Every file is written atomically (temp file, then rename): a process killed at any moment
+leaves the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from .errors import BadInput, CorruptCheckpoint
 from .models.blackbox import SoftPrompt, TextPrompt
+from .state import atomic_write_bytes, atomic_write_text
 
 CURVE_FIELDS = ("api_calls", "prompt_evals", "train_loss", "val_accuracy")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_curve_csv(path: Path, curve: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(curve)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(curve)
+    atomic_write_text(path, buf.getvalue())
 
 
 def plot_curves(path: Path, curves: dict[str, list[dict]], title: str, x: str = "api_calls") -> None:
@@ -56,12 +50,14 @@ def plot_curves(path: Path, curves: dict[str, list[dict]], title: str, x: str = 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def save_prompt(path: Path, prompt, extra: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()}
     info = dict(meta or {})
@@ -72,7 +68,7 @@ def save_prompt(path: Path, prompt, extra: dict[str, torch.Tensor] | None = None
         info.update(kind="text", templates=list(prompt.templates))
     if not tensors:
         tensors["_empty"] = torch.zeros(0)
-    save_file(tensors, str(path), metadata={"bbpt": json.dumps(info)})
+    atomic_write_bytes(Path(path), save(tensors, metadata={"bbpt": json.dumps(info)}))
 
 
 def load_prompt(path: str | Path):
@@ -96,26 +92,17 @@ def load_prompt(path: str | Path):
     return prompt, tensors, meta
 
 
-class RunWriter:
-    def __init__(self, out: str | Path, cfg, method):
-        self.out = Path(out)
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadInput(f"cannot create output folder {self.out}: {e.strerror}; choose another --out") from None
-        self.cfg, self.method = cfg, method
-
-    def checkpoint(self, curve: list[dict], meter) -> None:
-        write_curve_csv(self.out / "curve.csv", curve)
-        _atomic_write(self.out / "progress.json", json.dumps({"curve": curve, "meter": meter.state_dict()}, indent=1))
-
-    def finish(self, result: dict) -> None:
-        write_curve_csv(self.out / "curve.csv", result["curve"])
-        if len(result["curve"]) >= 2:
-            plot_curves(self.out / "curve.png", {result["method"]: result["curve"]},
-                        f"{result['method']} on {result['dataset']} ({result['shots']}-shot, seed {result['seed']})")
-        meta = {"method": result["method"], "dataset": result["dataset"], "model": result["model"],
-                "test_accuracy": result["accuracy"]["test"]}
-        save_prompt(self.out / "prompt.safetensors", self.method.prompt(), self.method.extra_state(), meta)
-        _atomic_write(self.out / "result.json", json.dumps(result, indent=1) + "\n")
-        (self.out / "progress.json").unlink(missing_ok=True)
+def write_outputs(out: Path, result: dict, method) -> None:
+    """curve.csv, curve.png, prompt.safetensors, then result.json (last: a folder with a
+    finished result.json holds every output); a finished run's checkpoint is removed."""
+    out = Path(out)
+    write_curve_csv(out / "curve.csv", result["curve"])
+    if len(result["curve"]) >= 2:
+        plot_curves(out / "curve.png", {result["method"]: result["curve"]},
+                    f"{result['method']} on {result['dataset']} ({result['shots']}-shot, seed {result['seed']})")
+    meta = {"method": result["method"], "dataset": result["dataset"], "model": result["model"],
+            "test_accuracy": result["accuracy"]["test"], "status": result["status"]}
+    save_prompt(out / "prompt.safetensors", method.prompt(), method.extra_state(), meta)
+    atomic_write_text(out / "result.json", json.dumps(result, indent=1) + "\n")
+    if result["status"] == "finished":
+        (out / "checkpoint.safetensors").unlink(missing_ok=True)

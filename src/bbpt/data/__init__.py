@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UnknownName
-from .core import ImageSet, Task, data_dir
-from .fewshot import fewshot_split, subsample_classes
+from .core import ImageSet, Task, check_images, data_dir
+from .fewshot import fewshot_split, stratified_subset, subsample_classes
 from .offline import TASKS, load_offline
 from .shift import SHIFTS, shift_task
 
@@ -39,4 +39,5 @@ def list_datasets() -> list[str]:
     return TASKS.names()
 
 
-__all__ = ["ImageSet", "SHIFTS", "Task", "TASKS", "data_dir", "fewshot_split", "list_datasets", "load_task", "subsample_classes"]
+__all__ = ["ImageSet", "SHIFTS", "Task", "TASKS", "check_images", "data_dir", "fewshot_split", "list_datasets",
+           "load_task", "stratified_subset", "subsample_classes"]

@@ -5,10 +5,17 @@ paths read on demand (ImageFolder / CoOp datasets), with integer labels and a st
 id per image; the id is the key of the black box's image-feature cache. An optional
 ``shift`` (:mod:`bbpt.data.shift`) transforms the pixels after resizing. A :class:`Task`
 bundles class names, prompt templates and train / val / test image sets.
+
+Images on disk are opened through :func:`_open_image`, which enforces bbpt's pixel limit
+(:func:`max_image_pixels`) from the header alone, before any decoding; :func:`check_images`
+runs that check plus PIL's ``verify()`` over a whole split before training.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +31,23 @@ from .shift import SHIFTS, apply_shift
 def data_dir() -> Path:
     """Where prepared data and few-shot caches live: ``$BBPT_DATA`` or ``~/.cache/bbpt/data``."""
     return Path(os.environ.get("BBPT_DATA") or Path.home() / ".cache" / "bbpt" / "data")
+
+
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default limit
+CHECK_THREADS = 4
+PROGRESS_MIN_FILES = 2000  # check_images shows a bar only above this many files
+
+
+def max_image_pixels() -> int:
+    """Largest width*height bbpt will decode: ``$BBPT_MAX_IMAGE_PIXELS`` or PIL's default."""
+    raw = os.environ.get("BBPT_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise BadInput(f"BBPT_MAX_IMAGE_PIXELS must be a positive integer, got {raw!r}; unset it or set e.g. 200000000")
+    return n
 
 
 @dataclass
@@ -94,11 +118,60 @@ def _array_to_pixels(a: np.ndarray, size: int) -> torch.Tensor:
     return x.clamp_(0.0, 1.0).contiguous()
 
 
+# PIL's own bomb check reads the module global Image.MAX_IMAGE_PIXELS; bbpt lifts it (None)
+# only while it opens a header or decodes an image its own limit allows, under this lock, so
+# threads never see each other's value and PIL never warns or raises on bbpt's behalf.
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_limit_lifted():
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _mpx(n: int) -> str:
+    return f"{n / 1e6:.1f} Mpx" if n >= 100_000 else f"{n} px"
+
+
+def _open_image(path: str, what: str = "image"):
+    """``Image.open`` (header only) that refuses images over :func:`max_image_pixels`."""
+    from PIL import Image
+
+    limit = max_image_pixels()
+    with _pil_limit_lifted():
+        im = Image.open(path)
+    w, h = im.size
+    if w * h > limit:
+        im.close()
+        raise BadInput(
+            f"{what} {path} is {w}x{h} ({_mpx(w * h)}), over bbpt's limit of {_mpx(limit)} (a guard against "
+            "decompression bombs); downscale it or raise BBPT_MAX_IMAGE_PIXELS"
+        )
+    return im
+
+
+def _decode_guard(im):
+    """Lift PIL's limit while decoding ``im`` only if bbpt's (raised) limit let it past PIL's."""
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:  # not None mid-way through another thread's open
+        pil = Image.MAX_IMAGE_PIXELS
+    big = pil is not None and im.size[0] * im.size[1] > pil
+    return _pil_limit_lifted() if big else contextlib.nullcontext()
+
+
 def _read_image(path: str, size: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im, _decode_guard(im):
             im = im.convert("RGB")
             w, h = im.size
             s = size / min(w, h)
@@ -110,9 +183,58 @@ def _read_image(path: str, size: int) -> torch.Tensor:
             a = np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise BadInput(f"image file {path} does not exist; check the dataset folder or split file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadInput(f"cannot read image {path} ({e}); remove or replace the file") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise BadInput(f"cannot read image {path} ({_reason(e, path)}); remove or replace the file") from None
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _reason(e: Exception, path: str) -> str:
+    """PIL's complaint about ``path`` in a few words, on one line, without repeating the path."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "cannot identify image file"
+    msg = " ".join(str(e).replace(repr(path), "").replace(path, "").split())
+    return msg or type(e).__name__
+
+
+def _check_one(path: str, what: str) -> str | None:
+    """None if ``path`` is a readable image within the pixel limit, else the whole error message."""
+    try:
+        with _open_image(path, what) as im:
+            im.verify()  # reads and checks the file's structure (PNG: every chunk's CRC), no decoding
+    except BadInput as e:
+        return str(e)
+    except FileNotFoundError:
+        return f"{what} {path} does not exist; restore it or fix the dataset folder or split file, then rerun"
+    except Exception as e:  # anything PIL raises on a broken file (OSError, SyntaxError, struct.error, ...)
+        return f"{what} {path} cannot be read ({_reason(e, path)}); remove or replace it, then rerun"
+    return None
+
+
+def check_images(images: ImageSet, split: str, progress: bool = False) -> int:
+    """Open, verify and size-check every image file of ``images``; the number checked.
+
+    Cheap (headers and structure, no decoding) and run on a few threads. Raises BadInput for
+    the first bad file in index order. Array-held images need no check: returns 0.
+    """
+    if images.paths is None:
+        return 0
+    paths = list(images.paths)
+    max_image_pixels()  # a bad $BBPT_MAX_IMAGE_PIXELS fails here, not as a per-file error
+    pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="bbpt-check")
+    try:
+        results = pool.map(_check_one, paths, [f"{split} image"] * len(paths))
+        if progress and len(paths) > PROGRESS_MIN_FILES:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(paths), desc=f"checking {split} images", unit="img")
+        for err in results:  # map yields in input order: the first bad file is the lowest index
+            if err is not None:
+                raise BadInput(err)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return len(paths)
 
 
 @dataclass

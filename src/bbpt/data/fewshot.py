@@ -2,12 +2,16 @@
 
 ``fewshot_split`` mirrors Dassl's ``generate_fewshot_dataset`` as CoOp calls it: one RNG
 seeded with ``seed``; train items grouped by label in order of first appearance and
-``rng.sample(items, k)`` per class (all items, no repeats, when a class has fewer than k);
-then val the same way with min(k, 4) shots, continuing the same RNG. The chosen indices are
+``rng.sample(items, k)`` per class; then val the same way with min(k, 4) shots (all items of
+a smaller class), continuing the same RNG. Unlike Dassl, a train class with fewer than k
+images is refused rather than silently under-sampled. The chosen indices are
 cached as JSON (CoOp caches a pickle) at ``<cache_dir>/<task>/shot_{k}-seed_{seed}.json``.
 
 ``subsample_classes`` is CoOp's base-to-new split: sorted labels, the first ceil(n/2) are
 "base", the rest "new", each relabelled from 0.
+
+``stratified_subset`` draws a seeded, class-stratified subset, e.g. of a test split for a
+quick look on CPU.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ def fewshot_split(task: Task, shots: int, seed: int, cache_dir: Path | None = No
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise BadInput(f"seed must be an integer, got {seed!r}; use e.g. 1, 2 or 3")
     shots, seed = int(shots), int(seed)
+    _check_shots(task, shots)
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir() / "split_fewshot"
     cache = cache_dir / task.name.replace("/", "_") / f"shot_{shots}-seed_{seed}.json"
     idx = _read_cache(cache, task)
@@ -42,6 +47,21 @@ def fewshot_split(task: Task, shots: int, seed: int, cache_dir: Path | None = No
                "val": _sample_per_class(task.val.labels, min(shots, MAX_VAL_SHOTS), rng)}
         _write_cache(cache, task, idx)
     return task.train.subset(idx["train"]), task.val.subset(idx["val"])
+
+
+def _check_shots(task: Task, shots: int) -> None:
+    """Refuse ``shots`` above the smallest train class (ties: the first class)."""
+    counts = np.bincount(task.train.labels, minlength=task.num_classes)  # (C,)
+    if not len(counts) or counts.min() >= shots:
+        return
+    y = int(counts.argmin())
+    name, n = task.classnames[y], int(counts[y])
+    if n == 0:
+        raise BadInput(f"class {name!r} has no images in the train split; add train images of it or remove the class")
+    raise BadInput(
+        f"--shots {shots} is more than class {name!r} has in the train split ({n} image{'s' * (n != 1)}); "
+        f"use --shots {n} or fewer, or add images"
+    )
 
 
 def _sample_per_class(labels: np.ndarray, k: int, rng: random.Random) -> list[int]:
@@ -113,3 +133,24 @@ def subsample_classes(task: Task, which: str) -> Task:
         train=sub(task.train), val=sub(task.val), test=sub(task.test), description=task.description,
         meta={**task.meta, "subsample": which, "classes": keep},
     )
+
+
+def stratified_subset(images: ImageSet, n: int, seed: int = 0) -> ImageSet:
+    """``n`` of ``images``, per class in proportion to its size, drawn with ``seed``.
+
+    Per-class counts: largest remainder (ties: lower label first). Each class's images are
+    drawn with one ``np.random.default_rng(seed)``, classes in label order; the result keeps
+    the original order. ``n >= len(images)`` returns ``images`` itself.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise BadInput(f"--test-subset must be >= 1, got {n!r}; pass a number of images such as 500")
+    n, total = int(n), len(images)
+    if n >= total:
+        return images
+    classes, counts = np.unique(images.labels, return_counts=True)  # (C,), (C,) sorted by label
+    quota, rem = np.divmod(n * counts, total)  # exact integer shares: quota + rem / total
+    order = np.lexsort((np.arange(len(classes)), -rem))  # largest remainder first, then label order
+    quota[order[: n - int(quota.sum())]] += 1
+    rng = np.random.default_rng(int(seed))
+    chosen = [rng.choice(np.flatnonzero(images.labels == y), k, replace=False) for y, k in zip(classes, quota)]
+    return images.subset(np.sort(np.concatenate(chosen)))

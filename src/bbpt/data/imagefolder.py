@@ -12,6 +12,7 @@ Accepted layouts of ``load_imagefolder(path)``:
 
 Class names are cleaned as in CoOp (``_`` -> space, Caltech101's renames); with folders the
 classes are sorted by folder name and label = index. Image ids are the relative paths.
+A dataset needs at least 2 classes.
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def load_coop_split(split_json: str | Path, image_dir: str | Path, name: str | N
     classnames = [clean_classname(names[y][0]) for y in range(n)]
     folder = split_json.parent.name  # CoOp keeps one split file per dataset folder
     return _make_task(splits, classnames, name or folder, [name, folder, split_json.stem], source=split_json,
-                      layout="coop")
+                      layout="coop", where=split_json, fix="add entries of other classes to the split file")
 
 
 # ----------------------------------------------------------------------------- layouts (a), (b)
@@ -140,7 +141,7 @@ def _load_split_folders(root: Path, name: str | None) -> Task:
                 )
             splits[split] += [(f, label_of[cd.name], f.relative_to(root).as_posix()) for f in _images(cd)]
     return _make_task(splits, [clean_classname(c) for c in classes], name or root.name, [name, root.name],
-                      source=root, layout="folders")
+                      source=root, layout="folders", where=root)
 
 
 def _load_split_json(root: Path, name: str | None) -> Task:
@@ -179,13 +180,18 @@ def _load_split_json(root: Path, name: str | None) -> Task:
                 )
             splits[split].append((f, label_of[top[0]], PurePosixPath(*top).as_posix()))
     return _make_task(splits, [clean_classname(d.name) for d in dirs], name or root.name, [name, root.name],
-                      source=split_json, layout="split.json")
+                      source=split_json, layout="split.json", where=root)
 
 
 # ----------------------------------------------------------------------------- helpers
 
 def _make_task(splits: dict[str, Items], classnames: list[str], name: str, template_keys: list, source: Path,
-               layout: str) -> Task:
+               layout: str, where: Path, fix: str = "add class folders") -> Task:
+    if len(classnames) < 2:  # here, not in Task: a base-to-new half may have 1 class
+        n, listed = len(classnames), ", ".join(map(repr, classnames))
+        raise BadInput(
+            f"dataset {where} has {n} class{'es' * (n != 1)} ({listed}); classification needs at least 2 classes: {fix}"
+        )
     if not splits.get("test"):
         raise BadInput(f"test split missing or empty in {source}; add test images")
     carved = "val" not in splits

@@ -14,22 +14,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field
+
 from ..models.blackbox import Images, TextPrompt
 from ..optim import ZOSGD, OneSidedRGF, PolyDecay
-from .base import Method, MethodConfig, register_method
-from .common import BatchStream, focal_per_candidate
+from .base import BatchStream, MethodConfig, Query, ZerothOrderMethod, register_method
+from .common import focal_per_candidate
 
 
 class BARConfig(MethodConfig):
-    budget: int | None = 5000  # api_calls
-    inner_ratio: float = 194 / 224  # side of the shrunk image / side of the input
-    q: int = 5  # directions per step (q + 1 queries)
-    beta: float = 0.01  # smoothing of the finite difference
-    lr0: float = 10.0
-    lr_min: float = 0.1
-    power: float = 0.9
-    decay_steps: int | None = None  # None: the number of steps the budget allows
-    gamma: float = 2.0  # focal loss
+    budget: int | None = Field(5000, ge=1, description="api_calls (ZIP's cap)")
+    inner_ratio: float = Field(194 / 224, gt=0, le=1, description="side of the shrunk image / side of the input")
+    q: int = Field(5, ge=1, le=1000, description="random directions per step (q + 1 candidates)")
+    beta: float = Field(0.01, gt=0, description="smoothing of the one-sided finite difference")
+    lr0: float = Field(10.0, gt=0, description="initial learning rate of the poly decay")
+    lr_min: float = Field(0.1, ge=0, description="final learning rate of the poly decay")
+    power: float = Field(0.9, gt=0, description="power of the poly decay")
+    decay_steps: int | None = Field(None, ge=1, description="decay horizon in steps; none: the steps the budget allows")
+    gamma: float = Field(2.0, ge=0, description="focal loss γ (0: cross-entropy)")
 
 
 def frame_mask(size: int, inner: int) -> torch.Tensor:
@@ -55,35 +57,33 @@ def inner_size(size: int, ratio: float) -> int:
 
 
 @register_method
-class BAR(Method):
+class BAR(ZerothOrderMethod):
     name = "bar"
     Config = BARConfig
 
-    def __init__(self, cfg: BARConfig, box, data, task_info, seed):
-        super().__init__(cfg, box, data, task_info, seed)
-        S = box.image_size
+    def __init__(self, cfg: BARConfig, env):
+        super().__init__(cfg, env)
+        S = self.box.image_size
         self.inner = inner_size(S, cfg.inner_ratio)
-        self.template = TextPrompt(task_info["templates"][0])
-        g = torch.Generator().manual_seed(seed)
+        self.template = TextPrompt(self.task_info["templates"][0])
+        g = torch.Generator().manual_seed(self.seed)
         W0 = torch.randn(3 * S * S, generator=g)  # (d,) = 3·S·S
-        per_batch = -(-min(cfg.batch_size, len(data)) // box.meter.max_images_per_call)
+        per_batch = -(-min(cfg.batch_size, len(self.data)) // self.box.max_images_per_call)
         steps = cfg.decay_steps or max(1, (cfg.budget or 1000 * (cfg.q + 1)) // ((cfg.q + 1) * per_batch))
         sched = PolyDecay(cfg.lr0, cfg.lr_min, steps, cfg.power, 0.9, cfg.beta)
-        self.opt = ZOSGD(W0, OneSidedRGF(cfg.q), sched, seed=seed)
-        self.batches = BatchStream(data, cfg.batch_size, seed)
+        self.opt = ZOSGD(W0, OneSidedRGF(cfg.q), sched, seed=self.seed)
+        self.batches = BatchStream(self.data, cfg.batch_size, self.seed)
 
     def frames(self, w: torch.Tensor) -> torch.Tensor:
         S = self.box.image_size
         return w.view(-1, 3, S, S)
 
-    def step(self):
-        images, y = self.batches.next()
-        points = self.opt.ask()  # (q + 1, 3·S·S): the pivot, then q perturbed frames
-        px = reprogram(images.pixels, self.frames(points), self.inner)  # (q + 1, B, 3, S, S)
-        logits = self.box.query(self.template, Images(px))  # (q + 1, B, C)
-        losses = focal_per_candidate(logits, y, self.cfg.gamma)
-        self.opt.tell(losses)
-        return {"train_loss": float(losses[0]), "lr": self.opt.last["lr"]}
+    def candidates(self, points, images):
+        """(q + 1, 3·S·S): the pivot, then q perturbed frames -> programmed images (q + 1, B, 3, S, S)."""
+        return Query(self.template, Images(reprogram(images.pixels, self.frames(points), self.inner)))
+
+    def loss(self, logits, y):
+        return focal_per_candidate(logits, y, self.cfg.gamma)
 
     def prompt(self) -> TextPrompt:
         return self.template

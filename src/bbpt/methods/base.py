@@ -1,49 +1,82 @@
-"""What a tuning method is: a config (pydantic, validated) plus one class, registered by name.
+"""What a tuning method is: a config (pydantic, every field ranged and helped) plus one class,
+registered by name.
 
 The engine (:mod:`bbpt.engine`) calls only what is defined here, so it never branches on
 the kind of method it runs:
 
-- ``Method(cfg, box, data, task)``: built from its config, the metered black box, the
-  few-shot training data and the task description (class names, templates);
-- ``step() -> dict | None``: one update, returning stats such as ``{"train_loss": ...}``,
-  or None when the method has finished (the budget ending it raises ``BudgetExhausted``);
-- ``predict(box, images) -> (B, C)`` logits of the current model, used for validation and
-  test (default: the current prompt through the black box);
-- ``prompt()``: the current prompt (what ``bbpt eval --prompt`` re-applies).
+- ``Method(cfg, env)``: built from its config and the :class:`Env` the engine hands every
+  method alike (the metered black box, the few-shot data, the task, the seed, and on request
+  a side box metered apart or, for the white-box reference alone, the model);
+- ``step(budget) -> dict | None``: one update, told how much of the budget is spent
+  (:class:`Budget`; methods never read the meter), returning stats such as
+  ``{"train_loss": ...}``, or None when the method has finished (the budget ending it raises
+  ``BudgetExhausted``);
+- ``state_dict()`` / ``load_state_dict()``: the whole state, RNGs included, of the
+  attributes named in ``state`` (bit-exact resume);
+- ``predict(box, images) -> (B, C)`` logits of the current model (validation and test);
+- ``prompt()`` / ``extra_state()``: what ``bbpt eval --prompt`` re-applies.
+
+:class:`ZerothOrderMethod` is the one step every zeroth-order method takes:
+ask -> decode -> query -> loss -> tell.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..data.core import ImageSet
 from ..errors import BadInput
-from ..models.blackbox import BlackBox, Images, SoftPrompt, TextPrompt
+from ..models.blackbox import BlackBox, Images, SoftPrompt, TextPrompt, VisualPrompt
 from ..registry import Registry
+from ..state import get_state, set_state
+
+PRELOAD_BYTES = 1 << 30  # few-shot pixels are kept in memory up to this size, else decoded per request
 
 
 class MethodConfig(BaseModel):
-    """Fields every method has; subclasses add theirs with paper defaults."""
+    """Fields every method has; subclasses add theirs with paper defaults, ranges and help."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    budget: int | None = None  # hard stop in ``budget_unit``; None: no training queries
-    budget_unit: Literal["api_calls", "prompt_evals"] | None = None  # None: the method's paper unit
-    batch_size: int = 128  # images per training query (ZIP's API batch)
+    budget: int | None = Field(None, ge=1, description="hard stop in budget_unit; none: no training queries")
+    budget_unit: Literal["api_calls", "prompt_evals"] | None = Field(
+        None, description="unit of the budget; none: the method's paper unit")
+    batch_size: int = Field(128, ge=1, le=65536, description="images per training query (ZIP's API batch)")
+
+
+class Budget:
+    """How much of the run's budget is spent, as the engine tells each step (a live view:
+    ``spent`` includes queries made earlier in the same step)."""
+
+    def __init__(self, unit: str, total: int | None, spent: Callable[[], int]):
+        self.unit, self.total, self._spent = unit, total, spent
+
+    @classmethod
+    def of(cls, meter, unit: str, total: int | None) -> "Budget":
+        return cls(unit, total, lambda: meter.counts[unit])
+
+    @property
+    def spent(self) -> int:
+        return self._spent()
+
+    def __repr__(self) -> str:
+        return f"Budget({self.spent}/{self.total} {self.unit})"
 
 
 class FewShotData:
     """The labelled few-shot images a method may send to the black box."""
 
-    def __init__(self, images: ImageSet, image_size: int):
+    def __init__(self, images: ImageSet, image_size: int, preload: bool = True):
         self.set = images
         self.labels = torch.from_numpy(images.labels)  # (N,)
         self.keys = [str(k) for k in images.ids]
-        self._pixels = images.pixels(size=image_size) if images.array is not None else None
         self.image_size = image_size
+        small = len(images) * 3 * image_size**2 * 4 <= PRELOAD_BYTES
+        self._pixels = images.pixels(size=image_size) if preload and small else None  # (N, 3, S, S), or per call
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -54,25 +87,105 @@ class FewShotData:
         px = self._pixels[idx] if self._pixels is not None else self.set.pixels(idx, self.image_size)
         return Images(px, [self.keys[i] for i in idx])
 
+    def chunks(self, size: int):
+        """All images in order, ``size`` at a time (uploads, whole-set encodes)."""
+        for i in range(0, len(self), size):
+            yield self.images(np.arange(i, min(i + size, len(self))))
+
     def batches(self, batch_size: int, rng: np.random.Generator):
         """One epoch of shuffled batches (Images, labels); the last partial batch is dropped
         when there are at least ``batch_size`` images (Dassl's drop_last)."""
         order = rng.permutation(len(self))
-        stop = len(self) - len(self) % batch_size if len(self) >= batch_size else len(self)
-        for i in range(0, max(stop, 1), batch_size):
+        for i in range(0, epoch_stop(len(self), batch_size), batch_size):
             idx = order[i : i + batch_size]
             yield self.images(idx), self.labels[idx]
+
+
+def epoch_stop(n: int, batch_size: int) -> int:
+    """Where an epoch's batches stop: full batches only when n >= batch_size (drop_last)."""
+    return n - n % batch_size if n >= batch_size else n
+
+
+class BatchStream:
+    """Endless epochs of shuffled training batches, with explicit state (RNG, order, position)."""
+
+    def __init__(self, data: FewShotData, batch_size: int, seed: int):
+        self.data, self.batch_size = data, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.order: np.ndarray | None = None  # this epoch's permutation
+        self.pos = 0
+
+    def next(self) -> tuple[Images, torch.Tensor]:
+        if self.order is None or self.pos >= epoch_stop(len(self.data), self.batch_size):
+            self.order, self.pos = self.rng.permutation(len(self.data)), 0
+        idx = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return self.data.images(idx), self.data.labels[idx]
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.rng.bit_generator.state = s["rng"]
+        self.order, self.pos = s["order"], int(s["pos"])
+
+
+class WholeSet:
+    """The whole few-shot set, every step (BBT, CraFT, SharpZO, BPT-VLM): no state."""
+
+    def __init__(self, data: FewShotData):
+        self.images, self.labels = data.images(), data.labels
+
+    def next(self) -> tuple[Images, torch.Tensor]:
+        return self.images, self.labels
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, s: dict) -> None:
+        pass
+
+
+class Env:
+    """What the engine hands every method, the same way for all of them.
+
+    ``box``: the metered black box (the training budget); ``data``: the few-shot training
+    images; ``task``: name, classnames, templates; ``seed``. On request: :meth:`side_box`,
+    the same black box metered apart (queries a paper does not count, such as CraFT's head
+    training; reported as ``aux_queries``), and :meth:`white_box`, the model itself, which
+    only a method declaring ``black_box = False`` (the CoOp reference) receives.
+    """
+
+    def __init__(self, box: BlackBox, data: FewShotData, task: dict, seed: int, method: type, white_box: Callable):
+        self.box, self.data, self.task, self.seed = box, data, task, seed
+        self._method, self._white_box = method, white_box
+        self.side_meter = None
+        self._side: BlackBox | None = None
+
+    def side_box(self) -> BlackBox:
+        if self._side is None:
+            from ..models import QueryMeter
+
+            self.side_meter = QueryMeter(max_images_per_call=self.box.max_images_per_call)
+            self._side = self.box.for_classes(self.box.classnames, self.side_meter)
+        return self._side
+
+    def white_box(self):
+        if self._method.black_box:
+            raise BadInput(f"method {self._method.name} is black-box: it may only query() the black box")
+        return self._white_box()
 
 
 class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     budget_unit: ClassVar[str] = "api_calls"
-    black_box: ClassVar[bool] = True  # False only for the white-box reference (CoOp): gets ``backbone``
-    uses_aux_box: ClassVar[bool] = False  # True: gets ``aux_box``, metered apart (CraFT's head)
+    black_box: ClassVar[bool] = True  # False only for the white-box reference (CoOp)
+    state: ClassVar[tuple[str, ...]] = ()  # attributes saved in checkpoints (see state_dict)
 
-    def __init__(self, cfg: MethodConfig, box: BlackBox, data: FewShotData, task_info: dict, seed: int):
-        self.cfg, self.box, self.data, self.task_info, self.seed = cfg, box, data, task_info, seed
+    def __init__(self, cfg: MethodConfig, env: Env):
+        self.cfg, self.env = cfg, env
+        self.box, self.data, self.task_info, self.seed = env.box, env.data, env.task, env.seed
 
     @classmethod
     def resolve_config(cls, cfg: MethodConfig, shots: int) -> MethodConfig:
@@ -84,12 +197,24 @@ class Method:
         """The unit the budget is counted in: the config's override, else the paper's."""
         return cfg.budget_unit or cls.budget_unit
 
-    def step(self) -> dict | None:
+    def step(self, budget: Budget) -> dict | None:
         raise NotImplementedError
 
     def total_steps(self) -> int | None:
         """Steps a budget-free method will take (spaces its curve points); None: unknown."""
         return None
+
+    def state_dict(self) -> dict:
+        """The state of every attribute in ``state``: optimisers with their RNGs, batch
+        streams, modules, tensors and counters; enough for a bit-exact resume."""
+        return {name: get_state(getattr(self, name)) for name in self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [n for n in self.state if n not in state]
+        if missing:
+            raise ValueError(f"{self.name} checkpoint lacks {missing}")
+        for name in self.state:
+            set_state(self, name, state[name])
 
     def prompt(self) -> TextPrompt | SoftPrompt:
         raise NotImplementedError
@@ -108,6 +233,54 @@ class Method:
         return box.query(prompt, images)[0]
 
 
+@dataclass
+class Query:
+    """What one step sends: P candidates (text prompt, images, visual prompt; each P or 1)."""
+
+    prompt: TextPrompt | SoftPrompt
+    images: Images
+    visual: VisualPrompt | None = None
+
+
+class ZerothOrderMethod(Method):
+    """The step of every zeroth-order method, written once: ask -> decode -> query -> loss -> tell.
+
+    A subclass sets ``self.opt`` (``ask() -> (n, d)``, ``tell(losses (n,))``,
+    ``current_loss``) and ``self.batches`` (:class:`BatchStream` or :class:`WholeSet`), and
+    overrides only what differs: :meth:`candidates` (default: soft contexts decoded by
+    ``self.param``), :meth:`loss` (default: cross-entropy), :meth:`tell`, :meth:`after_tell`.
+    """
+
+    state = ("opt", "batches")
+
+    def candidates(self, points: torch.Tensor, images: Images) -> Query:
+        """(n, d) points -> what to send for them."""
+        return Query(SoftPrompt(self.param.decode(points)), images)  # ctx (n, m, D)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(n, B, C) logits, (B,) labels -> (n,) losses, lower is better."""
+        from .common import ce_per_candidate
+
+        return ce_per_candidate(logits, y)
+
+    def tell(self, losses: torch.Tensor) -> None:
+        self.opt.tell(losses)
+
+    def after_tell(self, losses: torch.Tensor, budget: Budget) -> dict:
+        """Work after the optimiser's update (CraFT's head); returns extra stats."""
+        return {}
+
+    def step(self, budget: Budget) -> dict | None:
+        images, y = self.batches.next()  # (B, 3, S, S), (B,)
+        points = self.opt.ask()  # (n, d)
+        q = self.candidates(points, images)
+        logits = self.box.query(q.prompt, q.images, q.visual)  # (n, B, C)
+        losses = self.loss(logits, y)  # (n,)
+        self.tell(losses)
+        return {"train_loss": self.opt.current_loss(losses), **getattr(self.opt, "last", {}),
+                **self.after_tell(losses, budget)}
+
+
 METHODS: Registry[type[Method]] = Registry("method", hint="`bbpt methods` lists them.")
 
 
@@ -122,6 +295,37 @@ def make_config(cls: type[Method], overrides: dict) -> MethodConfig:
         return cls.Config(**overrides)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        known = ", ".join(cls.Config.model_fields)
-        raise BadInput(f"method {cls.name}: option {loc!r}: {err['msg']} (options: {known})") from None
+        loc = str(err["loc"][0]) if err["loc"] else "?"  # configs are flat: the field's name
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(cls.Config.model_fields)
+            raise BadInput(f"method {cls.name} has no option {loc!r}; its options: {known} (`bbpt methods`)") from None
+        field = cls.Config.model_fields.get(loc)
+        rng = f" (allowed: {option_range(field)})" if field is not None and option_range(field) else ""
+        got = err.get("input")
+        why = "is out of range" if err["type"] in _RANGE_ERRORS else f"is invalid: {err['msg']}"
+        raise BadInput(f"method {cls.name}: option {loc}={got!r} {why}{rng}") from None
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def option_range(field) -> str:
+    """A field's allowed values as text: ">= 1 and <= 10", "'a' | 'b'", "" when unconstrained."""
+    parts = [f"{sym} {getattr(m, attr)}" for m in field.metadata
+             for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if getattr(m, attr, None) is not None]
+    out = " and ".join(parts)
+    lits = _literals(field.annotation)
+    if lits:
+        out = (out + ", or " if out else "") + " | ".join(repr(v) for v in lits)
+    return out
+
+
+def _literals(ann) -> list:
+    import typing
+
+    if typing.get_origin(ann) is Literal:
+        return list(typing.get_args(ann))
+    out = []
+    for a in typing.get_args(ann):
+        out += _literals(a)
+    return out

@@ -8,51 +8,43 @@ evaluations. The reported prompt is CMA-ES's best-so-far (lowest training loss).
 """
 from __future__ import annotations
 
+from pydantic import Field
+
 from ..models.blackbox import SoftPrompt
 from ..optim import CMAES
 from ..params import RandomProjection
-from .base import Method, MethodConfig, register_method
-from .common import ce_per_candidate, embedding_std, initial_context
+from .base import MethodConfig, WholeSet, ZerothOrderMethod, register_method
+from .common import embedding_std, initial_context
 
 
 class BBTConfig(MethodConfig):
-    budget: int | None = 8000  # prompt_evals
-    n_ctx: int | None = None  # None: as many tokens as the template's words
-    ctx_init: str = "template"
-    intrinsic_dim: int = 512
-    popsize: int = 20
-    sigma: float = 1.0
-    alpha: float = 1.0  # BBT's α in the std of A
-    proj_std: float | None = None  # a fixed std for A instead of BBT's formula
-    bound: float = 0.0  # box constraint |z_i| <= bound (0: none)
+    budget: int | None = Field(8000, ge=1, description="prompt_evals (whole few-shot set per candidate)")
+    n_ctx: int | None = Field(None, ge=1, le=75, description="context tokens; none: as many as the template's words")
+    ctx_init: str = Field("template", min_length=1, description="'template', 'random' or a phrase")
+    intrinsic_dim: int = Field(512, ge=1, le=100_000, description="dimension d of the CMA-ES search space z")
+    popsize: int = Field(20, ge=2, le=10_000, description="CMA-ES population per generation")
+    sigma: float = Field(1.0, gt=0, description="CMA-ES initial step size σ")
+    alpha: float = Field(1.0, gt=0, description="BBT's α in the std of the projection A")
+    proj_std: float | None = Field(None, gt=0, description="a fixed std for A instead of BBT's formula")
+    bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
 
 
 @register_method
-class BBT(Method):
+class BBT(ZerothOrderMethod):
     name = "bbt"
     Config = BBTConfig
     budget_unit = "prompt_evals"
 
-    def __init__(self, cfg: BBTConfig, box, data, task_info, seed):
-        super().__init__(cfg, box, data, task_info, seed)
-        ctx0 = initial_context(box, cfg.ctx_init, cfg.n_ctx, task_info["templates"], seed)
+    def __init__(self, cfg: BBTConfig, env):
+        super().__init__(cfg, env)
+        ctx0 = initial_context(self.box, cfg.ctx_init, cfg.n_ctx, self.task_info["templates"], self.seed)
         std = cfg.proj_std
         if std is None:
-            words = task_info["classnames"] + [t.replace("{}", "") for t in task_info["templates"]]
-            std = RandomProjection.bbt_std(embedding_std(box, words), cfg.intrinsic_dim, cfg.sigma, cfg.alpha)
-        self.param = RandomProjection(ctx0, cfg.intrinsic_dim, std, seed)
-        self.es = CMAES(self.param.init(), cfg.sigma, cfg.popsize, seed, cfg.bound)
-        self.images, self.labels = data.images(), data.labels  # the whole few-shot set, every query
-
-    def fitness(self, logits, z):
-        return ce_per_candidate(logits, self.labels)
-
-    def step(self):
-        z = self.es.ask()  # (popsize, d)
-        logits = self.box.query(SoftPrompt(self.param.decode(z)), self.images)  # (pop, N, C)
-        losses = self.fitness(logits, z)
-        self.es.tell(losses)
-        return {"train_loss": float(losses.min())}
+            words = self.task_info["classnames"] + [t.replace("{}", "") for t in self.task_info["templates"]]
+            std = RandomProjection.bbt_std(embedding_std(self.box, words), cfg.intrinsic_dim, cfg.sigma, cfg.alpha)
+        self.param = RandomProjection(ctx0, cfg.intrinsic_dim, std, self.seed)
+        self.opt = CMAES(self.param.init(), cfg.sigma, cfg.popsize, self.seed, cfg.bound)
+        self.batches = WholeSet(self.data)  # the whole few-shot set, every query
 
     def prompt(self) -> SoftPrompt:
-        return SoftPrompt(self.param.decode(self.es.best))
+        return SoftPrompt(self.param.decode(self.opt.best))

@@ -31,10 +31,11 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from pydantic import Field
+
 from ..models.blackbox import Images, TextPrompt
 from ..optim import SPSA, ZOSGD
-from .base import Method, register_method
-from .common import BatchStream, ce_per_candidate
+from .base import BatchStream, Query, ZerothOrderMethod, register_method
 from .zip import SPSAConfig
 
 CHANNELS = [64, 32, 32, 16, 3]  # the official decoder's 5 blocks (7 -> 224)
@@ -42,10 +43,11 @@ ENCODERS = ("mini", "conv")
 
 
 class BlackVIPConfig(SPSAConfig):
-    encoder: Literal["mini", "conv"] = "mini"
-    p_eps: float = 1.0
-    perturbation: Literal["rademacher", "segmented"] = "segmented"
-    momentum: float = 0.9
+    encoder: Literal["mini", "conv"] = Field("mini", description="frozen client-side encoder of the coordinator")
+    p_eps: float = Field(1.0, gt=0, description="prompt scale p_eps in normalised pixel units")
+    perturbation: Literal["rademacher", "segmented"] = Field(
+        "segmented", description="Δ: ±1 (Spall) or |Δ| ~ U[0.5, 1] with a random sign (official code)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SPSA-GC's Nesterov-style momentum β")
 
 
 class ConvEncoder(nn.Module):
@@ -117,23 +119,26 @@ def prompted(pixels: torch.Tensor, prompt: torch.Tensor, p_eps: float, std: tupl
 
 
 @register_method
-class BlackVIP(Method):
+class BlackVIP(ZerothOrderMethod):
     name = "blackvip"
     Config = BlackVIPConfig
+    state = ("opt", "batches", "decoder")  # the decoder's BatchNorm statistics; its weights are opt.w
 
-    def __init__(self, cfg: BlackVIPConfig, box, data, task_info, seed):
-        super().__init__(cfg, box, data, task_info, seed)
-        torch.manual_seed(seed)
+    def __init__(self, cfg: BlackVIPConfig, env):
+        super().__init__(cfg, env)
+        torch.manual_seed(self.seed)
         self.encoder = make_encoder(cfg.encoder)
-        z_dim = self.encoder(data.images([0]).pixels).shape[1]
-        self.decoder = Decoder(z_dim, box.image_size).train()
+        self._z: dict[str, torch.Tensor] = {}  # encoder features by image key (the encoder is frozen)
+        for images in self.data.chunks(512):  # once, in a fixed order: the same features on resume
+            self.features(images)
+        z_dim = next(iter(self._z.values())).shape[0]
+        self.decoder = Decoder(z_dim, self.box.image_size).train()
         self.names = [n for n, _ in self.decoder.named_parameters()]
         self.shapes = [p.shape for _, p in self.decoder.named_parameters()]
         w0 = torch.cat([p.detach().flatten() for p in self.decoder.parameters()])
-        self.opt = ZOSGD(w0, SPSA(cfg.n_perturb, cfg.perturbation), cfg.schedule(), momentum=cfg.momentum, seed=seed)
-        self.template = TextPrompt(task_info["templates"][0])
-        self.batches = BatchStream(data, cfg.batch_size, seed)
-        self._z: dict[str, torch.Tensor] = {}  # encoder features by image key (the encoder is frozen)
+        self.opt = ZOSGD(w0, SPSA(cfg.n_perturb, cfg.perturbation), cfg.schedule(), momentum=cfg.momentum, seed=self.seed)
+        self.template = TextPrompt(self.task_info["templates"][0])
+        self.batches = BatchStream(self.data, cfg.batch_size, self.seed)
 
     def params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         out, i = {}, 0
@@ -151,16 +156,13 @@ class BlackVIP(Method):
         return torch.stack([self._z[k] for k in images.keys])  # (B, E)
 
     @torch.no_grad()
-    def step(self):
-        images, y = self.batches.next()
+    def candidates(self, points, images):
+        """(2N, d) decoder weights -> prompted images (2N, B, 3, S, S) under the fixed template.
+        BatchNorm in train mode: its running statistics update on every perturbed forward."""
         z = self.features(images)
-        points = self.opt.ask()  # (2N, d)
         px = torch.stack([prompted(images.pixels, functional_call(self.decoder, self.params(w), (z,)),
-                                   self.cfg.p_eps, self.box.pixel_std) for w in points])  # (2N, B, 3, S, S)
-        logits = self.box.query(self.template, Images(px))  # (2N, B, C)
-        losses = ce_per_candidate(logits, y)
-        self.opt.tell(losses)
-        return {"train_loss": float(losses.mean()), **self.opt.last}
+                                   self.cfg.p_eps, self.box.pixel_std) for w in points])
+        return Query(self.template, Images(px))
 
     def prompt(self) -> TextPrompt:
         return self.template

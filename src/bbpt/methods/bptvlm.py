@@ -24,31 +24,33 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
+from ..errors import BadInput
 from ..models.blackbox import SoftPrompt, VisualPrompt
 from ..optim import CMAES
 from ..params import RandomProjection
-from .base import Method, MethodConfig, register_method
-from .common import ce_per_candidate, embedding_std
+from .base import MethodConfig, Query, WholeSet, ZerothOrderMethod, register_method
+from .common import embedding_std
 
 PRESETS = {"zip": dict(n_text=5, n_visual=5, dim_text=2000, dim_visual=2000, popsize=15, budget=5000,
                        budget_unit="api_calls")}
 
 
 class BPTVLMConfig(MethodConfig):
-    budget: int | None = 3600  # prompt_evals
-    n_text: int = 8
-    n_visual: int = 5
-    dim_text: int = 500
-    dim_visual: int = 500
-    popsize: int = 30
-    sigma: float = 1.0
-    bound: float = 0.0
-    preset: Literal["zip"] | None = None
+    budget: int | None = Field(3600, ge=1, description="prompt_evals")
+    n_text: int = Field(8, ge=1, le=75, description="text prompt tokens")
+    n_visual: int = Field(5, ge=0, le=1024, description="visual prompt tokens after the ViT's patches (0: text only)")
+    dim_text: int = Field(500, ge=1, le=100_000, description="intrinsic dimension d_L of the text part")
+    dim_visual: int = Field(500, ge=1, le=100_000, description="intrinsic dimension d_V of the visual part")
+    popsize: int = Field(30, ge=2, le=10_000, description="CMA-ES population per generation")
+    sigma: float = Field(1.0, gt=0, description="CMA-ES initial step size σ")
+    bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
+    preset: Literal["zip"] | None = Field(None, description="'zip': ZIP's re-implementation settings")
 
 
 @register_method
-class BPTVLM(Method):
+class BPTVLM(ZerothOrderMethod):
     name = "bptvlm"
     Config = BPTVLMConfig
     budget_unit = "prompt_evals"
@@ -57,15 +59,13 @@ class BPTVLM(Method):
     def resolve_config(cls, cfg: BPTVLMConfig, shots: int) -> BPTVLMConfig:
         return cfg if cfg.preset is None else cfg.model_copy(update=PRESETS[cfg.preset])
 
-    def __init__(self, cfg: BPTVLMConfig, box, data, task_info, seed):
-        super().__init__(cfg, box, data, task_info, seed)
-        from ..errors import BadInput
-
+    def __init__(self, cfg: BPTVLMConfig, env):
+        super().__init__(cfg, env)
+        box, data, seed = self.box, self.data, self.seed
         W = box.visual_width
         if W is None and cfg.n_visual:
             raise BadInput(f"bptvlm needs a ViT image tower for visual tokens; {box.model_name} has none (set n_visual=0)")
-        self.images, self.labels = data.images(), data.labels
-        words = task_info["classnames"] + [t.replace("{}", "") for t in task_info["templates"]]
+        words = self.task_info["classnames"] + [t.replace("{}", "") for t in self.task_info["templates"]]
         std_l = RandomProjection.bbt_std(embedding_std(box, words), cfg.dim_text, cfg.sigma)
         self.text = RandomProjection(torch.zeros(cfg.n_text, box.ctx_dim), cfg.dim_text, std_l, seed)
         self.visual = None
@@ -74,7 +74,8 @@ class BPTVLM(Method):
             std_v = RandomProjection.bbt_std(std_patch, cfg.dim_visual, cfg.sigma)
             self.visual = RandomProjection(torch.zeros(cfg.n_visual, W), cfg.dim_visual, std_v, seed + 1)
         dim = cfg.dim_text + (cfg.dim_visual if self.visual else 0)
-        self.es = CMAES(torch.zeros(dim), cfg.sigma, cfg.popsize, seed, cfg.bound)
+        self.opt = CMAES(torch.zeros(dim), cfg.sigma, cfg.popsize, seed, cfg.bound)
+        self.batches = WholeSet(data)  # images re-encoded through the prompted ViT every query
 
     def decode(self, z: torch.Tensor) -> tuple[SoftPrompt, VisualPrompt | None]:
         """(n, d_L + d_V) -> text contexts (n, n_text, D), visual tokens (n, n_visual, W)."""
@@ -83,19 +84,15 @@ class BPTVLM(Method):
         vis = VisualPrompt(self.visual.decode(z[:, d:])) if self.visual else None
         return SoftPrompt(ctx), vis
 
-    def step(self):
-        z = self.es.ask()  # (pop, d_L + d_V)
-        text, vis = self.decode(z)
-        logits = self.box.query(text, self.images, vis)  # (pop, N, C), images re-encoded
-        losses = ce_per_candidate(logits, self.labels)
-        self.es.tell(losses)
-        return {"train_loss": float(losses.min())}
+    def candidates(self, points, images):
+        text, vis = self.decode(points)
+        return Query(text, images, vis)
 
     def prompt(self) -> SoftPrompt:
-        return self.decode(self.es.best[None])[0]
+        return self.decode(self.opt.best[None])[0]
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        _, vis = self.decode(self.es.best[None])
+        _, vis = self.decode(self.opt.best[None])
         return {} if vis is None else {"visual": vis.tokens[0].clone()}
 
     @classmethod

@@ -1,7 +1,6 @@
-"""Pieces shared by the soft-prompt methods: losses per candidate, initial contexts, batches."""
+"""Pieces shared by the methods: losses per candidate, initial contexts, embedding statistics."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,22 +47,6 @@ def embedding_std(box: BlackBox, words: list[str]) -> float:
     """Std of word embeddings the client received through ``embed_words`` (BBT's statistic,
     estimated client-side, without reading the model's weights)."""
     return float(torch.cat([box.embed_words(w) for w in words if w.strip()]).std())
-
-
-class BatchStream:
-    """Endless epochs of shuffled training batches (Dassl's drop_last when N >= batch)."""
-
-    def __init__(self, data, batch_size: int, seed: int):
-        self.data, self.batch_size = data, batch_size
-        self.rng = np.random.default_rng(seed)
-        self._it = iter(())
-
-    def next(self):
-        try:
-            return next(self._it)
-        except StopIteration:
-            self._it = self.data.batches(self.batch_size, self.rng)
-            return next(self._it)
 
 
 def focal_per_candidate(logits: torch.Tensor, y: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:

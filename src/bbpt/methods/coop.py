@@ -19,24 +19,25 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from ..models.blackbox import BlackBox, SoftPrompt
-from .base import Method, MethodConfig, register_method
+from ..models.blackbox import SoftPrompt
+from .base import Method, MethodConfig, epoch_stop, register_method
 from .common import initial_context
 
 
 class CoOpConfig(MethodConfig):
-    budget: int | None = None  # white-box: no query budget
-    batch_size: int = 32
-    n_ctx: int = 16
-    ctx_init: str = "random"  # or "template" / a phrase ("a photo of a": CoOp's ctxv1)
-    class_specific: bool = False
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    epochs: int | None = None  # None: 200 (8/16 shots), 100 (2/4), 50 (1)
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
+    budget: int | None = Field(None, ge=1, description="white-box: no query budget (its forwards are counted)")
+    batch_size: int = Field(32, ge=1, le=65536, description="SGD batch")
+    n_ctx: int = Field(16, ge=1, le=75, description="context tokens")
+    ctx_init: str = Field("random", min_length=1, description="'random' (N(0, 0.02²)), 'template' or a phrase (ctxv1)")
+    class_specific: bool = Field(False, description="one context per class (CSC)")
+    lr: float = Field(0.002, gt=0, description="SGD learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
+    epochs: int | None = Field(None, ge=1, le=100_000, description="epochs; none: 200 (8/16 shots), 100 (2/4), 50 (1)")
+    warmup_epochs: int = Field(1, ge=0, description="epochs at the constant warm-up rate")
+    warmup_lr: float = Field(1e-5, gt=0, description="warm-up learning rate")
 
 
 @register_method
@@ -44,6 +45,7 @@ class CoOp(Method):
     name = "coop"
     Config = CoOpConfig
     black_box = False
+    state = ("ctx", "opt", "rng", "epoch")
 
     @classmethod
     def resolve_config(cls, cfg: CoOpConfig, shots: int) -> CoOpConfig:
@@ -51,20 +53,17 @@ class CoOp(Method):
             return cfg
         return cfg.model_copy(update={"epochs": 200 if shots >= 8 else 100 if shots >= 2 else 50})
 
-    def __init__(self, cfg: CoOpConfig, box, data, task_info, seed, backbone=None):
-        super().__init__(cfg, box, data, task_info, seed)
-        if backbone is None:
-            raise ValueError("CoOp is white-box: the engine must pass backbone=")
-        self.white = BlackBox(backbone, box.classnames, white_box=True)  # gradients to the context
-        self.scale = backbone.logit_scale
-        with torch.no_grad():
-            self.feats = backbone.encode_images(data.images().pixels).cpu()  # (N, E), frozen tower
-        ctx = initial_context(box, cfg.ctx_init, cfg.n_ctx, task_info["templates"], seed)  # (m, D)
+    def __init__(self, cfg: CoOpConfig, env):
+        super().__init__(cfg, env)
+        self.white = env.white_box()  # the model itself: gradients through the text tower
+        self.scale = self.white.logit_scale
+        self.feats = self.white.image_features(self.data.images().pixels)  # (N, E), frozen tower
+        ctx = initial_context(self.box, cfg.ctx_init, cfg.n_ctx, self.task_info["templates"], self.seed)  # (m, D)
         if cfg.class_specific:
-            ctx = ctx[None].repeat(box.num_classes, 1, 1)  # (C, m, D)
+            ctx = ctx[None].repeat(self.box.num_classes, 1, 1)  # (C, m, D)
         self.ctx = torch.nn.Parameter(ctx.clone())
         self.opt = torch.optim.SGD([self.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(self.seed)
         self.epoch = 0
 
     def total_steps(self) -> int:
@@ -77,18 +76,17 @@ class CoOp(Method):
             return cfg.warmup_lr
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
 
-    def step(self):
+    def step(self, budget):
         """One epoch of SGD on shuffled batches of the few-shot set."""
         if self.epoch >= self.cfg.epochs:
             return None
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.epoch)
         order, bs, losses = self.rng.permutation(len(self.feats)), self.cfg.batch_size, []
-        stop = len(order) - len(order) % bs if len(order) >= bs else len(order)
-        for i in range(0, stop, bs):
+        for i in range(0, epoch_stop(len(order), bs), bs):
             idx = order[i : i + bs]
-            self.box.meter.charge(1, len(idx))  # counted for comparison; never a black-box query
-            txt = self.white.differentiable_text_features(SoftPrompt(self.ctx[None]))[0]  # (C, E)
+            self.white.charge(1, len(idx))  # counted for comparison; never a black-box query
+            txt = self.white.text_features(SoftPrompt(self.ctx[None]))[0]  # (C, E)
             logits = self.scale * self.feats[idx] @ txt.T  # (B, C)
             loss = F.cross_entropy(logits, self.data.labels[idx])
             self.opt.zero_grad()

@@ -24,11 +24,12 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn as nn
+from pydantic import Field
 
 from ..models.blackbox import SoftPrompt
 from ..optim import CMAES
 from ..params import RandomProjection
-from .base import Method, MethodConfig, register_method
+from .base import MethodConfig, WholeSet, ZerothOrderMethod, register_method
 from .common import ce_per_candidate, initial_context, kl_per_candidate
 
 # craft_configs: sigma, bound, std(A), weight (λ), n (head KL active for budget / n queries)
@@ -41,24 +42,24 @@ PRESETS = {
 
 
 class CraFTConfig(MethodConfig):
-    budget: int | None = None  # prompt_evals; None: 8000 (8/16 shots), 4000 (2/4), 2000 (1)
-    batch_size: int = 256  # head training batch
-    n_ctx: int | None = None
-    ctx_init: str = "template"
-    intrinsic_dim: int = 512
-    proj_std: float = 0.2
-    popsize: int = 40
-    sigma: float = 1.0
-    bound: float = 5.0
-    lam: float | None = None  # λ (prompt-side KL); None: 0.1 / C
-    beta: float | None = None  # β (head-side KL); None: 0.1 / C
-    head: Literal["paper", "official"] = "paper"
-    head_hidden: int = 512
-    lr: float = 1e-3
-    head_epochs: int = 1  # head epochs per CMA generation
-    head_kl_fraction: float = 1.0  # head KL active for this fraction of the budget (official: 1/n)
-    bias: Literal["mean", "reask", "xbest"] = "mean"
-    preset: str | None = None
+    budget: int | None = Field(None, ge=1, description="prompt_evals; none: 8000 (8/16 shots), 4000 (2/4), 2000 (1)")
+    batch_size: int = Field(256, ge=1, le=65536, description="head training batch")
+    n_ctx: int | None = Field(None, ge=1, le=75, description="context tokens; none: as many as the template's words")
+    ctx_init: str = Field("template", min_length=1, description="'template', 'random' or a phrase")
+    intrinsic_dim: int = Field(512, ge=1, le=100_000, description="dimension d of the CMA-ES search space z")
+    proj_std: float = Field(0.2, gt=0, description="std of the projection A")
+    popsize: int = Field(40, ge=2, le=10_000, description="CMA-ES population per generation")
+    sigma: float = Field(1.0, gt=0, description="CMA-ES initial step size σ")
+    bound: float = Field(5.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
+    lam: float | None = Field(None, ge=0, description="λ, prompt-side KL weight; none: 0.1 / C")
+    beta: float | None = Field(None, ge=0, description="β, head-side KL weight; none: 0.1 / C")
+    head: Literal["paper", "official"] = Field("paper", description="'paper' (3 layers, hidden 512) or 'official' (C-256-C)")
+    head_hidden: int = Field(512, ge=1, le=65536, description="hidden width of the paper head")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the head")
+    head_epochs: int = Field(1, ge=1, le=1000, description="head epochs per CMA-ES generation")
+    head_kl_fraction: float = Field(1.0, ge=0, le=1, description="head KL active for this fraction of the budget")
+    bias: Literal["mean", "reask", "xbest"] = Field("mean", description="prompt used by the head and at test time")
+    preset: str | None = Field(None, description="an official per-dataset config (craft_configs), e.g. 'dtd'")
 
 
 def make_head(C: int, hidden: int, kind: str) -> nn.Sequential:
@@ -80,11 +81,11 @@ def head_from_state(state: dict[str, torch.Tensor]) -> nn.Sequential:
 
 
 @register_method
-class CraFT(Method):
+class CraFT(ZerothOrderMethod):
     name = "craft"
     Config = CraFTConfig
     budget_unit = "prompt_evals"
-    uses_aux_box = True
+    state = ("opt", "batches", "head", "head_opt", "rng", "z_bias")
 
     @classmethod
     def resolve_config(cls, cfg: CraFTConfig, shots: int) -> CraFTConfig:
@@ -100,56 +101,54 @@ class CraFT(Method):
             upd.update(sigma=s, bound=b, proj_std=std, lam=lam, head_kl_fraction=1.0 / n, head="official", bias="reask")
         return cfg.model_copy(update=upd)
 
-    def __init__(self, cfg: CraFTConfig, box, data, task_info, seed, aux_box=None):
-        super().__init__(cfg, box, data, task_info, seed)
-        C = box.num_classes
+    def __init__(self, cfg: CraFTConfig, env):
+        super().__init__(cfg, env)
+        C = self.box.num_classes
         self.lam = 0.1 / C if cfg.lam is None else cfg.lam
         self.beta = 0.1 / C if cfg.beta is None else cfg.beta
-        ctx0 = initial_context(box, cfg.ctx_init, cfg.n_ctx, task_info["templates"], seed)
-        self.param = RandomProjection(ctx0, cfg.intrinsic_dim, cfg.proj_std, seed)
-        self.es = CMAES(self.param.init(), cfg.sigma, cfg.popsize, seed, cfg.bound)
-        torch.manual_seed(seed)
+        ctx0 = initial_context(self.box, cfg.ctx_init, cfg.n_ctx, self.task_info["templates"], self.seed)
+        self.param = RandomProjection(ctx0, cfg.intrinsic_dim, cfg.proj_std, self.seed)
+        self.opt = CMAES(self.param.init(), cfg.sigma, cfg.popsize, self.seed, cfg.bound)
+        torch.manual_seed(self.seed)
         self.head = make_head(C, cfg.head_hidden, cfg.head)
-        self.opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr)
-        self.aux_box = aux_box  # the head's black-box queries, metered apart
-        self.images, self.labels = data.images(), data.labels
-        self.rng = np.random.default_rng(seed)
+        self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr)
+        self.aux_box = env.side_box()  # the head's black-box queries, metered apart
+        self.batches = WholeSet(self.data)
+        self.rng = np.random.default_rng(self.seed)
         self.z_bias = self.param.init()
 
     def refine(self, logits: torch.Tensor) -> torch.Tensor:
         return logits + self.head(logits)
 
-    def step(self):
-        cfg = self.cfg
-        z = self.es.ask()  # (pop, d)
-        logits = self.box.query(SoftPrompt(self.param.decode(z)), self.images)  # (pop, N, C)
-        with torch.no_grad():
-            fit = ce_per_candidate(logits, self.labels) + self.lam * kl_per_candidate(self.refine(logits), logits)
-        self.es.tell(fit)
-        if cfg.bias == "mean":
-            self.z_bias = self.es.mean
-        elif cfg.bias == "reask":
-            self.z_bias = self.es.sample().mean(0)  # mean(A z_i) = A mean(z_i)
-        else:
-            self.z_bias = self.es.best
-        head_loss = self.train_head()
-        return {"train_loss": float(fit.min()), "head_loss": head_loss}
+    @torch.no_grad()
+    def loss(self, logits, y):
+        """CE(f) + λ·KL(softmax(f + g(f)) ‖ softmax(f)) per candidate, g the frozen head."""
+        return ce_per_candidate(logits, y) + self.lam * kl_per_candidate(self.refine(logits), logits)
 
-    def train_head(self) -> float:
+    def after_tell(self, losses, budget):
+        if self.cfg.bias == "mean":
+            self.z_bias = self.opt.mean
+        elif self.cfg.bias == "reask":
+            self.z_bias = self.opt.sample().mean(0)  # mean(A z_i) = A mean(z_i)
+        else:
+            self.z_bias = self.opt.best
+        use_kl = budget.spent <= self.cfg.head_kl_fraction * (budget.total or 0)
+        return {"head_loss": self.train_head(use_kl)}
+
+    def train_head(self, use_kl: bool = True) -> float:
         """One epoch (``head_epochs``) of the refinement head on the current prompt's logits."""
-        use_kl = self.box.meter.counts[self.unit(self.cfg)] <= self.cfg.head_kl_fraction * (self.cfg.budget or 0)
         prompt, losses = self.prompt(), []
         self.head.train()
         for _ in range(self.cfg.head_epochs):
             for images, y in self.data.batches(self.cfg.batch_size, self.rng):
-                f = self.aux_box.query(prompt, images)[0]  # (B, C), counted on the aux meter
+                f = self.aux_box.query(prompt, images)[0]  # (B, C), counted on the side meter
                 r = self.refine(f)
                 loss = nn.functional.cross_entropy(r, y)
                 if use_kl:
                     loss = loss + self.beta * kl_per_candidate(f[None], r[None])[0]
-                self.opt.zero_grad()
+                self.head_opt.zero_grad()
                 loss.backward()
-                self.opt.step()
+                self.head_opt.step()
                 losses.append(float(loss.detach()))
         self.head.eval()
         return float(np.mean(losses))

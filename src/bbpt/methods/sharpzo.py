@@ -21,93 +21,96 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..models.blackbox import SoftPrompt
 from ..optim import CGE, CMAES, RGE, Constant, ZOSGD
 from ..params import RandomProjection
-from .base import Method, MethodConfig, register_method
+from .base import MethodConfig, WholeSet, ZerothOrderMethod, register_method
 from .common import ce_per_candidate, initial_context
 
 
 class SharpZOConfig(MethodConfig):
-    budget: int | None = 20000  # prompt_evals
-    n_ctx: int | None = None
-    ctx_init: str = "template"
-    intrinsic_dim: int = 512
-    proj_std: float = 0.2
-    popsize: int = 40
-    sigma: float = 0.4
-    bound: float = 0.0
-    rho: float = 0.1
-    eps_cge: float = 1e-3
-    cge_every: int = 1
-    switch_fraction: float = 0.5  # of the budget spent in stage 1
-    change_point: int | None = None  # stage-1 generations instead (the code's change_point)
-    lr: float = 1e-3
-    eps_rge: float = 1e-3
-    n_perturb: int = 1
-    sparsity: float = 0.1  # fraction of coordinates tuned in stage 2 (1.0: dense)
-    mask_order: Literal["lowest", "highest"] = "lowest"
-    grad_accumulate_bug: bool = False
+    budget: int | None = Field(20000, ge=1, description="prompt_evals")
+    n_ctx: int | None = Field(None, ge=1, le=75, description="context tokens; none: as many as the template's words")
+    ctx_init: str = Field("template", min_length=1, description="'template', 'random' or a phrase")
+    intrinsic_dim: int = Field(512, ge=1, le=100_000, description="dimension d of the search space z")
+    proj_std: float = Field(0.2, gt=0, description="std of the projection A")
+    popsize: int = Field(40, ge=2, le=10_000, description="stage-1 CMA-ES population")
+    sigma: float = Field(0.4, gt=0, description="stage-1 CMA-ES initial step size σ")
+    bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
+    rho: float = Field(0.1, ge=0, description="sharpness radius ρ of ε = ρ g / ‖g‖ (0: plain CMA-ES)")
+    eps_cge: float = Field(1e-3, gt=0, description="CGE finite-difference step μ")
+    cge_every: int = Field(1, ge=1, le=10_000, description="recompute ε every this many generations (1: paper)")
+    switch_fraction: float = Field(0.5, ge=0, le=1, description="fraction of the budget spent in stage 1")
+    change_point: int | None = Field(None, ge=0, description="stage-1 generations instead of switch_fraction")
+    lr: float = Field(1e-3, gt=0, description="stage-2 constant learning rate")
+    eps_rge: float = Field(1e-3, gt=0, description="stage-2 RGE perturbation μ")
+    n_perturb: int = Field(1, ge=1, le=1000, description="stage-2 RGE directions per step")
+    sparsity: float = Field(0.1, gt=0, le=1, description="fraction of coordinates tuned in stage 2 (1: dense)")
+    mask_order: Literal["lowest", "highest"] = Field("lowest", description="which scores the sparse mask keeps")
+    grad_accumulate_bug: bool = Field(False, description="the released code's never-reset gradient accumulator")
 
 
 @register_method
-class SharpZO(Method):
+class SharpZO(ZerothOrderMethod):
     name = "sharpzo"
     Config = SharpZOConfig
     budget_unit = "prompt_evals"
+    state = ("es", "zo", "batches", "stage", "generation", "eps", "grad", "acc")
 
-    def __init__(self, cfg: SharpZOConfig, box, data, task_info, seed):
-        super().__init__(cfg, box, data, task_info, seed)
-        ctx0 = initial_context(box, cfg.ctx_init, cfg.n_ctx, task_info["templates"], seed)
-        self.param = RandomProjection(ctx0, cfg.intrinsic_dim, cfg.proj_std, seed)
-        self.es = CMAES(self.param.init(), cfg.sigma, cfg.popsize, seed, cfg.bound)
-        self.images, self.labels = data.images(), data.labels
+    def __init__(self, cfg: SharpZOConfig, env):
+        super().__init__(cfg, env)
+        ctx0 = initial_context(self.box, cfg.ctx_init, cfg.n_ctx, self.task_info["templates"], self.seed)
+        self.param = RandomProjection(ctx0, cfg.intrinsic_dim, cfg.proj_std, self.seed)
+        self.es = CMAES(self.param.init(), cfg.sigma, cfg.popsize, self.seed, cfg.bound)
+        # stage 2's optimiser; its start point and mask are set at the switch
+        self.zo = ZOSGD(self.param.init(), RGE(cfg.n_perturb), Constant(a=cfg.lr, c=cfg.eps_rge), seed=self.seed)
+        self.batches = WholeSet(self.data)
         self.stage, self.generation = 1, 0
         self.eps = torch.zeros(cfg.intrinsic_dim)
         self.grad: torch.Tensor | None = None  # last CGE gradient
-        self.zo: ZOSGD | None = None
         self.acc = torch.zeros(cfg.intrinsic_dim)  # the released code's never-reset accumulator
+
+    @property
+    def opt(self):
+        return self.es if self.stage == 1 else self.zo
 
     def losses(self, z: torch.Tensor) -> torch.Tensor:
         """CE on the whole training set for each row of z: one query, len(z) prompt evaluations."""
-        return ce_per_candidate(self.box.query(SoftPrompt(self.param.decode(z)), self.images), self.labels)
+        images, y = self.batches.next()
+        return ce_per_candidate(self.box.query(SoftPrompt(self.param.decode(z)), images), y)
 
     def cge(self, w: torch.Tensor) -> torch.Tensor:
         est, mu = CGE(), self.cfg.eps_cge
         dirs = est.directions(w.numel(), None)
         return est.estimate(self.losses(est.points(w, dirs, mu)), dirs, mu)
 
-    def in_stage1(self) -> bool:
+    def in_stage1(self, budget) -> bool:
         cfg = self.cfg
         if cfg.change_point is not None:
             return self.generation < cfg.change_point
-        return self.box.meter.counts[self.unit(cfg)] < cfg.switch_fraction * (cfg.budget or 0)
+        return budget.spent < cfg.switch_fraction * (budget.total or 0)
 
-    def step(self):
-        if self.stage == 1 and self.in_stage1():
-            return self.stage1_step()
-        if self.stage == 1:
+    def step(self, budget):
+        if self.stage == 1 and not self.in_stage1(budget):
             self.switch()
-        return self.stage2_step()
-
-    def stage1_step(self):
-        cfg = self.cfg
-        if cfg.rho > 0 and self.generation % cfg.cge_every == 0:
+        if self.stage == 1 and self.cfg.rho > 0 and self.generation % self.cfg.cge_every == 0:
             self.grad = self.cge(self.es.mean)
             n = self.grad.norm()
-            self.eps = cfg.rho * self.grad / n if n > 0 else torch.zeros_like(self.grad)
-        z = self.es.ask()
-        loss = self.losses(z + self.eps)  # sharpness-aware: scored at the perturbed points
-        self.es.tell(loss)
-        self.generation += 1
-        return {"train_loss": float(loss.min()), "stage": 1}
+            self.eps = self.cfg.rho * self.grad / n if n > 0 else torch.zeros_like(self.grad)
+        return super().step(budget)
+
+    def candidates(self, points, images):
+        if self.stage == 1:  # sharpness-aware: scored at z_i + ε, told as z_i
+            points = points + self.eps
+        return super().candidates(points, images)
 
     def switch(self):
         """Stage 1 -> 2: start ZO-SGD at the CMA-ES mean on a sparse coordinate mask."""
         cfg = self.cfg
         w = self.es.mean
-        self.zo = ZOSGD(w, RGE(cfg.n_perturb), Constant(a=cfg.lr, c=cfg.eps_rge), seed=self.seed)
+        self.zo.w = w.clone()
         if cfg.sparsity < 1.0:
             g = self.grad if self.grad is not None else self.cge(w)
             a = g.abs()
@@ -119,20 +122,21 @@ class SharpZO(Method):
             self.acc = self.grad.clone()
         self.stage = 2
 
-    def stage2_step(self):
-        points = self.zo.ask()  # (2q, d)
-        loss = self.losses(points)
-        if self.cfg.grad_accumulate_bug:  # released code: w -= lr * (sum of all estimates so far)
+    def tell(self, losses):
+        if self.stage == 2 and self.cfg.grad_accumulate_bug:  # released code: w -= lr * (sum of all estimates)
             w_before = self.zo.w.clone()
-            g = self.zo.tell(loss)
-            self.acc = self.acc + g
+            self.acc = self.acc + self.zo.tell(losses)
             self.zo.w = w_before - self.cfg.lr * self.acc
         else:
-            self.zo.tell(loss)
-        return {"train_loss": float(loss.mean()), "stage": 2}
+            self.opt.tell(losses)
+
+    def after_tell(self, losses, budget):
+        if self.stage == 1:
+            self.generation += 1
+        return {"stage": self.stage}
 
     def current(self) -> torch.Tensor:
-        return self.es.mean if self.zo is None else self.zo.w
+        return self.es.mean if self.stage == 1 else self.zo.w
 
     def prompt(self) -> SoftPrompt:
         return SoftPrompt(self.param.decode(self.current()))

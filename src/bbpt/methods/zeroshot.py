@@ -1,12 +1,14 @@
 """Zero-shot CLIP: the task's manual template, no training and no training queries."""
 from __future__ import annotations
 
+from pydantic import Field
+
 from ..models.blackbox import TextPrompt
 from .base import Method, MethodConfig, register_method
 
 
 class ZeroShotConfig(MethodConfig):
-    template: str | None = None  # None: the task's own template (CoOp's CUSTOM_TEMPLATES)
+    template: str | None = Field(None, min_length=3, description="a template with {}; none: the task's own")
 
 
 @register_method
@@ -14,7 +16,7 @@ class ZeroShot(Method):
     name = "zeroshot"
     Config = ZeroShotConfig
 
-    def step(self):
+    def step(self, budget):
         return None  # nothing to train
 
     def prompt(self) -> TextPrompt:

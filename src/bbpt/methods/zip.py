@@ -13,26 +13,31 @@ U[0.5, 1]; the default is Spall's Rademacher). Ablations: ``low_rank=False``,
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from ..models.blackbox import SoftPrompt
 from ..optim import SPSA, SPSASchedule, ZOSGD
 from ..params import ZIPProjection
-from .base import Method, MethodConfig, register_method
-from .common import BatchStream, ce_per_candidate, initial_context
+from .base import BatchStream, MethodConfig, ZerothOrderMethod, register_method
+from .common import initial_context
+
+Clip = Annotated[float, Field(gt=0)] | Literal["intrinsic", "none"]
 
 
 class SPSAConfig(MethodConfig):
     """SPSA on 128-image batches (ZIP / BlackVIP): N pairs per step, a_k and c_k schedules."""
 
-    budget: int | None = 5000  # api_calls
-    n_perturb: int = 5
-    perturbation: Literal["rademacher", "segmented"] = "rademacher"
-    a: float = 0.01
-    c: float = 0.01
-    o: float = 1.0
-    alpha: float = 0.4
-    gamma: float = 0.1
+    budget: int | None = Field(5000, ge=1, description="api_calls (ZIP's cap)")
+    n_perturb: int = Field(5, ge=1, le=1000, description="perturbation pairs per step (2N candidates, one query)")
+    perturbation: Literal["rademacher", "segmented"] = Field(
+        "rademacher", description="Δ: ±1 (Spall) or |Δ| ~ U[0.5, 1] with a random sign (official code)")
+    a: float = Field(0.01, gt=0, description="step size a_k = a / (k + o)^alpha")
+    c: float = Field(0.01, gt=0, description="perturbation size c_k = c / k^gamma")
+    o: float = Field(1.0, ge=0, description="stability offset o in a_k")
+    alpha: float = Field(0.4, ge=0, le=2, description="decay exponent of a_k")
+    gamma: float = Field(0.1, ge=0, le=2, description="decay exponent of c_k")
 
     def schedule(self) -> SPSASchedule:
         return SPSASchedule(a=self.a, c=self.c, o=self.o, alpha=self.alpha, gamma=self.gamma)
@@ -41,43 +46,36 @@ class SPSAConfig(MethodConfig):
 class SPSAPromptConfig(SPSAConfig):
     """ZIP's loop: SPSA on a soft context, one 128-image batch per step."""
 
-    n_ctx: int = 8
-    ctx_init: str = "template"  # "template" | "random" (official code) | a phrase
-    clip: float | Literal["intrinsic", "none"] = "none"  # √δ, no clipping, or a fixed threshold
+    n_ctx: int = Field(8, ge=1, le=75, description="context tokens m")
+    ctx_init: str = Field("template", min_length=1,
+                          description="'template' (the task template's words), 'random' (N(0, 0.02²)) or a phrase")
+    clip: Clip = Field("none", description="gradient clipping: 'intrinsic' (√δ), 'none', or a positive threshold")
 
 
 class ZIPConfig(SPSAPromptConfig):
-    intrinsic_dim: int = 500
-    rank: int = 5
-    projection: Literal["fastfood", "gaussian"] = "fastfood"
-    low_rank: bool = True
-    feature_sharing: bool = True
-    clip: float | Literal["intrinsic", "none"] = "intrinsic"
+    intrinsic_dim: int = Field(500, ge=1, le=1_000_000, description="intrinsic dimension (q = intrinsic_dim // n_ctx per token)")
+    rank: int = Field(5, ge=1, le=1000, description="rank r of the low-rank W = U diag(s) Vᵀ")
+    projection: Literal["fastfood", "gaussian"] = Field("fastfood", description="per-token map R^q -> R^D")
+    low_rank: bool = Field(True, description="low-rank W (False: a free m × q matrix; ablation)")
+    feature_sharing: bool = Field(True, description="shared vector u added to every token's w_i (ablation)")
+    clip: Clip = Field("intrinsic", description="gradient clipping: 'intrinsic' (√δ), 'none', or a positive threshold")
 
 
 @register_method
-class ZIP(Method):
+class ZIP(ZerothOrderMethod):
     name = "zip"
     Config = ZIPConfig
 
-    def __init__(self, cfg: ZIPConfig, box, data, task_info, seed):
-        super().__init__(cfg, box, data, task_info, seed)
-        ctx0 = initial_context(box, cfg.ctx_init, cfg.n_ctx, task_info["templates"], seed)
-        self.param = self.build_param(cfg, ctx0, seed)
+    def __init__(self, cfg: ZIPConfig, env):
+        super().__init__(cfg, env)
+        ctx0 = initial_context(self.box, cfg.ctx_init, cfg.n_ctx, self.task_info["templates"], self.seed)
+        self.param = self.build_param(cfg, ctx0, self.seed)
         clip = None if cfg.clip == "none" else cfg.clip
-        self.opt = ZOSGD(self.param.init(), SPSA(cfg.n_perturb, cfg.perturbation), cfg.schedule(), clip=clip, seed=seed)
-        self.batches = BatchStream(data, cfg.batch_size, seed)
+        self.opt = ZOSGD(self.param.init(), SPSA(cfg.n_perturb, cfg.perturbation), cfg.schedule(), clip=clip, seed=self.seed)
+        self.batches = BatchStream(self.data, cfg.batch_size, self.seed)
 
     def build_param(self, cfg, ctx0, seed):
         return ZIPProjection(ctx0, cfg.intrinsic_dim, cfg.rank, cfg.projection, cfg.low_rank, cfg.feature_sharing, seed)
-
-    def step(self):
-        images, y = self.batches.next()
-        points = self.opt.ask()  # (2N, δ)
-        logits = self.box.query(SoftPrompt(self.param.decode(points)), images)  # (2N, B, C)
-        losses = ce_per_candidate(logits, y)  # (2N,)
-        self.opt.tell(losses)
-        return {"train_loss": float(losses.mean()), **self.opt.last}
 
     def prompt(self) -> SoftPrompt:
         return SoftPrompt(self.param.decode(self.opt.w))

@@ -12,9 +12,16 @@ over the task's C classes. Visual prompts come in two kinds:
 
 Image features are cached only when neither is in play (4-d pixels with keys, no visual
 tokens); otherwise every image is re-encoded and the meter's ``images_encoded`` says so.
-Every call is charged to a :class:`QueryMeter` before anything is computed. Methods never
-see weights, features or gradients through it (outputs are detached, computed under
-``torch.no_grad``); the white-box CoOp reference is the one exception and says so.
+:meth:`BlackBox.upload` fills that cache ahead of time (an API's image upload: not a query).
+
+The black box refuses before it charges: a query is checked in full (types, shapes, dtypes,
+pixel range, finiteness, the P-or-1 rule, every text fitting the text context) and only
+then charged to a :class:`QueryMeter`, before anything is computed; a refused query costs
+nothing. Pixels are float RGB in [0, 1], unnormalised: the box applies the model's mean/std
+itself, so uint8 or already-normalised pixels are refused rather than silently mis-scored.
+
+Methods never see weights, features or gradients through it (outputs are detached, computed
+under ``torch.no_grad``); the white-box CoOp reference is the one exception and says so.
 
 Soft prompt layout (CoOp / ZIP / CraFT): ``[SOS] ctx_1 .. ctx_m <class-name tokens> <suffix> [EOT]``.
 The sequence is tokenised with m placeholder ``X`` tokens whose embeddings are replaced by
@@ -29,6 +36,7 @@ ZIP code: images re-encoded and C class texts at full context length per candida
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,6 +49,10 @@ from .meter import QueryMeter
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def _preview(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[:n].rstrip() + " ..."
+
+
 @dataclass(frozen=True)
 class TextPrompt:
     """P hard prompts: templates with ``{}`` where the class name goes."""
@@ -50,9 +62,27 @@ class TextPrompt:
     def __post_init__(self):
         if isinstance(self.templates, str):
             object.__setattr__(self, "templates", (self.templates,))
+        elif not isinstance(self.templates, tuple):
+            try:
+                object.__setattr__(self, "templates", tuple(self.templates))
+            except TypeError:
+                raise BadInput(
+                    f"TextPrompt takes a template string or a sequence of them, got {type(self.templates).__name__}"
+                ) from None
+        if not self.templates:
+            raise BadInput("TextPrompt needs at least one template, e.g. TextPrompt('a photo of a {}.')")
         for t in self.templates:
+            if not isinstance(t, str):
+                raise BadInput(f"templates must be strings, got {type(t).__name__}; e.g. 'a photo of a {{}}.'")
             if "{}" not in t:
                 raise BadInput(f"template {t!r} has no '{{}}' for the class name, e.g. 'a photo of a {{}}.'")
+            try:
+                t.format("x")
+            except (IndexError, KeyError, ValueError):
+                raise BadInput(
+                    f"template {t!r} must have exactly one '{{}}' for the class name and no other fields; "
+                    "write literal braces as '{{{{' and '}}}}'"
+                ) from None
 
     @property
     def num_prompts(self) -> int:
@@ -99,10 +129,7 @@ class Images:
     keys: Sequence[str] | None = None
 
     def __post_init__(self):
-        if torch.is_tensor(self.pixels) and self.pixels.ndim == 5 and self.keys is not None:
-            raise BadInput("Images: per-candidate (prompted) pixels (P, B, 3, S, S) cannot carry cache keys")
-        if self.keys is not None and len(self.keys) != len(self):
-            raise BadInput(f"Images: {len(self)} images but {len(self.keys)} keys")
+        _check_keys(self)
 
     @property
     def per_candidate(self) -> bool:
@@ -115,6 +142,38 @@ class Images:
     def __len__(self) -> int:
         """B, the images scored under each candidate."""
         return int(self.pixels.shape[-4]) if self.pixels.ndim >= 4 else len(self.pixels)
+
+
+def _check_keys(images: Images) -> None:
+    """Keys, when given: one string per image, and only on a single (4-d) batch."""
+    keys, px = images.keys, images.pixels
+    if keys is None:
+        return
+    if torch.is_tensor(px) and px.ndim == 5:
+        raise BadInput("Images: per-candidate (prompted) pixels (P, B, 3, S, S) cannot carry cache keys")
+    if isinstance(keys, (str, bytes)) or not hasattr(keys, "__len__") or not hasattr(keys, "__getitem__"):
+        raise BadInput(
+            f"Images: keys must be a list of strings, one per image, got {type(keys).__name__}; "
+            "e.g. keys=[f'{image_id}:{view}' for ...]"
+        )
+    for i, k in enumerate(keys):
+        if not isinstance(k, str):
+            raise BadInput(
+                f"Images: keys must be strings, got {type(k).__name__} at position {i}; "
+                "convert them, e.g. keys=[str(k) for k in keys]"
+            )
+    if len(keys) != len(images):
+        raise BadInput(f"Images: {len(images)} images but {len(keys)} keys; pass one key per image")
+
+
+def _is_numpy(x) -> bool:
+    return type(x).__module__.split(".")[0] == "numpy"
+
+
+def _fmt(v: float) -> str:
+    """Two decimals, unless that would round a value just outside [0, 1] back into it."""
+    s = f"{v:.2f}"
+    return s if (0.0 <= float(s) <= 1.0) == (0.0 <= v <= 1.0) else f"{v:.8g}"
 
 
 class FeatureCache:
@@ -137,14 +196,34 @@ class FeatureCache:
                 self._rows[keys[i]] = feats[j]
         return torch.stack([self._rows[k] for k in keys]), len(miss)
 
+    def upload(self, images: Images, encode, chunk: int) -> int:
+        """Encode the images whose keys are not cached, ``chunk`` at a time in the order given
+        (a key repeated in the batch is encoded once); returns how many were encoded."""
+        miss, seen = [], set()
+        for i, k in enumerate(images.keys):
+            if k not in self._rows and k not in seen:
+                seen.add(k)
+                miss.append(i)
+        for c0 in range(0, len(miss), chunk):
+            part = miss[c0 : c0 + chunk]
+            feats = encode(images.pixels[torch.tensor(part)])
+            for j, i in enumerate(part):
+                self._rows[images.keys[i]] = feats[j]
+        return len(miss)
+
 
 class BlackBox:
     """Metered class scores (P, B, C) for images under candidate prompts.
 
     Public metadata a client may use: ``classnames``, ``num_classes``, ``image_size`` (the
-    side of the pixels to send), ``ctx_dim`` (D, width of a soft context vector),
-    ``context_length`` and :meth:`embed_words` (the API's tokenise-and-embed service, used to
-    initialise soft prompts from words such as "a photo of a").
+    side of the pixels to send), ``max_images_per_call`` (the API's images-per-call limit:
+    a query of B images costs ``ceil(B / max_images_per_call)`` calls per candidate),
+    ``ctx_dim`` (D, width of a soft context vector), ``context_length``, ``visual_width``,
+    ``pixel_mean`` / ``pixel_std``, and :meth:`embed_words` (the API's tokenise-and-embed
+    service, used to initialise soft prompts from words such as "a photo of a").
+
+    A query that would be refused (any :class:`BadInput`) is refused before the meter is
+    charged, so it costs nothing.
     """
 
     def __init__(
@@ -183,6 +262,11 @@ class BlackBox:
     @property
     def image_size(self) -> int:
         return self._bb.image_size
+
+    @property
+    def max_images_per_call(self) -> int:
+        """The API's images-per-call limit (from the meter): B images cost ceil(B / this) calls."""
+        return self.meter.max_images_per_call
 
     @property
     def ctx_dim(self) -> int:
@@ -226,7 +310,10 @@ class BlackBox:
     @torch.no_grad()
     def embed_words(self, text: str) -> torch.Tensor:
         """Word embeddings of ``text`` without SOS/EOT, (m, D). Not a query: no images scored."""
-        ids = self._bb.tokenize([text])[0]
+        if not isinstance(text, str):
+            raise BadInput(f"embed_words takes a string, got {type(text).__name__}")
+        ids = self._tokenize_checked([text], lambda t, n, limit: (
+            f"text {_preview(t)!r} has {n} tokens, more than the model's {limit}; shorten it"))[0]
         n = int(self._bb.text.eot_positions(ids[None])[0])
         return self._bb.text.embed(ids[1:n]).float().cpu()
 
@@ -234,7 +321,7 @@ class BlackBox:
     def embed_patches(self, images: Images) -> torch.Tensor:
         """The ViT's input tokens [CLS, patches] + positions, (B, 1 + G, W), of ``images``: the
         visual analogue of :meth:`embed_words` (scale for visual prompt tokens). Not a query."""
-        self._check_pixels(images.pixels)
+        self._check_images(images)
         px = images.pixels[0] if images.per_candidate else images.pixels
         return self._bb.patch_tokens(px).float().cpu()
 
@@ -249,23 +336,49 @@ class BlackBox:
         self._check_prompt(prompt)
         return self._text_features(prompt)
 
+    @torch.no_grad()
+    def upload(self, images: Images) -> int:
+        """Put the image features of keyed images (B, 3, S, S) into the feature cache, encoding
+        the uncached ones ``image_chunk`` at a time in the order given; returns how many were
+        newly encoded. Not a query: nothing is charged and ``images_encoded`` is not counted.
+        With ``fast=False`` (the reference path never caches) it checks its input and returns 0.
+
+        Why: features computed for different batch compositions can differ in the last float
+        bits (BLAS blocking, GPU kernels), and a query encodes only its cache misses, so the
+        batches a run encodes depend on its history. A run that uploads its whole few-shot set
+        once, in a fixed order, gets the same features whether it ran straight through or was
+        resumed from a checkpoint. It is also what a remote API's image upload does.
+        """
+        self._check_images(images)
+        if images.per_candidate:
+            raise BadInput(
+                "upload takes one batch of images (B, 3, S, S) with keys; per-candidate (prompted) "
+                "pixels (P, B, 3, S, S) are never cached, send them with query()"
+            )
+        if images.keys is None:
+            raise BadInput("upload needs Images with keys, one string per image, to cache the features under")
+        if not self.fast:
+            return 0
+        with self._autocast():
+            return self._cache.upload(images, self._bb.encode_images, self.image_chunk)
+
     # ---- the query ------------------------------------------------------------------
     @torch.no_grad()
     def query(self, prompt: TextPrompt | SoftPrompt, images: Images, visual: VisualPrompt | None = None) -> torch.Tensor:
-        """Logits (P, B, C) of B images under P candidates. Charged before computing.
+        """Logits (P, B, C) of B images under P candidates. Checked in full, then charged,
+        then computed: a refused query (BadInput, BudgetExhausted) costs nothing.
 
         The candidates' text prompts, per-candidate images and visual tokens each come in
         P or 1 (shared by all candidates).
         """
-        if not isinstance(images, Images):
-            raise BadInput(f"images must be bbpt.models.Images, got {type(images).__name__}")
-        self._check_pixels(images.pixels)
+        self._check_images(images)
         Pt = self._check_prompt(prompt)
         Pv = self._check_visual(visual)
         P = max(Pt, Pv, images.num_prompts)
         for what, n in (("text prompts", Pt), ("visual prompts", Pv), ("per-candidate image batches", images.num_prompts)):
             if n not in (1, P):
                 raise BadInput(f"{n} {what} for {P} candidates: each part of a query comes in P or 1")
+        self._prepare_text(prompt)  # tokenise into the cache the query uses; refuses overlong texts
         self.meter.charge(P, len(images))
         with self._autocast():
             img = self._image_features(images, visual)  # (P or 1, B, E)
@@ -280,8 +393,22 @@ class BlackBox:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
+    def _check_images(self, images) -> None:
+        if not isinstance(images, Images):
+            raise BadInput(f"images must be bbpt.models.Images, got {type(images).__name__}")
+        self._check_pixels(images.pixels)
+        _check_keys(images)  # again: the keys may have been replaced since construction
+
     def _check_pixels(self, px: torch.Tensor) -> None:
         S = self.image_size
+        if _is_numpy(px):
+            raise BadInput(
+                "images are a numpy array; pass a torch tensor: torch.from_numpy(x).float() / 255 for uint8, "
+                "torch.from_numpy(x) for floats in [0, 1]"
+            )
+        if torch.is_tensor(px) and not torch.is_floating_point(px):
+            fix = "pixels.float()" if px.dtype == torch.bool else "pixels.float() / 255"
+            raise BadInput(f"images are {px.dtype}; bbpt expects float RGB in [0, 1]: use {fix}")
         if not torch.is_tensor(px) or px.ndim not in (4, 5) or tuple(px.shape[-3:]) != (3, S, S):
             shape = tuple(px.shape) if torch.is_tensor(px) else type(px).__name__
             raise BadInput(
@@ -290,8 +417,14 @@ class BlackBox:
             )
         if px.numel() == 0:
             raise BadInput("a query needs at least one image")
-        if not torch.isfinite(px).all():
+        lo, hi = (float(v) for v in torch.aminmax(px))  # NaN propagates into both
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise BadInput("images contain NaN or inf")
+        if lo < 0.0 or hi > 1.0:
+            raise BadInput(
+                f"images have values in [{_fmt(lo)}, {_fmt(hi)}], outside [0, 1]; pass unnormalised RGB "
+                "in [0, 1] (bbpt applies the model's mean/std itself)"
+            )
 
     def _check_visual(self, visual) -> int:
         if visual is None:
@@ -302,6 +435,10 @@ class BlackBox:
         if W is None:
             raise BadInput(f"{self.model_name} has no ViT image tower: visual prompt tokens are not supported")
         t = visual.tokens
+        if not torch.is_tensor(t):
+            raise BadInput(f"visual prompt tokens must be a torch tensor (P, n, {W}), got {type(t).__name__}")
+        if not torch.is_floating_point(t):
+            raise BadInput(f"visual prompt tokens are {t.dtype}; they must be floating point, e.g. tokens.float()")
         if t.ndim != 3 or t.shape[0] == 0 or t.shape[1] == 0 or t.shape[2] != W:
             raise BadInput(f"visual prompt tokens must be (P, n, {W}) with P, n >= 1; got {tuple(t.shape)}")
         if not torch.isfinite(t).all():
@@ -314,6 +451,12 @@ class BlackBox:
         if not isinstance(prompt, SoftPrompt):
             raise BadInput(f"prompt must be a TextPrompt or SoftPrompt, got {type(prompt).__name__}")
         ctx, D, C = prompt.ctx, self.ctx_dim, self.num_classes
+        if not torch.is_tensor(ctx):
+            raise BadInput(f"soft prompt ctx must be a torch tensor (P, m, {D}), got {type(ctx).__name__}")
+        if not torch.is_floating_point(ctx):
+            raise BadInput(f"soft prompt ctx is {ctx.dtype}; context vectors must be floating point, e.g. ctx.float()")
+        if not isinstance(prompt.suffix, str):
+            raise BadInput(f"soft prompt suffix must be a string such as '.', got {type(prompt.suffix).__name__}")
         ok = ctx.ndim == 3 and ctx.shape[-1] == D or ctx.ndim == 4 and ctx.shape[1] == C and ctx.shape[-1] == D
         if not ok or ctx.shape[0] == 0 or ctx.shape[-2] == 0:
             raise BadInput(
@@ -355,16 +498,28 @@ class BlackBox:
         return torch.cat(out)
 
     # ---- text side ------------------------------------------------------------------
+    def _prepare_text(self, prompt) -> None:
+        """Tokenise the prompt's texts into the cache :meth:`_sequences` reads (once per
+        template set / context length), refusing any that does not fit the text context."""
+        if isinstance(prompt, TextPrompt):
+            self._hard_template(prompt.templates)
+        else:
+            self._soft_template(prompt.num_ctx, prompt.suffix)
+
+    def _hard_template(self, templates: tuple[str, ...]):
+        if templates not in self._hard_cache:
+            texts = [t.format(c) for t in templates for c in self.classnames]
+            ids = self._tokenize_checked(texts, lambda t, n, limit: (
+                f"prompt {_preview(t)!r} has {n} tokens, more than the model's {limit}; "
+                "shorten the template or the class name"))  # (P*C, 77)
+            self._hard_cache[templates] = (ids, self._bb.text.embed(ids))
+        return self._hard_cache[templates]
+
     def _sequences(self, prompt) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (P, C, L, D) and ids (C, L) of all candidate-class sequences."""
-        bb, C = self._bb, self.num_classes
+        C = self.num_classes
         if isinstance(prompt, TextPrompt):
-            if prompt.templates not in self._hard_cache:
-                texts = [t.format(c) for t in prompt.templates for c in self.classnames]
-                self._check_lengths(texts)
-                ids = bb.tokenize(texts)  # (P*C, 77)
-                self._hard_cache[prompt.templates] = (ids, bb.text.embed(ids))
-            ids, emb = self._hard_cache[prompt.templates]
+            ids, emb = self._hard_template(prompt.templates)
             P = prompt.num_prompts
             return emb.view(P, C, *emb.shape[1:]), ids.view(P, C, -1)
         ids, base = self._soft_template(prompt.num_ctx, prompt.suffix)  # (C, 77), (C, 77, D)
@@ -377,21 +532,37 @@ class BlackBox:
     def _soft_template(self, m: int, suffix: str):
         key = (m, suffix)
         if key not in self._soft_cache:
-            texts = [" ".join(["X"] * m) + " " + c + suffix for c in self.classnames]
-            self._check_lengths(texts)
-            ids = self._bb.tokenize(texts)
+            head = " ".join(["X"] * m) + " "
+            shown = "X " * m if m <= 3 else "X X .. X "
+
+            def too_long(t, n, limit):
+                return (f"prompt {_preview(shown + t[len(head):])!r} ({m} context tokens) has {n} tokens, more "
+                        f"than the model's {limit}; use fewer context tokens (n_ctx) or a shorter class name")
+
+            ids = self._tokenize_checked([head + c + suffix for c in self.classnames], too_long)
             self._soft_cache[key] = (ids, self._bb.text.embed(ids))
         return self._soft_cache[key]
 
-    def _check_lengths(self, texts: list[str]) -> None:
-        tok = self._bb.tokenizer
-        limit = self.context_length - 2
-        enc = getattr(tok, "encode", None)
+    def _tokenize_checked(self, texts: list[str], too_long) -> torch.Tensor:
+        """Token ids (N, L) of ``texts``; BadInput(too_long(text, n_tokens, limit)) if a text has
+        more than ``context_length - 2`` tokens (room for SOS and EOT).
+
+        Tokenised once: the tokenizer truncates silently, but only a row that fills the window
+        (EOT at or past the model's last position, or no padding left) can have been cut, so
+        only those are counted exactly with the tokenizer's ``encode`` (skipped if it has none).
+        """
+        ids = self._bb.tokenize(texts)
+        enc = getattr(self._bb.tokenizer, "encode", None)
         if enc is None:
-            return
-        for t in texts:
-            if len(enc(t)) > limit:
-                raise BadInput(f"prompt {t[:60]!r}... is longer than the model's {limit} text tokens; shorten it")
+            return ids
+        limit = self.context_length - 2
+        eot = self._bb.text.eot_positions(ids)
+        full = (eot >= min(ids.shape[1], self.context_length) - 1) | (ids[:, -1] != 0)
+        for i in full.nonzero().flatten().tolist():
+            n = len(enc(texts[i]))
+            if n > limit:
+                raise BadInput(too_long(texts[i], n, limit))
+        return ids
 
     def _text_features(self, prompt) -> torch.Tensor:
         """(P, C, E) normalised text features of every candidate for every class."""

@@ -25,6 +25,9 @@ BUDGET_UNITS = ("api_calls", "prompt_evals")
 
 
 class QueryMeter:
+    """Counts queries in :data:`UNITS` and enforces the budget; ``max_images_per_call`` is the
+    API's images-per-call limit (also public on the box as ``BlackBox.max_images_per_call``)."""
+
     def __init__(self, budget: dict | None = None, max_images_per_call: int = 128):
         budget = dict(budget or {})
         for unit, lim in budget.items():
@@ -32,8 +35,9 @@ class QueryMeter:
                 raise BadInput(f"budget unit {unit!r} is not one of {', '.join(BUDGET_UNITS)}")
             if lim is not None and (not isinstance(lim, int) or lim < 0):
                 raise BadInput(f"budget {unit}={lim!r} must be a non-negative integer")
-        if max_images_per_call < 1:
-            raise BadInput(f"max_images_per_call must be >= 1, got {max_images_per_call}")
+        if isinstance(max_images_per_call, bool) or not hasattr(max_images_per_call, "__index__") or max_images_per_call < 1:
+            raise BadInput(f"max_images_per_call must be an integer >= 1, got {max_images_per_call!r}")
+        max_images_per_call = int(max_images_per_call)
         self.budget = {u: budget.get(u) for u in BUDGET_UNITS}
         self.max_images_per_call = max_images_per_call
         self._counts = {u: 0 for u in UNITS}

@@ -1,0 +1,121 @@
+"""A run folder (``--out DIR``) and what may happen to it.
+
+| DIR holds                                   | ``bbpt run ... --out DIR``           | with ``--force``          |
+|---------------------------------------------|--------------------------------------|---------------------------|
+| nothing (or does not exist)                 | a new run                            | a new run                 |
+| an unfinished run, same configuration       | resumes it from its checkpoint       | removes it, a new run     |
+| an unfinished run, another configuration    | refuses, naming the fields that differ | removes it, a new run   |
+| a finished run                              | refuses                              | removes it, a new run     |
+| bbpt outputs without ``run.json`` (old run) | refuses                              | removes them, a new run   |
+| files bbpt did not write                    | refuses, naming them                 | refuses, naming them      |
+
+``run.json`` (written first) records the run's resolved configuration; ``checkpoint.safetensors``
+its latest state (:mod:`bbpt.state`); ``result.json`` is written last. Every file is replaced
+atomically, so a process killed at any moment leaves a folder in one of the states above.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .errors import BadInput
+from .state import atomic_write_text, load_state, save_state
+
+RUN_JSON, CHECKPOINT, RESULT = "run.json", "checkpoint.safetensors", "result.json"
+OUTPUTS = (RUN_JSON, CHECKPOINT, RESULT, "curve.csv", "curve.png", "prompt.safetensors", "progress.json")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Fields that differ between two configurations, as "key: old -> new"."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "(unset)") != b.get(k, "(unset)")]
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def _entries(self) -> list[Path]:
+        if not self.path.exists():
+            return []
+        if not self.path.is_dir():
+            raise BadInput(f"--out {self.path} is a file, not a folder; choose another --out")
+        return [p for p in self.path.iterdir() if not (p.name.startswith(".") and ".tmp" in p.name)]
+
+    def result(self) -> dict | None:
+        try:
+            return json.loads(self.file(RESULT).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def stored_config(self) -> dict | None:
+        try:
+            return json.loads(self.file(RUN_JSON).read_text())["config"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return None
+
+    def open(self, config: dict, force: bool = False, keep_finished: bool = False) -> str:
+        """Make the folder ready for a run of ``config``: returns "new", "resume" or
+        "finished" (only with ``keep_finished``, when the finished run has this very
+        configuration); refuses (BadInput) as the module's table says."""
+        config = json.loads(json.dumps(config))  # compare as stored (tuples are lists in JSON)
+        entries = self._entries()
+        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in OUTPUTS)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise BadInput(f"--out {self.path} holds files bbpt did not write ({shown}); choose an empty or new --out")
+        result, stored = self.result(), self.stored_config()
+        if entries and not force:
+            if result is not None and result.get("status") == "finished":
+                if keep_finished and stored == config:
+                    return "finished"
+                acc = (result.get("accuracy") or {}).get("test")
+                what = f"{result.get('method')} on {result.get('dataset')}, seed {result.get('seed')}"
+                what += f", test {100 * acc:.2f}%" if isinstance(acc, (int, float)) else ""
+                raise BadInput(f"--out {self.path} holds a finished run ({what}); pass --force to replace it, "
+                               "or choose another --out")
+            if stored is None:
+                raise BadInput(f"--out {self.path} holds outputs of a run that cannot be resumed (no {RUN_JSON}); "
+                               "pass --force to replace them, or choose another --out")
+            diff = config_diff(stored, config)
+            if diff:
+                shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+                raise BadInput(f"--out {self.path} holds an unfinished run with another configuration ({shown}); "
+                               "rerun with its options to resume it, pass --force to start afresh, or choose another --out")
+            return "resume"
+        for p in entries:  # --force, or an empty folder: no file of an earlier run stays
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"cannot create output folder {self.path}: {e.strerror}; choose another --out") from None
+        atomic_write_text(self.file(RUN_JSON), json.dumps({"config": config}, indent=1) + "\n")
+        return "new"
+
+    def save_checkpoint(self, state: dict) -> int:
+        return save_state(self.file(CHECKPOINT), state)
+
+    def load_checkpoint(self) -> dict | None:
+        f = self.file(CHECKPOINT)
+        if not f.exists():
+            return None
+        try:
+            return load_state(f)
+        except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint is the same problem for the user
+            raise BadInput(f"checkpoint {f} is unreadable ({type(e).__name__}: {str(e)[:100]}); "
+                           "pass --force to start the run afresh") from None

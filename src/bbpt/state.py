@@ -1,0 +1,182 @@
+"""Explicit, exact state: nested Python state <-> one safetensors file, written atomically.
+
+A run's checkpoint is one nested structure (dicts, lists, numbers, strings, tensors, numpy
+arrays, RNG states, pycma pickles). :func:`save_state` splits it into tensors, stored in
+safetensors, and everything else, stored as JSON in the same file's metadata (floats keep
+every bit: Python writes the shortest repr that reads back to the same double). One file,
+replaced atomically, so a process killed at any moment leaves either the old checkpoint or
+the new one, never half of either.
+
+pycma's ``CMAEvolutionStrategy`` has no state format other than pickle. Its pickle travels
+as a uint8 tensor with its SHA-256 in the JSON, and :func:`load_state` unpickles it only
+after the hash matches. bbpt reads checkpoints only from the run folder it wrote them to
+(``--out``), never from a path given for that purpose, because unpickling runs code.
+
+Types kept exactly: tensors (dtype, shape), numpy arrays, tuples, dicts with non-string keys
+(torch optimisers key their state by int), ints of any size (numpy's PCG64 state), floats
+including inf/nan, bytes (pickles).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "bbpt-state-1"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: all or nothing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---- flatten / unflatten -------------------------------------------------------------------
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """obj -> a JSON-able tree; tensors (and arrays, pickles) moved into ``tensors`` by path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(obj))
+        return {"__ndarray__": path, "dtype": obj.dtype.str}
+    if isinstance(obj, (bytes, bytearray)):
+        tensors[path] = torch.frombuffer(bytearray(obj), dtype=torch.uint8) if obj else torch.zeros(0, dtype=torch.uint8)
+        return {"__bytes__": path, "sha256": hashlib.sha256(obj).hexdigest()}
+    if isinstance(obj, np.generic):  # numpy scalars: keep the type
+        return {"__npscalar__": obj.item(), "dtype": obj.dtype.str}
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _flatten(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+        return {"__items__": [[_flatten(k, tensors, f"{path}/k{i}"), _flatten(v, tensors, f"{path}/{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    raise TypeError(f"cannot store {type(obj).__name__} at {path!r} in a checkpoint")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]), copy=True)
+    if "__bytes__" in obj:
+        data = tensors[obj["__bytes__"]].numpy().tobytes()
+        if hashlib.sha256(data).hexdigest() != obj["sha256"]:
+            raise ValueError(f"checkpoint blob {obj['__bytes__']!r} does not match its SHA-256")
+        return data
+    if "__npscalar__" in obj:
+        return np.dtype(obj["dtype"]).type(obj["__npscalar__"])
+    if "__float__" in obj:
+        return float(obj["__float__"])
+    if "__tuple__" in obj:
+        return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__items__"]}
+    return {k: _unflatten(v, tensors) for k, v in obj.items()}
+
+
+def save_state(path: Path, state: dict) -> int:
+    """Write ``state`` to ``path`` (one safetensors file) atomically; returns its size in bytes."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _flatten(state, tensors, "")
+    if not tensors:
+        tensors["_empty"] = torch.zeros(0)
+    data = save(tensors, metadata={"format": FORMAT, "state": json.dumps(tree, allow_nan=False)})
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def load_state(path: Path) -> dict:
+    """The state written by :func:`save_state` (pickles verified by hash, see the module doc)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a bbpt state file (format {meta.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _unflatten(json.loads(meta["state"]), tensors)
+
+
+def unpickle_own(data: bytes) -> Any:
+    """Unpickle third-party state (pycma) that bbpt itself pickled into a run's checkpoint."""
+    return pickle.loads(data)  # noqa: S301 -- only bytes from this run's own, hash-checked checkpoint
+
+
+# ---- objects <-> state ----------------------------------------------------------------------
+def get_state(obj: Any) -> Any:
+    """The state of one attribute: ``state_dict()`` where it has one, RNG states, or the value."""
+    if isinstance(obj, torch.Generator):
+        return {"__torch_generator__": obj.get_state()}
+    if isinstance(obj, np.random.Generator):
+        return {"__numpy_generator__": obj.bit_generator.state}
+    if hasattr(obj, "state_dict") and callable(obj.state_dict):
+        return {"__state_dict__": obj.state_dict()}
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    return obj
+
+
+def set_state(owner: Any, name: str, state: Any) -> None:
+    """Restore attribute ``name`` of ``owner`` from :func:`get_state`'s output, in place where
+    the attribute has ``load_state_dict`` (optimisers, modules), else by assignment."""
+    cur = getattr(owner, name)
+    if isinstance(state, dict) and "__torch_generator__" in state:
+        cur.set_state(state["__torch_generator__"])
+    elif isinstance(state, dict) and "__numpy_generator__" in state:
+        cur.bit_generator.state = state["__numpy_generator__"]
+    elif isinstance(state, dict) and "__state_dict__" in state:
+        cur.load_state_dict(state["__state_dict__"])
+    elif isinstance(cur, torch.nn.Parameter):  # in place: optimisers hold the parameter itself
+        with torch.no_grad():
+            cur.copy_(state)
+    else:
+        setattr(owner, name, state.clone() if isinstance(state, torch.Tensor) else state)
+
+
+def global_rng_state() -> dict:
+    """Python's, numpy's and torch's global RNGs (CUDA's too where present)."""
+    import random
+
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_global_rng_state(s: dict) -> None:
+    import random
+
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
