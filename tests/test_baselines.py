@@ -79,14 +79,14 @@ def test_blackvip_prompted_image_is_clamped_and_scaled(mini):
 # ---- BPT-VLM -------------------------------------------------------------------------------
 def test_bptvlm_tokens_and_query_cost(mini):
     m, box, _ = build("bptvlm", mini, dataset="fashion-mnist", shots=16, popsize=6)
-    assert m.es.d == 1000 and m.text.ctx0.shape == (8, box.ctx_dim) and m.visual.ctx0.shape == (5, 128)
+    assert m.opt.d == 1000 and m.text.ctx0.shape == (8, box.ctx_dim) and m.visual.ctx0.shape == (5, 128)
     text, vis = m.decode(torch.zeros(2, 1000))
     assert torch.equal(text.ctx, torch.zeros(2, 8, box.ctx_dim)) and vis.tokens.shape == (2, 5, 128)
     m.step()  # one generation: 6 candidates on the whole 160-image set, re-encoded
     assert box.meter.counts == {"api_calls": 6 * 2, "prompt_evals": 6, "images_forwarded": 6 * 160}
     assert box.meter.images_encoded == 6 * 160 and box.cached_images == 0
     z = build("bptvlm", mini, dataset="fashion-mnist", shots=16, preset="zip")[0]
-    assert z.es.d == 4000 and z.cfg.popsize == 15 and z.cfg.budget_unit == "api_calls" and z.cfg.budget == 5000
+    assert z.opt.d == 4000 and z.cfg.popsize == 15 and z.cfg.budget_unit == "api_calls" and z.cfg.budget == 5000
 
 
 # ---- CoOp (white box) ----------------------------------------------------------------------

@@ -33,7 +33,7 @@ if "probe" not in METHODS:
             self.rng = np.random.default_rng(self.seed)
             self.gen = torch.Generator().manual_seed(self.seed)
 
-        def step(self):
+        def step(self, budget):
             imgs, y = next(self.data.batches(self.cfg.batch_size, self.rng))
             P = self.cfg.prompts_per_step
             cand = self.ctx + 0.01 * torch.randn(P, *self.ctx.shape[1:], generator=self.gen)
@@ -133,7 +133,7 @@ def bad_inputs(tmp_path):
         (["run", "--model", "ViT-B-16", "--pretrained", "openai"], "not available offline"),
         (["run", "--method", "probe", "--dataset", "shapes", "--budget", "5"], "budget exhausted"),
         (["run", "--set", "nonsense=1"], "option 'nonsense'"),
-        (["run", "--shots", "0", "--dataset", "shapes"], "shots must be a positive integer"),
+        (["run", "--shots", "0", "--dataset", "shapes"], "--shots 0 is out of range"),
     ]
 
 

@@ -8,22 +8,28 @@ import torch.nn.functional as F
 from bbpt.data import fewshot_split, load_task
 from bbpt.engine import evaluate, make_run_config, run
 from bbpt.methods import METHODS, FewShotData, make_config
+from bbpt.methods.base import Budget, Env
 from bbpt.methods.common import ce_per_candidate, kl_per_candidate
 from bbpt.models import BlackBox, QueryMeter
+from bbpt.models.whitebox import WhiteBox
 
 
 def build(name, mini, dataset="shapes", shots=4, seed=1, **opts):
+    """A method as the engine builds it; ``m.step()`` is told the budget as the engine tells it."""
     cls = METHODS.get(name)
     cfg = cls.resolve_config(make_config(cls, opts), shots)
     task = load_task(dataset)
     train, _ = fewshot_split(task, shots, seed)
-    budget = {cls.unit(cfg): cfg.budget} if cfg.budget else {}
-    box = BlackBox(mini, task.classnames, QueryMeter(budget))
+    unit = cls.unit(cfg)
+    meter = QueryMeter({unit: cfg.budget} if cfg.budget else {})
+    box = BlackBox(mini, task.classnames, meter)
     info = {"name": task.name, "classnames": task.classnames, "templates": task.templates}
-    aux = {"aux_box": box.for_classes(task.classnames, QueryMeter())} if cls.uses_aux_box else {}
-    if not cls.black_box:
-        aux["backbone"] = mini
-    return cls(cfg, box, FewShotData(train, box.image_size), info, seed, **aux), box, task
+    env = Env(box, FewShotData(train, box.image_size), info, seed, cls,
+              white_box=lambda: WhiteBox(mini, task.classnames, meter))
+    m = cls(cfg, env)
+    step, budget = m.step, Budget.of(meter, unit, cfg.budget)
+    m.step = lambda: step(budget)
+    return m, box, task
 
 
 def test_zip_delta_417_and_10_calls_per_step(mini):
@@ -62,21 +68,21 @@ def test_craft_fitness_and_head_losses(mini):
     assert torch.allclose(m.refine(f) - f, m.head(f), atol=1e-6)
     # capture what CMA-ES is told and the logits it came from
     told, seen = {}, {}
-    orig_tell, orig_query = m.es.tell, m.box.query
+    orig_tell, orig_query = m.opt.tell, m.box.query
 
-    def spy_query(prompt, images):
-        out = orig_query(prompt, images)
+    def spy_query(prompt, images, visual=None):
+        out = orig_query(prompt, images, visual)
         seen["logits"] = out
         return out
 
     m.box.query = spy_query
-    m.es.tell = lambda losses: (told.setdefault("f", losses.clone()), orig_tell(losses))
+    m.opt.tell = lambda losses: (told.setdefault("f", losses.clone()), orig_tell(losses))
     head0 = copy.deepcopy(m.head)
     m.step()
     logits = seen["logits"]
     with torch.no_grad():
         refined = logits + head0(logits)
-        expect = ce_per_candidate(logits, m.labels) + m.lam * kl_per_candidate(refined, logits)
+        expect = ce_per_candidate(logits, m.data.labels) + m.lam * kl_per_candidate(refined, logits)
     assert torch.allclose(told["f"], expect, atol=1e-5)
     # KL(refined || raw) for the prompt, not the reverse
     assert not torch.allclose(kl_per_candidate(refined, logits), kl_per_candidate(logits, refined))
@@ -90,7 +96,7 @@ def test_craft_head_objective(mini):
     f = m.aux_box.query(m.prompt(), m.data.images())[0]
     with torch.no_grad():
         r = f + head0(f)
-        expect = F.cross_entropy(r, m.labels) + m.beta * kl_per_candidate(f[None], r[None])[0]
+        expect = F.cross_entropy(r, m.data.labels) + m.beta * kl_per_candidate(f[None], r[None])[0]
     got = m.train_head()  # one batch: the loss before its update
     assert got == pytest.approx(float(expect), rel=1e-5)
 
@@ -122,10 +128,10 @@ def test_sharpzo_cge_cost_and_stage_switch(mini):
 def test_sharpzo_perturbs_candidates_by_eps(mini):
     m, box, _ = build("sharpzo", mini, intrinsic_dim=8, popsize=4, change_point=1, rho=0.5)
     scored, asked = [], []
-    orig_losses, orig_ask = m.losses, m.es.ask
-    m.losses = lambda z: (scored.append(z.clone()), orig_losses(z))[1]
+    orig_decode, orig_ask = m.param.decode, m.es.ask
+    m.param.decode = lambda z: (scored.append(z.clone()), orig_decode(z))[1]
     m.es.ask = lambda: (asked.append(orig_ask()), asked[-1])[1]
-    m.stage1_step()
+    m.step()
     cge_points, population = scored
     assert cge_points.shape == (16, 8)  # 2d points around the mean
     assert torch.allclose(cge_points[0] - cge_points[1], torch.eye(8)[0] * 2e-3)

@@ -65,6 +65,7 @@ def run(
     test_subset: Optional[int] = typer.Option(None, help="Test on a seeded, stratified subset of N test images "
                                               "(quick looks; marked as not comparable to full-test numbers)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N method steps (quick looks)."),
+    eval_every: int = typer.Option(0, help="Budget units between curve points (and checkpoints); 0: about 20 points."),
     force: bool = typer.Option(False, help="Replace what --out holds (a finished or another run) instead of refusing."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
@@ -80,7 +81,8 @@ def run(
     if budget is not None:
         options["budget"] = budget
     cli = dict(method=method, dataset=dataset, shots=shots, seed=seed, model=model, pretrained=pretrained,
-               device=device, precision=precision, test_subset=test_subset, max_steps=max_steps)
+               device=device, precision=precision, test_subset=test_subset, max_steps=max_steps,
+               eval_every=eval_every)
     # explicit CLI values win over the file; the file wins over defaults
     for k, v in cli.items():
         src = ctx.get_parameter_source(k)

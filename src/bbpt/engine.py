@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .data import check_images, fewshot_split, load_task, stratified_subset, subsample_classes
 from .data.core import ImageSet
-from .errors import BadInput, BudgetExhausted
+from .errors import BadInput, BBPTError, BudgetExhausted
 from .methods import METHODS, FewShotData, make_config
 from .methods.base import Budget, Env, option_range
 from .models import BlackBox, QueryMeter, create_backbone
@@ -136,31 +136,67 @@ class RunInterrupted(Exception):
 
 class Interrupts:
     """SIGINT / SIGTERM while a run is in progress: the first asks the loop to stop after the
-    current step; the second exits the process at once (the last checkpoint is on disk)."""
+    current step; the second exits the process at once (the last checkpoint is on disk).
+
+    Python runs signal handlers in the main thread between bytecodes, so during a long
+    forward pass a handler waits, and two signals in that time coalesce into one call. The
+    signals are therefore read from Python's wakeup fd (one byte per delivery, written by
+    the C-level handler at once) by a watcher thread, which can exit while the main thread
+    is still inside torch."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, where: Path | None):
-        self.where, self.signum, self._old = where, None, {}
+        self.where, self.signum = where, None
+        self._old: dict = {}
+        self._pipe: tuple[int, int] | None = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals reach the main thread only; a run in a thread is not interrupted
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._pipe = (r, w)
+        self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        threading.Thread(target=self._watch, args=(r,), daemon=True, name="bbpt-signals").start()
         return self
 
     def __exit__(self, *exc):
+        if self._pipe is None:
+            return
+        signal.set_wakeup_fd(self._old_fd)
         for s, h in self._old.items():
             signal.signal(s, h)
+        os.close(self._pipe[1])  # the watcher reads EOF and ends; it closes the read end
 
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
+    def _handle(self, signum, frame) -> None:
+        """The main thread's handler: marks the stop at once (the watcher may read later)."""
         if self.signum is None:
             self.signum = signum
-            os.write(2, f"\n{name}: stopping after the current step (again to exit at once)\n".encode())
-            return
-        saved = f"; the last checkpoint is in {self.where}, rerun the command to resume" if self.where else ""
-        os.write(2, f"\n{name} again: exiting now{saved}\n".encode())
-        os._exit(128 + signum)
+
+    def _watch(self, r: int) -> None:
+        seen = 0
+        try:
+            while True:
+                b = os.read(r, 1)
+                if not b:
+                    return
+                signum = b[0]
+                if signum not in self.SIGNALS:
+                    continue
+                seen += 1
+                name = signal.Signals(signum).name
+                if seen == 1:
+                    if self.signum is None:
+                        self.signum = signum
+                    os.write(2, f"\n{name}: stopping after the current step (again to exit at once)\n".encode())
+                    continue
+                saved = f"; the last checkpoint is in {self.where}, rerun the command to resume" if self.where else ""
+                os.write(2, f"\n{name} again: exiting now{saved}\n".encode())
+                os._exit(128 + signum)
+        finally:
+            os.close(r)
 
 
 @torch.no_grad()
@@ -217,10 +253,24 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
     mcfg = cls.resolve_config(make_config(cls, cfg.options), cfg.shots)
     config = {**cfg.model_dump(), "options": mcfg.model_dump()}
     folder = RunFolder(out) if out is not None else None
-    mode = folder.open(config, force=force, keep_finished=keep_finished) if folder else "new"
+    mode = folder.check(config, force=force, keep_finished=keep_finished) if folder else "new"
     if mode == "finished":
         return folder.result()
     ckpt = folder.load_checkpoint() if mode == "resume" else None
+    try:
+        return _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
+    except BBPTError:
+        if folder is not None and mode == "new" and not _spent_any(folder):
+            folder.discard()  # a run that failed before spending a query leaves nothing behind
+        raise
+
+
+def _spent_any(folder: RunFolder) -> bool:
+    ck = folder.load_checkpoint() if folder.file("checkpoint.safetensors").exists() else None
+    return bool(ck and any(v for v in ck["meters"]["train"]["counts"].values()))
+
+
+def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step) -> dict:
 
     set_seed(cfg.seed)
     task = subsample_classes(load_task(cfg.dataset), cfg.classes)
@@ -240,6 +290,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
     env = Env(box, data, {"name": task.name, "classnames": task.classnames, "templates": task.templates},
               cfg.seed, cls, white_box=lambda: WhiteBox(backbone, task.classnames, meter))
     method = cls(mcfg, env)
+    if folder is not None and mode == "new":
+        folder.start(config)  # everything loaded: now the folder is this run's
 
     total = mcfg.budget or (method.total_steps() or 0)
     loop = _Loop(cfg.eval_every or max(1, total // 20))
@@ -251,10 +303,10 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
             if ckpt["meters"].get(k) is not None:
                 (m or env.side_box() and env.side_meter).load_state_dict(ckpt["meters"][k])
         set_global_rng_state(ckpt["rng"])
-        log(f"resuming {out}: {cfg.method} on {task.name} from its checkpoint at step {loop.steps} "
+        log(f"resuming {folder.path}: {cfg.method} on {task.name} from its checkpoint at step {loop.steps} "
             f"({meter.counts[unit]} {unit} spent)")
     elif mode == "resume":
-        log(f"resuming {out}: no checkpoint was written yet, starting the run from step 0")
+        log(f"resuming {folder.path}: no checkpoint was written yet, starting the run from step 0")
 
     def checkpoint() -> None:
         nonlocal last_save
@@ -281,7 +333,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
         return {
             "method": cfg.method, "dataset": task.name,
             "model": cfg.model if cfg.pretrained is None else f"{cfg.model}:{cfg.pretrained}",
-            "shots": cfg.shots, "seed": cfg.seed, "status": status, "stopped_by": loop.stopped_by,
+            "shots": cfg.shots, "seed": cfg.seed, "status": status, "stopped_by": loop.stopped_by, "steps": loop.steps,
             "black_box": cls.black_box,
             "budget": {unit: mcfg.budget} if unit == "api_calls" else {"api_calls": None, unit: mcfg.budget},
             "queries": meter.counts,

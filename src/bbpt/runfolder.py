@@ -69,10 +69,10 @@ class RunFolder:
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             return None
 
-    def open(self, config: dict, force: bool = False, keep_finished: bool = False) -> str:
-        """Make the folder ready for a run of ``config``: returns "new", "resume" or
-        "finished" (only with ``keep_finished``, when the finished run has this very
-        configuration); refuses (BadInput) as the module's table says."""
+    def check(self, config: dict, force: bool = False, keep_finished: bool = False) -> str:
+        """What a run of ``config`` may do with the folder, without changing it: "new",
+        "resume", or "finished" (only with ``keep_finished``, when the finished run has this
+        very configuration); refuses (BadInput) as the module's table says."""
         config = json.loads(json.dumps(config))  # compare as stored (tuples are lists in JSON)
         entries = self._entries()
         foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in OUTPUTS)
@@ -98,14 +98,22 @@ class RunFolder:
                 raise BadInput(f"--out {self.path} holds an unfinished run with another configuration ({shown}); "
                                "rerun with its options to resume it, pass --force to start afresh, or choose another --out")
             return "resume"
-        for p in entries:  # --force, or an empty folder: no file of an earlier run stays
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return "new"
+
+    def start(self, config: dict) -> None:
+        """Begin a new run: remove what an earlier run left (``check`` allowed it), write run.json."""
+        self.discard()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BadInput(f"cannot create output folder {self.path}: {e.strerror}; choose another --out") from None
         atomic_write_text(self.file(RUN_JSON), json.dumps({"config": config}, indent=1) + "\n")
-        return "new"
+
+    def discard(self) -> None:
+        """Remove every bbpt output from the folder (a run replaced, or one that spent nothing)."""
+        for p in self._entries():
+            if p.name in OUTPUTS:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def save_checkpoint(self, state: dict) -> int:
         return save_state(self.file(CHECKPOINT), state)

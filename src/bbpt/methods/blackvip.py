@@ -126,13 +126,14 @@ class BlackVIP(ZerothOrderMethod):
 
     def __init__(self, cfg: BlackVIPConfig, env):
         super().__init__(cfg, env)
-        torch.manual_seed(self.seed)
         self.encoder = make_encoder(cfg.encoder)
         self._z: dict[str, torch.Tensor] = {}  # encoder features by image key (the encoder is frozen)
         for images in self.data.chunks(512):  # once, in a fixed order: the same features on resume
             self.features(images)
         z_dim = next(iter(self._z.values())).shape[0]
-        self.decoder = Decoder(z_dim, self.box.image_size).train()
+        with torch.random.fork_rng(devices=[]):  # the decoder's init from the seed alone
+            torch.manual_seed(self.seed)
+            self.decoder = Decoder(z_dim, self.box.image_size).train()
         self.names = [n for n, _ in self.decoder.named_parameters()]
         self.shapes = [p.shape for _, p in self.decoder.named_parameters()]
         w0 = torch.cat([p.detach().flatten() for p in self.decoder.parameters()])

@@ -109,8 +109,9 @@ class CraFT(ZerothOrderMethod):
         ctx0 = initial_context(self.box, cfg.ctx_init, cfg.n_ctx, self.task_info["templates"], self.seed)
         self.param = RandomProjection(ctx0, cfg.intrinsic_dim, cfg.proj_std, self.seed)
         self.opt = CMAES(self.param.init(), cfg.sigma, cfg.popsize, self.seed, cfg.bound)
-        torch.manual_seed(self.seed)
-        self.head = make_head(C, cfg.head_hidden, cfg.head)
+        with torch.random.fork_rng(devices=[]):  # the head's init from the seed alone
+            torch.manual_seed(self.seed)
+            self.head = make_head(C, cfg.head_hidden, cfg.head)
         self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr)
         self.aux_box = env.side_box()  # the head's black-box queries, metered apart
         self.batches = WholeSet(self.data)

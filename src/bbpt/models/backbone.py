@@ -12,6 +12,7 @@ pooling once, and encodes token *embeddings* (not ids), so context vectors can b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -232,7 +233,8 @@ def create_backbone(name: str = "mini", pretrained: str | None = None, device: s
     else:
         tag = str(Path(pretrained).expanduser())
     try:
-        model = open_clip.create_model(name, pretrained=tag, device=dev)
+        with _quiet_root_log():  # open_clip logs a failed download as an ERROR line; bbpt says it in one
+            model = open_clip.create_model(name, pretrained=tag, device=dev)
     except RuntimeError as e:
         if tag is not None and not Path(tag).exists() and "download" in str(e).lower():
             raise MissingWeights(
@@ -260,6 +262,18 @@ def create_backbone(name: str = "mini", pretrained: str | None = None, device: s
         std=tuple(cfg.get("std", CLIP_STD)),
         device=dev,
     )
+
+
+@contextlib.contextmanager
+def _quiet_root_log():
+    import logging
+
+    before = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(before)
 
 
 def _first_line(e: Exception) -> str:

@@ -1,0 +1,264 @@
+"""Runs that survive: exact resume for every registered method, signals, run-folder semantics.
+
+The conformance table runs every method bbpt ships (``METHODS.names()``, not a hand-kept
+list) through the same checks: interrupted at a random step (a real SIGINT) and resumed,
+and crashed at a random query (the process state lost, as with kill -9) and resumed, each
+ends with a prompt file byte-identical to the uninterrupted run's and a result.json equal
+apart from wall time, query counts included.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bbpt.engine import RunInterrupted, make_run_config, run
+from bbpt.errors import BadInput, BudgetExhausted
+from bbpt.methods import METHODS
+from bbpt.models.meter import QueryMeter
+
+SHIPPED = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("bbpt.")]
+# smaller searches where a method has these options (by field name, so new methods need no entry)
+SMALL = {"intrinsic_dim": 16, "dim_text": 16, "dim_visual": 16, "popsize": 4, "epochs": 6, "n_perturb": 2, "q": 2}
+
+
+def config(name, **kw):
+    fields = METHODS.get(name).Config.model_fields
+    opts = {k: v for k, v in SMALL.items() if k in fields}
+    kw.setdefault("max_steps", 5)
+    return make_run_config(method=name, dataset="shapes", shots=1, seed=3, eval_every=1, test_subset=300,
+                           options=opts, **kw)
+
+
+def outputs(folder):
+    r = json.loads((folder / "result.json").read_text())
+    r.pop("wall_seconds")
+    return r, (folder / "prompt.safetensors").read_bytes()
+
+
+class Crash(Exception):
+    """The process dies here: nothing after this point reaches the disk."""
+
+
+def test_shipped_methods_are_all_registered():
+    assert {"zip", "zosgd", "bbt", "craft", "sharpzo", "bptvlm", "blackvip", "bar", "coop", "zeroshot"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_resume_is_exact(name, tmp_path, monkeypatch):
+    cfg = config(name)
+    charges = []
+    orig_charge = QueryMeter.charge
+
+    def counting(self, *a):
+        charges.append(1)
+        return orig_charge(self, *a)
+
+    monkeypatch.setattr(QueryMeter, "charge", counting)
+    ref = run(cfg, out=tmp_path / "ref", progress=False)
+    n_charges = len(charges)
+    want, want_prompt = outputs(tmp_path / "ref")
+    assert ref["status"] == "finished" and not (tmp_path / "ref" / "checkpoint.safetensors").exists()
+    rng = random.Random(name)
+
+    # 1. a real SIGINT at a random step: checkpoint, result.json "interrupted", then resume
+    if ref["steps"] >= 2:
+        k = rng.randint(1, ref["steps"] - 1)
+        hook = lambda steps, stats: os.kill(os.getpid(), signal.SIGINT) if steps == k else None  # noqa: E731
+        with pytest.raises(RunInterrupted) as e:
+            run(cfg, out=tmp_path / "int", progress=False, on_step=hook)
+        assert e.value.exit_code == 130
+        half = json.loads((tmp_path / "int" / "result.json").read_text())
+        assert half["status"] == "interrupted" and half["steps"] == k and half["accuracy"]["test"] is None
+        assert (tmp_path / "int" / "checkpoint.safetensors").exists() and (tmp_path / "int" / "prompt.safetensors").exists()
+        notes = []
+        run(cfg, out=tmp_path / "int", progress=False, log=notes.append)
+        assert notes and notes[0].startswith("resuming ") and f"at step {k}" in notes[0]
+        assert outputs(tmp_path / "int") == (want, want_prompt)
+
+    # 2. a crash at a random query (any meter: training, side or evaluation), then resume
+    j = rng.randint(1, n_charges)
+    seen = []
+
+    def crashing(self, *a):
+        seen.append(1)
+        if len(seen) == j:
+            raise Crash
+        return orig_charge(self, *a)
+
+    monkeypatch.setattr(QueryMeter, "charge", crashing)
+    with pytest.raises(Crash):
+        run(cfg, out=tmp_path / "crash", progress=False)
+    monkeypatch.setattr(QueryMeter, "charge", orig_charge)
+    assert not (tmp_path / "crash" / "result.json").exists()
+    run(cfg, out=tmp_path / "crash", progress=False, log=lambda m: None)
+    got = outputs(tmp_path / "crash")
+    assert got[0] == want, name
+    assert got[1] == want_prompt, name
+
+
+def test_checkpoint_every_60_s_between_curve_points(tmp_path, monkeypatch):
+    import bbpt.engine as engine
+
+    monkeypatch.setattr(engine, "CHECKPOINT_SECONDS", 0.0)  # every step
+    saved = []
+    from bbpt.runfolder import RunFolder
+
+    orig = RunFolder.save_checkpoint
+    monkeypatch.setattr(RunFolder, "save_checkpoint", lambda self, s: (saved.append(s["loop"]["steps"]), orig(self, s))[1])
+    cfg = make_run_config(method="zip", dataset="shapes", shots=1, seed=1, max_steps=4, test_subset=100,
+                          options={"budget": 400})  # curve points every 20 api_calls = 2 steps
+    run(cfg, out=tmp_path / "t", progress=False)
+    assert saved[:5] == [0, 1, 2, 3, 4]
+
+
+# ---- run folder semantics ------------------------------------------------------------------
+def quick(**kw):
+    return make_run_config(**{"method": "zip", "dataset": "shapes", "shots": 1, "seed": 1, "test_subset": 100,
+                              "options": {"budget": 40}, **kw})
+
+
+def test_rerun_refuses_a_finished_run_and_force_replaces_it(tmp_path):
+    out = tmp_path / "r"
+    run(quick(), out=out, progress=False)
+    assert (out / "curve.png").exists()
+    with pytest.raises(BadInput, match=r"holds a finished run \(zip on shapes, seed 1, test .*%\); pass --force"):
+        run(quick(), out=out, progress=False)
+    r = run(quick(method="zeroshot", options={}), out=out, progress=False, force=True)
+    assert r["method"] == "zeroshot"
+    assert not (out / "curve.png").exists()  # one curve point: no plot, and the old run's plot is gone
+    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "prompt.safetensors", "result.json", "run.json"]
+
+
+def test_unfinished_run_with_another_config_is_refused_naming_the_fields(tmp_path):
+    out = tmp_path / "r"
+    hook = lambda steps, stats: os.kill(os.getpid(), signal.SIGINT) if steps == 1 else None  # noqa: E731
+    with pytest.raises(RunInterrupted):
+        run(quick(), out=out, progress=False, on_step=hook)
+    with pytest.raises(BadInput) as e:
+        run(quick(seed=2, options={"budget": 80}), out=out, progress=False)
+    msg = str(e.value)
+    assert "another configuration" in msg and "seed: 1 -> 2" in msg and "options.budget: 40 -> 80" in msg
+    assert "\n" not in msg
+    r = run(quick(seed=2, options={"budget": 80}), out=out, progress=False, force=True)
+    assert r["seed"] == 2 and r["status"] == "finished"
+
+
+def test_foreign_files_are_never_removed(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(BadInput, match=r"holds files bbpt did not write \(notes.txt\)"):
+            run(quick(), out=out, progress=False, force=force)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_failed_start_leaves_nothing_and_a_corrected_rerun_starts(tmp_path):
+    out = tmp_path / "r"
+    with pytest.raises(BudgetExhausted, match="budget exhausted"):
+        run(quick(options={"budget": 5}), out=out, progress=False)  # one ZIP step costs 10
+    assert not out.exists() or not any(out.iterdir())
+    assert run(quick(), out=out, progress=False)["status"] == "finished"
+
+
+def test_old_outputs_without_run_json_are_refused(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "curve.csv").write_text("api_calls\n0\n")
+    with pytest.raises(BadInput, match="cannot be resumed"):
+        run(quick(), out=out, progress=False)
+    assert run(quick(), out=out, progress=False, force=True)["status"] == "finished"
+
+
+# ---- real processes: signals, kill -9, progress off a terminal -----------------------------
+BBPT = [sys.executable, "-m", "bbpt.cli"]
+LONG = ["run", "--method", "zip", "--dataset", "shapes", "--shots", "1", "--seed", "4", "--budget", "3000",
+        "--eval-every", "40", "--test-subset", "200"]
+
+
+def start(out, *extra):
+    return subprocess.Popen([*BBPT, *LONG, "--out", str(out), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoints(out, n, proc, timeout=120.0):
+    """Until the run has rewritten its checkpoint ``n`` times (bounded in time)."""
+    f, seen, last = out / "checkpoint.safetensors", 0, None
+    t_end = time.time() + timeout
+    while time.time() < t_end and proc.poll() is None:
+        m = f.stat().st_mtime_ns if f.exists() else None
+        if m is not None and m != last:
+            seen, last = seen + 1, m
+            if seen >= n:
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"no {n} checkpoints in {timeout}s (exit {proc.poll()})")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run in its own process."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    p = subprocess.run([*BBPT, *LONG, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return outputs(out), p
+
+
+def test_kill_9_at_any_moment_leaves_a_folder_that_resumes(tmp_path, straight):
+    out = tmp_path / "k"
+    proc = start(out)
+    wait_for_checkpoints(out, 4, proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and not (out / "result.json").exists()
+    p = subprocess.run([*BBPT, *LONG, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "resuming" in p.stderr
+    assert outputs(out) == straight[0]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_checkpoints_says_how_to_resume_and_exits(tmp_path, straight, sig, code):
+    out = tmp_path / "s"
+    proc = start(out, "--quiet")
+    wait_for_checkpoints(out, 3, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    last = [l for l in err.strip().splitlines() if l.strip()][-1]
+    assert last.startswith(f"interrupted ({sig.name}) after ") and "resume with: bbpt run --method zip" in last
+    assert json.loads((out / "result.json").read_text())["status"] == "interrupted"
+    p = subprocess.run([*BBPT, *LONG, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert outputs(out) == straight[0]
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    out = tmp_path / "c"
+    # SharpZO's stage-1 step (2·512 + 40 candidates) takes over a second on mini
+    proc = subprocess.Popen([*BBPT, "run", "--method", "sharpzo", "--dataset", "shapes", "--shots", "1", "--out",
+                             str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoints(out, 1, proc)  # the starting point is on disk
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    t = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.time() - t < 5 and proc.returncode == 130, err
+    assert "again: exiting now" in err and not (out / "result.json").exists()
+    assert (out / "checkpoint.safetensors").exists()
+
+
+def test_progress_off_a_terminal_is_one_plain_line_per_curve_point(tmp_path, straight):
+    _, p = straight
+    lines = p.stderr.splitlines()
+    assert "\r" not in p.stderr
+    points = [l for l in lines if l.startswith("zip on shapes: ")]
+    assert len(points) == len(straight[0][0]["curve"]) and len(set(points)) == len(points)
+    assert len(lines) == len(points)  # nothing else on stderr
