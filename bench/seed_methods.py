@@ -13,10 +13,8 @@ Writes under --out (default bench/results/seed_methods):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from bbpt.engine import make_run_config, run
@@ -64,7 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/seed_methods or zip_comparison")
-    ap.add_argument("--rerun", action="store_true", help="run again even where result.json exists")
+    ap.add_argument("--rerun", action="store_true", help="run again even where a finished run of the same configuration exists")
     args = ap.parse_args(argv)
     calls = args.api_calls
     methods = (args.methods or (ALL_METHODS if calls else DEFAULT_METHODS)).split(",")
@@ -77,16 +75,12 @@ def main(argv=None) -> None:
         for method in methods:
             for seed in seeds:
                 folder = args.out / "runs" / method / task / f"seed{seed}"
-                f = folder / "result.json"
-                if f.exists() and not args.rerun:
-                    r = json.loads(f.read_text())
-                else:
-                    t = time.time()
-                    opts = equal_call_options(method, calls) if calls else {}
-                    cfg = make_run_config(method=method, dataset=task, shots=args.shots, seed=seed, options=opts)
-                    r = run(cfg, out=folder, progress=False)
-                    print(f"{method:9s} {task:14s} seed {seed}: test {100 * r['accuracy']['test']:5.1f}%  "
-                          f"api_calls {r['queries']['api_calls']:6d}  {time.time() - t:5.1f}s", flush=True)
+                opts = equal_call_options(method, calls) if calls else {}
+                cfg = make_run_config(method=method, dataset=task, shots=args.shots, seed=seed, options=opts)
+                # a finished run of this very configuration is kept, an unfinished one resumes
+                r = run(cfg, out=folder, progress=False, keep_finished=True, force=args.rerun)
+                print(f"{method:9s} {task:14s} seed {seed}: test {100 * r['accuracy']['test']:5.1f}%  "
+                      f"api_calls {r['queries']['api_calls']:6d}  {r['wall_seconds']:5.1f}s", flush=True)
                 results.setdefault((method, task), []).append(r)
 
     budget = f"every black-box method at {calls} api_calls (CoOp: white-box, its own epochs)" if calls else "default budgets"

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from bbpt.engine import make_run_config, run
 from bbpt.methods.bar import frame_mask, inner_size, reprogram
 from bbpt.methods.common import ce_per_candidate, focal_per_candidate
-from bbpt.models import Images
 from test_methods import build
 
 

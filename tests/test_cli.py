@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -162,3 +161,94 @@ def test_listing_commands(capsys):
     assert code == 0 and "mini" in out and "ViT-B-16" in out and "RN50" in out
     code, out, _ = cli_run(["methods"], capsys)
     assert code == 0 and "zeroshot" in out
+
+
+# ---- every case of "Runs that survive" / Why: one line, exit 2, nothing spent ------------------
+def usage_cases(tmp_path):
+    from test_data_input import huge_png
+
+    lst = tmp_path / "list.json"
+    lst.write_text("[1, 2]")
+    big = tmp_path / "big"
+    make_folder(big, ["a", "b"])
+    huge_png(big / "test" / "a" / "huge.png")
+    return [
+        (["run", "--budgte", "5"], "No such option: --budgte"),
+        (["run", "--shots", "abc"], "Invalid value for '--shots'"),
+        (["eval"], "Missing option '--prompt'"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["run", "--seed", "-1", "--dataset", "shapes"], "--seed -1 is out of range (allowed: >= 0 and <= 2147483647)"),
+        (["run", "--seed", str(2**31), "--dataset", "shapes"], "--seed 2147483648 is out of range"),
+        (["run", "--set", "batch_size=0", "--dataset", "shapes"], "option batch_size=0 is out of range (allowed: >= 1"),
+        (["run", "--device", "tpu", "--dataset", "shapes"], "--device 'tpu' is invalid: use cpu, cuda, cuda:N or mps"),
+        (["run", "--config", str(lst)], "holds a JSON list; it must hold a mapping of run fields"),
+        (["run", "--dataset", str(big), "--shots", "1"], "is 15000x15000 (225.0 Mpx), over bbpt's limit"),
+        (["run", "--dataset", str(big), "--shots", "3"], "--shots 3 is more than class 'a' has in the train split (1 image); use --shots 1 or fewer"),
+        (["run", "--test-subset", "0", "--dataset", "shapes"], "--test-subset 0 is out of range"),
+        (["run", "--method", "zip", "--set", "n_ctx=0", "--dataset", "shapes"], "option n_ctx=0 is out of range"),
+        (["run", "--method", "sharpzo", "--set", "sparsity=-0.5", "--dataset", "shapes"], "option sparsity=-0.5 is out of range"),
+        (["run", "--method", "craft", "--set", "head_kl_fraction=1.5", "--dataset", "shapes"],
+         "option head_kl_fraction=1.5 is out of range (allowed: >= 0 and <= 1)"),
+        (["run", "--method", "zip", "--set", "clip=-1", "--dataset", "shapes"], "option clip=-1"),
+    ]
+
+
+def test_every_bad_input_is_one_line_exit_2_and_spends_nothing(tmp_path, capsys):
+    for args, expected in usage_cases(tmp_path):
+        out = tmp_path / "never"
+        code, _, err = cli_run([*args, "--out", str(out), "--quiet"] if args[0] == "run" else args, capsys)
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, code, err)
+        assert expected in lines[0], (args, lines[0])
+        assert not out.exists(), args  # refused before the run folder was touched
+
+
+def test_bare_bbpt_prints_help_and_exits_0():
+    p = subprocess.run([sys.executable, "-m", "bbpt.cli"], capture_output=True, text=True)
+    assert p.returncode == 0 and "run" in p.stdout and "methods" in p.stdout and not p.stderr
+    p = subprocess.run([sys.executable, "-m", "bbpt.cli", "run", "--budgte", "5"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_corrupt_test_image_is_reported_before_any_query(tmp_path, capsys, monkeypatch):
+    from bbpt.models.meter import QueryMeter
+
+    root = tmp_path / "d"
+    make_folder(root, ["a", "b"], n=3)
+    (root / "test" / "b" / "1.png").write_bytes(b"this is not a png")
+    charged = []
+    monkeypatch.setattr(QueryMeter, "charge", lambda self, *a: charged.append(a))
+    code, _, err = cli_run(["run", "--method", "zip", "--dataset", str(root), "--shots", "1",
+                            "--out", str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 2 and "test image" in err and "1.png cannot be read" in err
+    assert charged == [] and not (tmp_path / "r").exists()
+
+
+def test_methods_lists_every_option_with_range_and_help(capsys):
+    code, out, _ = cli_run(["methods"], capsys)
+    assert code == 0
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        if not cls.__module__.startswith("bbpt."):
+            continue
+        assert f"\n{name} [" in "\n" + out
+        for field, info in cls.Config.model_fields.items():
+            assert info.description, (name, field)
+            assert f"  {field} " in out, (name, field)
+
+
+def test_every_numeric_option_has_a_range():
+    """No method option takes any number: each int/float field is bounded (pydantic Field)."""
+    import typing
+
+    from bbpt.methods.base import option_range
+
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        if not cls.__module__.startswith("bbpt."):
+            continue
+        for field, info in cls.Config.model_fields.items():
+            args = typing.get_args(info.annotation) or (info.annotation,)
+            plain = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in args]
+            if any(a in (int, float) for a in plain):
+                assert any(sym in option_range(info) for sym in (">", "<")), (name, field, option_range(info))

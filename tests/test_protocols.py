@@ -1,6 +1,5 @@
 """Protocols (base-to-new, cross-dataset, distribution shift) and the NAME@SHIFT test splits."""
 import json
-import sys
 
 import numpy as np
 import pytest

@@ -159,8 +159,9 @@ def methods(name: Optional[str] = typer.Argument(None, help="One method to descr
         kind = "black-box" if cls.black_box else "WHITE-BOX reference"
         typer.echo(f"{n} [{kind}; budget in {cls.budget_unit}]")
         for k, f in cls.Config.model_fields.items():
-            rng = option_range(f)
-            typer.echo(f"  {k:18s} {f.default!r:>12}  {(rng + '; ') if rng else ''}{f.description or ''}")
+            d = f.default
+            shown = f"{d:.4g}" if isinstance(d, float) else repr(d)
+            typer.echo(f"  {k:18s} {shown:>12}  {option_range(f) or ('true | false' if f.annotation is bool else 'any'):30s} {f.description or ''}")
 
 
 @data_app.command("prepare")
@@ -245,19 +246,24 @@ def _o_precision():
 
 
 def _o_quiet():
-    return typer.Option(False, help="No progress bars.")
+    return typer.Option(False, help="No progress output.")
+
+
+def _o_force():
+    return typer.Option(False, help="Redo every seed instead of keeping finished ones and resuming the rest.")
 
 
 @app.command("base2new")
 def base2new(method: str = _o_method(), dataset: str = typer.Option("fashion-mnist", help="Task to split into base / new classes."),
              shots: int = _o_shots(), seeds: str = _o_seeds(), out: Optional[str] = _o_out(), model: str = _o_model(),
              pretrained: Optional[str] = _o_pretrained(), budget: Optional[int] = _o_budget(), set_: List[str] = _o_set(),
-             device: str = _o_device(), precision: str = _o_precision(), quiet: bool = _o_quiet()):
+             device: str = _o_device(), precision: str = _o_precision(), quiet: bool = _o_quiet(),
+             force: bool = _o_force()):
     """Base-to-new: train on the base half of the classes, test on base and new; H per seed."""
     from .protocols import base_to_new
 
     _protocol(base_to_new, method, dataset, shots=shots, seeds=seeds, out=out, model=model, pretrained=pretrained,
-              budget=budget, set_=set_, device=device, precision=precision, quiet=quiet)
+              budget=budget, set_=set_, device=device, precision=precision, quiet=quiet, force=force)
 
 
 @app.command("cross-dataset")
@@ -266,12 +272,13 @@ def cross_dataset_(method: str = _o_method(), source: str = typer.Option("mnist"
                    shots: int = _o_shots(), seeds: str = _o_seeds(), out: Optional[str] = _o_out(), model: str = _o_model(),
                    pretrained: Optional[str] = _o_pretrained(), budget: Optional[int] = _o_budget(),
                    set_: List[str] = _o_set(), device: str = _o_device(), precision: str = _o_precision(),
-                   quiet: bool = _o_quiet()):
+                   quiet: bool = _o_quiet(), force: bool = _o_force()):
     """Cross-dataset transfer: train on --source, test on each of --targets."""
     from .protocols import cross_dataset
 
     _protocol(cross_dataset, method, source, _names(targets, "targets"), shots=shots, seeds=seeds, out=out, model=model,
-              pretrained=pretrained, budget=budget, set_=set_, device=device, precision=precision, quiet=quiet)
+              pretrained=pretrained, budget=budget, set_=set_, device=device, precision=precision, quiet=quiet,
+              force=force)
 
 
 @app.command("shift")
@@ -279,13 +286,14 @@ def shift_(method: str = _o_method(), dataset: str = typer.Option("fashion-mnist
            shifts: str = typer.Option("inverted,rotated,noised", help="Comma-separated shifts of the test split."),
            shots: int = _o_shots(), seeds: str = _o_seeds(), out: Optional[str] = _o_out(), model: str = _o_model(),
            pretrained: Optional[str] = _o_pretrained(), budget: Optional[int] = _o_budget(), set_: List[str] = _o_set(),
-           device: str = _o_device(), precision: str = _o_precision(), quiet: bool = _o_quiet()):
+           device: str = _o_device(), precision: str = _o_precision(), quiet: bool = _o_quiet(),
+           force: bool = _o_force()):
     """Distribution shift: train on --dataset, test on DATASET@SHIFT for each of --shifts."""
     from .protocols import distribution_shift
 
     _protocol(distribution_shift, method, dataset, _names(shifts, "shifts"), shots=shots, seeds=seeds, out=out,
               model=model, pretrained=pretrained, budget=budget, set_=set_, device=device, precision=precision,
-              quiet=quiet)
+              quiet=quiet, force=force)
 
 
 def _usage_line(e) -> str:

@@ -271,7 +271,6 @@ def _spent_any(folder: RunFolder) -> bool:
 
 
 def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step) -> dict:
-
     set_seed(cfg.seed)
     task = subsample_classes(load_task(cfg.dataset), cfg.classes)
     train, val = fewshot_split(task, cfg.shots, cfg.seed)
@@ -284,7 +283,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
     box = BlackBox(backbone, task.classnames, meter, precision=cfg.precision)
     eval_box = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
     data = FewShotData(train, box.image_size)
-    for chunk in data.chunks(box.image_chunk):  # features of the few-shot set once, in a fixed order
+    for chunk in data.chunks(box.encode_chunk):  # features of the few-shot set once, in a fixed order
         box.upload(chunk)
     val_data = FewShotData(val, box.image_size)
     env = Env(box, data, {"name": task.name, "classnames": task.classnames, "templates": task.templates},
@@ -299,9 +298,11 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
     if ckpt is not None:
         method.load_state_dict(ckpt["method"])
         loop.load_state_dict(ckpt["loop"])
+        if ckpt["meters"].get("side") is not None and env.side_meter is None:
+            env.side_box()  # created on demand by the first run: create it before restoring its counts
         for k, m in meters().items():
             if ckpt["meters"].get(k) is not None:
-                (m or env.side_box() and env.side_meter).load_state_dict(ckpt["meters"][k])
+                m.load_state_dict(ckpt["meters"][k])
         set_global_rng_state(ckpt["rng"])
         log(f"resuming {folder.path}: {cfg.method} on {task.name} from its checkpoint at step {loop.steps} "
             f"({meter.counts[unit]} {unit} spent)")
@@ -328,7 +329,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
         loop.curve.append(point)
         bar.point(done(), point)
 
-    def result(status: str, test: dict | None) -> dict:
+    def result(status: str, test_r: dict | None) -> dict:
         side = env.side_meter
         return {
             "method": cfg.method, "dataset": task.name,
@@ -340,9 +341,9 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
             **({"aux_queries": side.counts, "queries_total": {k: v + side.counts[k] for k, v in meter.counts.items()}}
                if side is not None else {}),
             "eval_queries": eval_box.meter.counts,
-            "accuracy": {"test": None if test is None else test["accuracy"],
+            "accuracy": {"test": None if test_r is None else test_r["accuracy"],
                          "val": loop.curve[-1]["val_accuracy"] if loop.curve else None},
-            **({"test_subset": {"n": len(test_set), "of": len(task.test), "seed": TEST_SUBSET_SEED,
+            **({"test_subset": {"n": len(test), "of": len(task.test), "seed": TEST_SUBSET_SEED,
                                 "comparable_to_full_test": False}} if cfg.test_subset is not None else {}),
             "curve": loop.curve,
             "wall_seconds": round(prior + time.time() - t0, 2),
@@ -356,7 +357,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
             write_outputs(folder.path, r, method)
         return RunInterrupted(signum, folder.path if folder else None, r)
 
-    prior, last_save, test_set = loop.elapsed, time.time(), test
+    prior, last_save = loop.elapsed, time.time()
     budget = Budget.of(meter, unit, mcfg.budget)
     bar = Progress(progress, f"{cfg.method} on {task.name}", total, unit if mcfg.budget else "step", done())
     with Interrupts(folder.path if folder else None) as stop:
@@ -391,8 +392,9 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
                     checkpoint()
                 if on_step is not None:
                     on_step(loop.steps, stats)
-            if loop.curve[-1]["api_calls"] != meter.counts["api_calls"] or loop.curve[-1]["prompt_evals"] != meter.counts["prompt_evals"]:
-                add_point()
+            last = loop.curve[-1]
+            if (last["api_calls"], last["prompt_evals"]) != (meter.counts["api_calls"], meter.counts["prompt_evals"]):
+                add_point()  # the end point
             checkpoint()  # training is over: a resumed run goes straight to the test split
             if stop.signum is not None:
                 raise interrupted(stop.signum)

@@ -310,8 +310,14 @@ _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
 
 
 def option_range(field) -> str:
-    """A field's allowed values as text: ">= 1 and <= 10", "'a' | 'b'", "" when unconstrained."""
-    parts = [f"{sym} {getattr(m, attr)}" for m in field.metadata
+    """A field's allowed values as text: ">= 1 and <= 10", "'a' | 'b'", "> 0, or 'none'"; "" when
+    unconstrained. Bounds come from ``Field(ge=...)`` or from an ``Annotated`` member of a union."""
+    import typing
+
+    metas = list(field.metadata) + [m for a in typing.get_args(field.annotation)
+                                    if typing.get_origin(a) is typing.Annotated for m in typing.get_args(a)[1:]]
+    metas = [x for m in metas for x in (getattr(m, "metadata", None) or [m])]  # FieldInfo inside Annotated
+    parts = [f"{sym} {getattr(m, attr)}" for m in metas
              for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if getattr(m, attr, None) is not None]
     out = " and ".join(parts)
     lits = _literals(field.annotation)

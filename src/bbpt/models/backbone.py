@@ -150,7 +150,7 @@ class Backbone:
                 f"images must be (B, 3, {self.image_size}, {self.image_size}) RGB in [0, 1] for "
                 f"{self.name}; got {tuple(pixels.shape)} (ImageSet.pixels(size=...) makes them)"
             )
-        return (pixels.to(self.device, torch.float32) - self._mean) / self._std
+        return torch.sub(pixels.to(self.device, torch.float32), self._mean).div_(self._std)  # one copy
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels (B, 3, S, S) -> L2-normalised image features (B, E)."""

@@ -47,6 +47,7 @@ from .backbone import Backbone
 from .meter import QueryMeter
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+ENCODE_BYTES = 128 << 20  # pixels per image-tower forward (222 images at 224 px, 2048 at 32 px)
 
 
 def _preview(text: str, n: int = 40) -> str:
@@ -185,16 +186,10 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def get_or_encode(self, images: Images, encode) -> tuple[torch.Tensor, int]:
+    def get_or_encode(self, images: Images, encode, chunk: int) -> tuple[torch.Tensor, int]:
         """(B, E) features, encoding only the misses; returns (features, number encoded)."""
-        keys = list(images.keys)
-        miss = [i for i, k in enumerate(keys) if k not in self._rows]
-        if miss:
-            idx = torch.tensor(miss)
-            feats = encode(images.pixels[idx])
-            for j, i in enumerate(miss):
-                self._rows[keys[i]] = feats[j]
-        return torch.stack([self._rows[k] for k in keys]), len(miss)
+        n = self.upload(images, encode, chunk)
+        return torch.stack([self._rows[k] for k in images.keys]), n
 
     def upload(self, images: Images, encode, chunk: int) -> int:
         """Encode the images whose keys are not cached, ``chunk`` at a time in the order given
@@ -206,7 +201,9 @@ class FeatureCache:
                 miss.append(i)
         for c0 in range(0, len(miss), chunk):
             part = miss[c0 : c0 + chunk]
-            feats = encode(images.pixels[torch.tensor(part)])
+            contiguous = part[-1] - part[0] + 1 == len(part)
+            px = images.pixels[part[0] : part[-1] + 1] if contiguous else images.pixels[torch.tensor(part)]  # a view when it can
+            feats = encode(px)
             for j, i in enumerate(part):
                 self._rows[images.keys[i]] = feats[j]
         return len(miss)
@@ -360,7 +357,7 @@ class BlackBox:
         if not self.fast:
             return 0
         with self._autocast():
-            return self._cache.upload(images, self._bb.encode_images, self.image_chunk)
+            return self._cache.upload(images, self._bb.encode_images, self.encode_chunk)
 
     # ---- the query ------------------------------------------------------------------
     @torch.no_grad()
@@ -467,24 +464,38 @@ class BlackBox:
             raise BadInput("soft prompt ctx contains NaN or inf")
         return prompt.num_prompts
 
+    @property
+    def encode_chunk(self) -> int:
+        """Images per image-tower forward: ``image_chunk``, fewer at high resolution, so one
+        forward's input stays under ENCODE_BYTES (memory flat at 224 px and beyond)."""
+        S = self.image_size
+        return max(1, min(self.image_chunk, ENCODE_BYTES // (3 * S * S * 4)))
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, E), ``encode_chunk`` images per forward."""
+        n = self.encode_chunk
+        if len(pixels) <= n:
+            return self._bb.encode_images(pixels)
+        return torch.cat([self._bb.encode_images(pixels[i : i + n]) for i in range(0, len(pixels), n)])
+
     def _image_features(self, images: Images, visual: VisualPrompt | None) -> torch.Tensor:
         """(P or 1, B, E) image features; cached only without any visual prompt."""
         if visual is None and not images.per_candidate:
             if self.fast and images.keys is not None:
-                feats, n = self._cache.get_or_encode(images, self._bb.encode_images)
+                feats, n = self._cache.get_or_encode(images, self._bb.encode_images, self.encode_chunk)
             else:
-                feats, n = self._bb.encode_images(images.pixels), len(images)
+                feats, n = self._encode(images.pixels), len(images)
             self.meter.record_encoded(n)
             return feats[None]
         bb, B = self._bb, len(images)
         px = images.pixels if images.per_candidate else images.pixels[None]  # (Pi, B, 3, S, S)
         if visual is None:  # prompted pixels only
-            feats = torch.stack([bb.encode_images(x) for x in px])
+            feats = torch.stack([self._encode(x) for x in px])
             self.meter.record_encoded(feats.shape[0] * B)
             return feats
         tok = visual.tokens.to(bb.device)  # (Pv, n, W)
         P = max(len(px), len(tok))
-        per = max(1, self.image_chunk // B)  # candidates per forward
+        per = max(1, self.encode_chunk // B)  # candidates per forward
         base = None if images.per_candidate else bb.patch_tokens(px[0])  # (B, 1+G, W), shared
         out = []
         for p0 in range(0, P, per):

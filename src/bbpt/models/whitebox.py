@@ -29,7 +29,7 @@ class WhiteBox:
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels (N, 3, S, S) -> normalised image features (N, E), frozen tower."""
-        return self._bb.encode_images(pixels).cpu()
+        return self._text._encode(pixels).cpu()
 
     def text_features(self, prompt: SoftPrompt) -> torch.Tensor:
         """(P, C, E) normalised text features with gradients to ``prompt.ctx``."""
