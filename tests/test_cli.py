@@ -169,6 +169,8 @@ def usage_cases(tmp_path):
 
     lst = tmp_path / "list.json"
     lst.write_text("[1, 2]")
+    boolean = tmp_path / "bool.json"
+    boolean.write_text('{"seed": true}')
     big = tmp_path / "big"
     make_folder(big, ["a", "b"])
     huge_png(big / "test" / "a" / "huge.png")
@@ -182,6 +184,10 @@ def usage_cases(tmp_path):
         (["run", "--set", "batch_size=0", "--dataset", "shapes"], "option batch_size=0 is out of range (allowed: >= 1"),
         (["run", "--device", "tpu", "--dataset", "shapes"], "--device 'tpu' is invalid: use cpu, cuda, cuda:N or mps"),
         (["run", "--config", str(lst)], "holds a JSON list; it must hold a mapping of run fields"),
+        (["run", "--config", str(tmp_path)], "is a folder; pass a JSON or TOML file"),
+        (["run", "--config", str(boolean), "--dataset", "shapes"], "--seed True is invalid: Input should be a valid integer"),
+        (["run", "--device", "mps", "--dataset", "shapes"], "MPS is not available; use --device cpu"),
+        (["run", "--device", "cuda:3", "--dataset", "shapes"], "use --device cpu"),
         (["run", "--dataset", str(big), "--shots", "1"], "is 15000x15000 (225.0 Mpx), over bbpt's limit"),
         (["run", "--dataset", str(big), "--shots", "3"], "--shots 3 is more than class 'a' has in the train split (1 image); use --shots 1 or fewer"),
         (["run", "--test-subset", "0", "--dataset", "shapes"], "--test-subset 0 is out of range"),

@@ -151,6 +151,18 @@ def test_check_images_reports_broken_files(tmp_path):
         check_images(task.test, "test")
 
 
+def test_check_images_decodes_jpegs(tmp_path):
+    """verify() reads no JPEG data: a JPEG cut in half must still be found before training."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(buf, "JPEG")
+    ok, cut = tmp_path / "ok.jpg", tmp_path / "cut.jpg"
+    ok.write_bytes(buf.getvalue())
+    cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    assert check_images(ImageSet(labels=[0], ids=["ok"], paths=[str(ok)]), "test") == 1
+    with pytest.raises(BadInput, match=rf"test image {cut} cannot be read \(image file is truncated"):
+        check_images(ImageSet(labels=[0, 0], ids=["ok", "cut"], paths=[str(ok), str(cut)]), "test")
+
+
 def test_check_images_first_bad_in_index_order(tmp_path):
     files = [str(png(tmp_path / f"{i:03d}.png")) for i in range(60)]
     for i in (41, 17, 53):

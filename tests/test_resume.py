@@ -1,10 +1,11 @@
 """Runs that survive: exact resume for every registered method, signals, run-folder semantics.
 
 The conformance table runs every method bbpt ships (``METHODS.names()``, not a hand-kept
-list) through the same checks: interrupted at a random step (a real SIGINT) and resumed,
-and crashed at a random query (the process state lost, as with kill -9) and resumed, each
-ends with a prompt file byte-identical to the uninterrupted run's and a result.json equal
-apart from wall time, query counts included.
+list) through the same checks: interrupted by a real SIGINT at a random step, by a SIGINT
+at a random query (inside a step, at a curve point or during the test split), and crashed at
+a random query (the process state lost, as with kill -9), each resumed; each ends with a
+prompt file byte-identical to the uninterrupted run's and a result.json equal apart from
+wall time, query counts included.
 """
 import json
 import os
@@ -23,15 +24,16 @@ from bbpt.models.meter import QueryMeter
 
 SHIPPED = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("bbpt.")]
 # smaller searches where a method has these options (by field name, so new methods need no entry)
-SMALL = {"intrinsic_dim": 16, "dim_text": 16, "dim_visual": 16, "popsize": 4, "epochs": 6, "n_perturb": 2, "q": 2}
+# (and the paths that carry the most state: SharpZO's stage 2, CraFT's re-asked bias)
+SMALL = {"intrinsic_dim": 16, "dim_text": 16, "dim_visual": 16, "popsize": 4, "epochs": 6, "n_perturb": 2, "q": 2,
+         "change_point": 2, "bias": "reask"}
 
 
 def config(name, **kw):
     fields = METHODS.get(name).Config.model_fields
     opts = {k: v for k, v in SMALL.items() if k in fields}
-    kw.setdefault("max_steps", 5)
-    return make_run_config(method=name, dataset="shapes", shots=1, seed=3, eval_every=1, test_subset=300,
-                           options=opts, **kw)
+    kw = {"max_steps": 5, "eval_batch": 100, **kw}  # curve points only at the start and the end: resumes replay steps
+    return make_run_config(method=name, dataset="shapes", shots=1, seed=3, test_subset=300, options=opts, **kw)
 
 
 def outputs(folder):
@@ -80,9 +82,29 @@ def test_resume_is_exact(name, tmp_path, monkeypatch):
         assert notes and notes[0].startswith("resuming ") and f"at step {k}" in notes[0]
         assert outputs(tmp_path / "int") == (want, want_prompt)
 
-    # 2. a crash at a random query (any meter: training, side or evaluation), then resume
+    # 2. a real SIGINT at a random query: the step finishes (or the test split stops), then resume
     j = rng.randint(1, n_charges)
     seen = []
+
+    def interrupting(self, *a):
+        seen.append(1)
+        if len(seen) == j:
+            os.kill(os.getpid(), signal.SIGINT)
+        return orig_charge(self, *a)
+
+    monkeypatch.setattr(QueryMeter, "charge", interrupting)
+    try:
+        run(cfg, out=tmp_path / "q", progress=False)
+        assert j > n_charges - 2  # only a signal in the last test batch lets the run finish
+    except RunInterrupted:
+        monkeypatch.setattr(QueryMeter, "charge", orig_charge)
+        run(cfg, out=tmp_path / "q", progress=False, log=lambda m: None)
+    monkeypatch.setattr(QueryMeter, "charge", orig_charge)
+    assert outputs(tmp_path / "q") == (want, want_prompt), (name, j, n_charges)
+
+    # 3. a crash at a random query (any meter: training, side or evaluation), then resume
+    j = rng.randint(1, n_charges)
+    seen.clear()
 
     def crashing(self, *a):
         seen.append(1)
@@ -96,9 +118,28 @@ def test_resume_is_exact(name, tmp_path, monkeypatch):
     monkeypatch.setattr(QueryMeter, "charge", orig_charge)
     assert not (tmp_path / "crash" / "result.json").exists()
     run(cfg, out=tmp_path / "crash", progress=False, log=lambda m: None)
-    got = outputs(tmp_path / "crash")
-    assert got[0] == want, name
-    assert got[1] == want_prompt, name
+    assert outputs(tmp_path / "crash") == (want, want_prompt), (name, j, n_charges)
+
+
+def test_interrupt_during_the_test_split_resumes_exactly(tmp_path, monkeypatch):
+    """Stopped inside the test split: no checkpoint then (the one before it is current), so the
+    resumed run's evaluation counts equal an uninterrupted run's."""
+    cfg = config("zeroshot", eval_batch=50)
+    want = run(cfg, out=tmp_path / "ref", progress=False)
+    orig, seen = QueryMeter.charge, []
+
+    def interrupting(self, *a):
+        seen.append(1)
+        if len(seen) == 3:  # train loss, val, then the first test batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return orig(self, *a)
+
+    monkeypatch.setattr(QueryMeter, "charge", interrupting)
+    with pytest.raises(RunInterrupted):
+        run(cfg, out=tmp_path / "t", progress=False)
+    monkeypatch.setattr(QueryMeter, "charge", orig)
+    got = run(cfg, out=tmp_path / "t", progress=False, log=lambda m: None)
+    assert got["eval_queries"] == want["eval_queries"] and got["accuracy"] == want["accuracy"]
 
 
 def test_checkpoint_every_60_s_between_curve_points(tmp_path, monkeypatch):
@@ -177,8 +218,8 @@ def test_old_outputs_without_run_json_are_refused(tmp_path):
 
 # ---- real processes: signals, kill -9, progress off a terminal -----------------------------
 BBPT = [sys.executable, "-m", "bbpt.cli"]
-LONG = ["run", "--method", "zip", "--dataset", "shapes", "--shots", "1", "--seed", "4", "--budget", "3000",
-        "--eval-every", "40", "--test-subset", "200"]
+LONG = ["run", "--method", "zip", "--dataset", "shapes", "--shots", "1", "--seed", "4", "--budget", "1500",
+        "--eval-every", "30", "--test-subset", "200"]
 
 
 def start(out, *extra):
@@ -236,6 +277,19 @@ def test_signal_checkpoints_says_how_to_resume_and_exits(tmp_path, straight, sig
     p = subprocess.run([*BBPT, *LONG, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert outputs(out) == straight[0]
+
+
+def test_one_process_per_run_folder(tmp_path):
+    out = tmp_path / "busy"
+    proc = start(out, "--quiet")
+    try:
+        wait_for_checkpoints(out, 1, proc)
+        with pytest.raises(BadInput, match="another bbpt process is running in --out"):
+            run(make_run_config(method="zip", dataset="shapes", shots=1, seed=4), out=out, progress=False, force=True)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert (out / "run.json").exists()  # the refused process touched nothing
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path):

@@ -334,6 +334,11 @@ def main() -> None:
             raise
         typer.echo(_usage_line(e), err=True)
         sys.exit(getattr(e, "exit_code", 2) or 2)
+    except OSError as e:  # a path the user gave that cannot be read or written (permissions, a full disk)
+        if _state["debug"] or e.filename is None:
+            raise
+        typer.echo(f"error: {e.strerror or e}: {e.filename}; check the path, its permissions and free space", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside a run (loading, listing): nothing to save
         typer.echo("interrupted", err=True)
         sys.exit(130)

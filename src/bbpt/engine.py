@@ -15,6 +15,7 @@ second signal exits at once, the last checkpoint already on disk.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,7 +35,7 @@ from .data.core import ImageSet
 from .errors import BadInput, BBPTError, BudgetExhausted
 from .methods import METHODS, FewShotData, make_config
 from .methods.base import Budget, Env, option_range
-from .models import BlackBox, QueryMeter, create_backbone
+from .models import BlackBox, Images, QueryMeter, create_backbone
 from .models.whitebox import WhiteBox
 from .progress import Progress, eval_bar
 from .results import write_outputs
@@ -49,7 +50,7 @@ TEST_SUBSET_SEED = 0  # the same subset for every method and seed, so quick look
 class RunConfig(BaseModel):
     """Everything that determines a run; stored in run.json and result.json."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # strict: true is not 1
 
     method: str = Field("zip", min_length=1, description="method name (`bbpt methods`)")
     dataset: str = Field("fashion-mnist", min_length=1, description="registered task or image-folder path")
@@ -79,6 +80,8 @@ class RunConfig(BaseModel):
 
 def load_config_file(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"config file {p} is a folder; pass a JSON or TOML file of run fields")
     if not p.is_file():
         raise BadInput(f"config file {p} does not exist; pass a JSON or TOML file of run fields")
     kind = "TOML" if p.suffix == ".toml" else "JSON"
@@ -201,10 +204,11 @@ class Interrupts:
 
 @torch.no_grad()
 def evaluate(method, box: BlackBox, images: ImageSet | FewShotData, batch: int, desc: str = "eval",
-             progress: bool = True, should_stop: Callable[[], bool] | None = None) -> dict:
+             progress: bool = True, should_stop: Callable[[], bool] | None = None, cache: bool = False) -> dict:
     """Accuracy and mean cross-entropy of ``method.predict`` (or any ``predict(box, images)``)
     on ``images``, through ``box`` (an evaluation meter, not the training budget). Streams
-    the images ``batch`` at a time: memory stays flat in the size of the split."""
+    the images ``batch`` at a time and, unless ``cache`` (the few-shot val set, evaluated at
+    every curve point), sends them without cache keys: memory stays flat in the split's size."""
     data = images if isinstance(images, FewShotData) else FewShotData(images, box.image_size, preload=False)
     correct, loss, n = 0, 0.0, len(data)
     with eval_bar(progress and n > batch, n, desc) as bar:
@@ -212,7 +216,8 @@ def evaluate(method, box: BlackBox, images: ImageSet | FewShotData, batch: int, 
             if should_stop is not None and should_stop():
                 return {"accuracy": None, "loss": None, "stopped": True}
             idx = np.arange(i, min(i + batch, n))
-            logits = method.predict(box, data.images(idx))  # (B, C)
+            imgs = data.images(idx)
+            logits = method.predict(box, imgs if cache else Images(imgs.pixels))  # (B, C)
             y = data.labels[idx]
             correct += int((logits.argmax(-1) == y).sum())
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -253,21 +258,29 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
     mcfg = cls.resolve_config(make_config(cls, cfg.options), cfg.shots)
     config = {**cfg.model_dump(), "options": mcfg.model_dump()}
     folder = RunFolder(out) if out is not None else None
-    mode = folder.check(config, force=force, keep_finished=keep_finished) if folder else "new"
-    if mode == "finished":
-        return folder.result()
-    ckpt = folder.load_checkpoint() if mode == "resume" else None
     try:
+        if folder is not None:
+            folder.lock()  # an existing folder: held before it is read (a new one is locked at its start)
+        mode = folder.check(config, force=force, keep_finished=keep_finished) if folder else "new"
+        if mode == "finished":
+            return folder.result()
+        ckpt = folder.load_checkpoint() if mode == "resume" else None
         return _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
+    finally:
+        if folder is not None:
+            folder.unlock()
+
+
+@contextlib.contextmanager
+def _discard_unless_spent(folder: RunFolder | None, mode: str, meters: Callable[[], list]):
+    """A new run that fails (bad input, an unusable budget) before spending a query leaves
+    its folder as it found it; one that spent queries keeps its checkpoint, to resume."""
+    try:
+        yield
     except BBPTError:
-        if folder is not None and mode == "new" and not _spent_any(folder):
-            folder.discard()  # a run that failed before spending a query leaves nothing behind
+        if folder is not None and mode == "new" and not any(m is not None and any(m.counts.values()) for m in meters()):
+            folder.discard()
         raise
-
-
-def _spent_any(folder: RunFolder) -> bool:
-    ck = folder.load_checkpoint() if folder.file("checkpoint.safetensors").exists() else None
-    return bool(ck and any(v for v in ck["meters"]["train"]["counts"].values()))
 
 
 def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step) -> dict:
@@ -291,124 +304,124 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
     method = cls(mcfg, env)
     if folder is not None and mode == "new":
         folder.start(config)  # everything loaded: now the folder is this run's
+    with _discard_unless_spent(folder, mode, lambda: [meter, env.side_meter]):
+        total = mcfg.budget or (method.total_steps() or 0)
+        loop = _Loop(cfg.eval_every or max(1, total // 20))
+        meters = lambda: {"train": meter, "eval": eval_box.meter, "side": env.side_meter}  # noqa: E731
+        if ckpt is not None:
+            method.load_state_dict(ckpt["method"])
+            loop.load_state_dict(ckpt["loop"])
+            if ckpt["meters"].get("side") is not None and env.side_meter is None:
+                env.side_box()  # created on demand by the first run: create it before restoring its counts
+            for k, m in meters().items():
+                if ckpt["meters"].get(k) is not None:
+                    m.load_state_dict(ckpt["meters"][k])
+            set_global_rng_state(ckpt["rng"])
+            log(f"resuming {folder.path}: {cfg.method} on {task.name} from its checkpoint at step {loop.steps} "
+                f"({meter.counts[unit]} {unit} spent)")
+        elif mode == "resume":
+            log(f"resuming {folder.path}: no checkpoint was written yet, starting the run from step 0")
 
-    total = mcfg.budget or (method.total_steps() or 0)
-    loop = _Loop(cfg.eval_every or max(1, total // 20))
-    meters = lambda: {"train": meter, "eval": eval_box.meter, "side": env.side_meter}  # noqa: E731
-    if ckpt is not None:
-        method.load_state_dict(ckpt["method"])
-        loop.load_state_dict(ckpt["loop"])
-        if ckpt["meters"].get("side") is not None and env.side_meter is None:
-            env.side_box()  # created on demand by the first run: create it before restoring its counts
-        for k, m in meters().items():
-            if ckpt["meters"].get(k) is not None:
-                m.load_state_dict(ckpt["meters"][k])
-        set_global_rng_state(ckpt["rng"])
-        log(f"resuming {folder.path}: {cfg.method} on {task.name} from its checkpoint at step {loop.steps} "
-            f"({meter.counts[unit]} {unit} spent)")
-    elif mode == "resume":
-        log(f"resuming {folder.path}: no checkpoint was written yet, starting the run from step 0")
+        def checkpoint() -> None:
+            nonlocal last_save
+            if folder is not None:
+                loop.elapsed = prior + time.time() - t0
+                folder.save_checkpoint({"method": method.state_dict(), "loop": loop.state_dict(), "rng": global_rng_state(),
+                                        "meters": {k: m.state_dict() if m else None for k, m in meters().items()}})
+            last_save = time.time()
 
-    def checkpoint() -> None:
-        nonlocal last_save
-        if folder is not None:
-            loop.elapsed = prior + time.time() - t0
-            folder.save_checkpoint({"method": method.state_dict(), "loop": loop.state_dict(), "rng": global_rng_state(),
-                                    "meters": {k: m.state_dict() if m else None for k, m in meters().items()}})
-        last_save = time.time()
+        def done() -> int:
+            return meter.counts[unit] if mcfg.budget else loop.steps
 
-    def done() -> int:
-        return meter.counts[unit] if mcfg.budget else loop.steps
+        def add_point() -> None:
+            if loop.last_loss is None:  # a method that has not trained yet: its loss on the train set, uncounted
+                loop.last_loss = evaluate(method, eval_box, data, cfg.eval_batch, "train", progress, cache=True)["loss"]
+            v = evaluate(method, eval_box, val_data, cfg.eval_batch, "val", progress, cache=True)
+            point = {"api_calls": meter.counts["api_calls"], "prompt_evals": meter.counts["prompt_evals"],
+                     "train_loss": loop.last_loss, "val_accuracy": v["accuracy"]}
+            loop.curve.append(point)
+            bar.point(done(), point)
 
-    def add_point() -> None:
-        if loop.last_loss is None:  # a method that has not trained yet: its loss on the train set, uncounted
-            loop.last_loss = evaluate(method, eval_box, data, cfg.eval_batch, "train", progress)["loss"]
-        v = evaluate(method, eval_box, val_data, cfg.eval_batch, "val", progress)
-        point = {"api_calls": meter.counts["api_calls"], "prompt_evals": meter.counts["prompt_evals"],
-                 "train_loss": loop.last_loss, "val_accuracy": v["accuracy"]}
-        loop.curve.append(point)
-        bar.point(done(), point)
+        def result(status: str, test_r: dict | None) -> dict:
+            side = env.side_meter
+            return {
+                "method": cfg.method, "dataset": task.name,
+                "model": cfg.model if cfg.pretrained is None else f"{cfg.model}:{cfg.pretrained}",
+                "shots": cfg.shots, "seed": cfg.seed, "status": status, "stopped_by": loop.stopped_by, "steps": loop.steps,
+                "black_box": cls.black_box,
+                "budget": {unit: mcfg.budget} if unit == "api_calls" else {"api_calls": None, unit: mcfg.budget},
+                "queries": meter.counts,
+                **({"aux_queries": side.counts, "queries_total": {k: v + side.counts[k] for k, v in meter.counts.items()}}
+                   if side is not None else {}),
+                "eval_queries": eval_box.meter.counts,
+                "accuracy": {"test": None if test_r is None else test_r["accuracy"],
+                             "val": loop.curve[-1]["val_accuracy"] if loop.curve else None},
+                **({"test_subset": {"n": len(test), "of": len(task.test), "seed": TEST_SUBSET_SEED,
+                                    "comparable_to_full_test": False}} if cfg.test_subset is not None else {}),
+                "curve": loop.curve,
+                "wall_seconds": round(prior + time.time() - t0, 2),
+                "config": config,
+            }
 
-    def result(status: str, test_r: dict | None) -> dict:
-        side = env.side_meter
-        return {
-            "method": cfg.method, "dataset": task.name,
-            "model": cfg.model if cfg.pretrained is None else f"{cfg.model}:{cfg.pretrained}",
-            "shots": cfg.shots, "seed": cfg.seed, "status": status, "stopped_by": loop.stopped_by, "steps": loop.steps,
-            "black_box": cls.black_box,
-            "budget": {unit: mcfg.budget} if unit == "api_calls" else {"api_calls": None, unit: mcfg.budget},
-            "queries": meter.counts,
-            **({"aux_queries": side.counts, "queries_total": {k: v + side.counts[k] for k, v in meter.counts.items()}}
-               if side is not None else {}),
-            "eval_queries": eval_box.meter.counts,
-            "accuracy": {"test": None if test_r is None else test_r["accuracy"],
-                         "val": loop.curve[-1]["val_accuracy"] if loop.curve else None},
-            **({"test_subset": {"n": len(test), "of": len(task.test), "seed": TEST_SUBSET_SEED,
-                                "comparable_to_full_test": False}} if cfg.test_subset is not None else {}),
-            "curve": loop.curve,
-            "wall_seconds": round(prior + time.time() - t0, 2),
-            "config": config,
-        }
-
-    def interrupted(signum: int) -> RunInterrupted:
-        checkpoint()
-        r = result("interrupted", None)
-        if folder is not None:
-            write_outputs(folder.path, r, method)
-        return RunInterrupted(signum, folder.path if folder else None, r)
-
-    prior, last_save = loop.elapsed, time.time()
-    budget = Budget.of(meter, unit, mcfg.budget)
-    bar = Progress(progress, f"{cfg.method} on {task.name}", total, unit if mcfg.budget else "step", done())
-    with Interrupts(folder.path if folder else None) as stop:
-        try:
-            if not loop.curve:
-                add_point()  # the starting point (api_calls = 0)
+        def interrupted(signum: int, save: bool = True) -> RunInterrupted:
+            if save:  # not during the test split: the checkpoint before it is current, its meters included
                 checkpoint()
-            while loop.stopped_by is None:
-                if stop.signum is not None:
-                    raise interrupted(stop.signum)
-                if cfg.max_steps is not None and loop.steps >= cfg.max_steps:
-                    loop.stopped_by = "max_steps"
-                    break
-                try:
-                    stats = method.step(budget)
-                except BudgetExhausted as e:
-                    if meter.counts[unit] == 0:  # not even one step fits: the budget is unusable
-                        raise BudgetExhausted(e.counts, e.budget, e.requested) from None
-                    loop.stopped_by = "budget"
-                    break
-                if stats is None:
-                    loop.stopped_by = "done"
-                    break
-                loop.steps += 1
-                loop.last_loss = stats.get("train_loss", loop.last_loss)
-                bar.update(done(), loop.last_loss)
-                if done() >= loop.next_eval:
-                    add_point()
-                    loop.next_eval = done() + loop.every
-                    checkpoint()
-                elif time.time() - last_save >= CHECKPOINT_SECONDS:
-                    checkpoint()
-                if on_step is not None:
-                    on_step(loop.steps, stats)
-            last = loop.curve[-1]
-            if (last["api_calls"], last["prompt_evals"]) != (meter.counts["api_calls"], meter.counts["prompt_evals"]):
-                add_point()  # the end point
-            checkpoint()  # training is over: a resumed run goes straight to the test split
-            if stop.signum is not None:
-                raise interrupted(stop.signum)
-            test_r = evaluate(method, eval_box, test, cfg.eval_batch, "test", progress,
-                              should_stop=lambda: stop.signum is not None)
-            if test_r.get("stopped"):
-                raise interrupted(stop.signum)
-        finally:
-            bar.close()
+            r = result("interrupted", None)
+            if folder is not None:
+                write_outputs(folder.path, r, method)
+            return RunInterrupted(signum, folder.path if folder else None, r)
 
-    r = result("finished", test_r)
-    if folder is not None:
-        write_outputs(folder.path, r, method)
-    return r
+        prior, last_save = loop.elapsed, time.time()
+        budget = Budget.of(meter, unit, mcfg.budget)
+        bar = Progress(progress, f"{cfg.method} on {task.name}", total, unit if mcfg.budget else "step", done())
+        with Interrupts(folder.path if folder else None) as stop:
+            try:
+                if not loop.curve:
+                    add_point()  # the starting point (api_calls = 0)
+                    checkpoint()
+                while loop.stopped_by is None:
+                    if stop.signum is not None:
+                        raise interrupted(stop.signum)
+                    if cfg.max_steps is not None and loop.steps >= cfg.max_steps:
+                        loop.stopped_by = "max_steps"
+                        break
+                    try:
+                        stats = method.step(budget)
+                    except BudgetExhausted as e:
+                        if meter.counts[unit] == 0:  # not even one step fits: the budget is unusable
+                            raise BudgetExhausted(e.counts, e.budget, e.requested) from None
+                        loop.stopped_by = "budget"
+                        break
+                    if stats is None:
+                        loop.stopped_by = "done"
+                        break
+                    loop.steps += 1
+                    loop.last_loss = stats.get("train_loss", loop.last_loss)
+                    bar.update(done(), loop.last_loss)
+                    if done() >= loop.next_eval:
+                        add_point()
+                        loop.next_eval = done() + loop.every
+                        checkpoint()
+                    elif time.time() - last_save >= CHECKPOINT_SECONDS:
+                        checkpoint()
+                    if on_step is not None:
+                        on_step(loop.steps, stats)
+                last = loop.curve[-1]
+                if (last["api_calls"], last["prompt_evals"]) != (meter.counts["api_calls"], meter.counts["prompt_evals"]):
+                    add_point()  # the end point
+                checkpoint()  # training is over: a resumed run goes straight to the test split
+                if stop.signum is not None:
+                    raise interrupted(stop.signum, save=False)
+                test_r = evaluate(method, eval_box, test, cfg.eval_batch, "test", progress,
+                                  should_stop=lambda: stop.signum is not None)
+                if test_r.get("stopped"):
+                    raise interrupted(stop.signum, save=False)
+                r = result("finished", test_r)
+                if folder is not None:
+                    write_outputs(folder.path, r, method)
+            finally:
+                bar.close()
+        return r
 
 
 class _Saved:

@@ -319,15 +319,25 @@ class CMAES:
 
     def sample(self) -> torch.Tensor:
         """A fresh generation that is *not* told back (CraFT's re-asked bias)."""
-        return torch.from_numpy(np.stack(self._private(self.es.ask))).float()
+        import warnings
+
+        with warnings.catch_warnings():  # pycma warns on every ask without a tell; here that is the point
+            warnings.simplefilter("ignore")
+            return torch.from_numpy(np.stack(self._private(self.es.ask))).float()
 
     def current_loss(self, losses: torch.Tensor) -> float:
         return float(losses.min())  # the generation's best
 
     def tell(self, losses: torch.Tensor) -> None:
+        import warnings
+
+        from cma.evolution_strategy import InjectionWarning
+
         if self._asked is None:
             raise RuntimeError("tell() without ask()")
-        self._private(lambda: self.es.tell(self._asked, [float(v) for v in losses]))
+        with warnings.catch_warnings():  # after sample(): its untold injected mean is expected
+            warnings.simplefilter("ignore", InjectionWarning)
+            self._private(lambda: self.es.tell(self._asked, [float(v) for v in losses]))
         self._asked = None
 
     @property

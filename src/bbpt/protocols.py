@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import engine
-from .data import load_task, subsample_classes
+from .data import check_images, load_task, subsample_classes
 from .data.core import ImageSet, Task
 from .data.shift import SHIFTS, shift_task
 from .errors import BadInput
@@ -52,7 +52,7 @@ class _Evaluator:
         box = self.boxes[name].for_classes(classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
         prompt, extra, _ = load_prompt(run_dir / "prompt.safetensors")
         saved = engine._Saved(METHODS.get(cfg.method), prompt, extra)
-        r = engine.evaluate(saved, box, images, cfg.eval_batch, name, progress)
+        r = engine.evaluate(saved, box, images, cfg.eval_batch, name, progress, cache=True)  # features reused across seeds
         return {**r, "eval_queries": box.meter.counts}
 
 
@@ -71,6 +71,8 @@ def _run_protocol(protocol: str, method: str, dataset: str, targets: dict[str, T
     out = Path(out) if out is not None else Path("runs") / protocol / f"{method}-{dataset.replace('/', '_')}"
     cfgs = {s: engine.make_run_config(method=method, dataset=dataset, shots=shots, seed=s, classes=classes,
                                       options=dict(options or {}), **run_kw) for s in seeds}
+    for name, t in targets.items():  # a bad target image is found before any seed trains
+        check_images(t.test, f"{name} test", progress=progress)
     evaluator = _Evaluator(cfgs[seeds[0]])
     rows, runs = [], {}
     for s in seeds:  # an interruption (engine.RunInterrupted) propagates: the seed's folder resumes

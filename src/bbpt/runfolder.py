@@ -16,6 +16,7 @@ atomically, so a process killed at any moment leaves a folder in one of the stat
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .state import atomic_write_text, load_state, save_state
 
 RUN_JSON, CHECKPOINT, RESULT = "run.json", "checkpoint.safetensors", "result.json"
 OUTPUTS = (RUN_JSON, CHECKPOINT, RESULT, "curve.csv", "curve.png", "prompt.safetensors", "progress.json")
+LOCK = ".bbpt.lock"  # held (flock) by the process running in the folder
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -46,6 +48,7 @@ def config_diff(old: dict, new: dict) -> list[str]:
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock_fd: int | None = None
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -55,7 +58,7 @@ class RunFolder:
             return []
         if not self.path.is_dir():
             raise BadInput(f"--out {self.path} is a file, not a folder; choose another --out")
-        return [p for p in self.path.iterdir() if not (p.name.startswith(".") and ".tmp" in p.name)]
+        return [p for p in self.path.iterdir() if not p.name.startswith(".")]  # hidden: ours (temp, lock) or the OS's
 
     def result(self) -> dict | None:
         try:
@@ -102,18 +105,58 @@ class RunFolder:
 
     def start(self, config: dict) -> None:
         """Begin a new run: remove what an earlier run left (``check`` allowed it), write run.json."""
-        self.discard()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BadInput(f"cannot create output folder {self.path}: {e.strerror}; choose another --out") from None
+        self.lock()
+        self.discard()
         atomic_write_text(self.file(RUN_JSON), json.dumps({"config": config}, indent=1) + "\n")
 
     def discard(self) -> None:
-        """Remove every bbpt output from the folder (a run replaced, or one that spent nothing)."""
-        for p in self._entries():
-            if p.name in OUTPUTS:
+        """Remove every bbpt output from the folder, and temp files a killed write left."""
+        if not self.path.is_dir():
+            return
+        for p in self.path.iterdir():
+            ours = p.name in OUTPUTS or any(p.name.startswith(f".{n}.tmp") for n in OUTPUTS)
+            if ours:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def lock(self) -> None:
+        """Hold the folder for this process (one run per folder at a time); no-op if held.
+        The lock file is removed on unlock, so a lock taken on a file another process has
+        just unlinked is detected (the path no longer names it) and taken again."""
+        if self._lock_fd is not None or not self.path.is_dir():
+            return
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): run without the guard
+            return
+        path = self.file(LOCK)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise BadInput(f"another bbpt process is running in --out {self.path}; wait for it to end, "
+                               "or choose another --out") from None
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    self._lock_fd = fd
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder unlinked it meanwhile: take the new file
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                os.unlink(self.file(LOCK))
+            except FileNotFoundError:
+                pass
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
 
     def save_checkpoint(self, state: dict) -> int:
         return save_state(self.file(CHECKPOINT), state)

@@ -10,7 +10,9 @@ the new one, never half of either.
 pycma's ``CMAEvolutionStrategy`` has no state format other than pickle. Its pickle travels
 as a uint8 tensor with its SHA-256 in the JSON, and :func:`load_state` unpickles it only
 after the hash matches. bbpt reads checkpoints only from the run folder it wrote them to
-(``--out``), never from a path given for that purpose, because unpickling runs code.
+(``--out``), never from a path given for that purpose, because unpickling runs code. The
+hash guards against corruption, not against a hostile folder: resume only run folders you
+(or your own bbpt) made, as with any pickle.
 
 Types kept exactly: tensors (dtype, shape), numpy arrays, tuples, dicts with non-string keys
 (torch optimisers key their state by int), ints of any size (numpy's PCG64 state), floats

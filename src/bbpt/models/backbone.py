@@ -207,7 +207,12 @@ def create_backbone(name: str = "mini", pretrained: str | None = None, device: s
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput("device 'cuda' requested but CUDA is not available; use --device cpu")
+        raise BadInput(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise BadInput(f"device {device!r} does not exist: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInput(f"device {device!r} requested but MPS is not available; use --device cpu")
     if name in embedded_models():
         return _create_embedded(name, pretrained, dev)
     if name not in open_clip.list_models():
