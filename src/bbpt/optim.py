@@ -273,16 +273,18 @@ class ZOSGD:
 
 
 # ---------------------------------------------------------------------------------------
+_NUMPY_GLOBAL = {"numpy.random global RandomState": lambda: np.random.mtrand._rand}
+
+
 class CMAES:
     """pycma's CMA-ES with an (n, d) tensor ask and an (n,) tensor tell.
 
-    pycma samples with its ``randn`` option, numpy's global ``np.random.randn`` by default.
-    Here it is the bound ``randn`` of a RandomState private to the optimiser, seeded as
-    pycma would seed the global one (the same stream), so other code cannot perturb it and
-    it travels inside the strategy's pickle: a resumed strategy continues the very stream.
-    (Pickling a strategy that uses the global RNG would freeze a *copy* of it into the
-    pickle, and the resumed run would draw other samples.) Any other use pycma makes of
-    numpy's global RNG is fenced the same way: its state is swapped in around each call.
+    pycma draws from numpy's global RNG; here that stream is private to the optimiser
+    (its state swapped in around each call), so other code cannot perturb it and the state
+    is explicit. The strategy itself is pickled for checkpoints with the global RNG kept
+    *out* of the pickle (a persistent reference, :func:`bbpt.state.pickle_own`): a pickled
+    copy of it would be a second, frozen stream, and a resumed strategy would draw other
+    samples than the uninterrupted one.
     """
 
     def __init__(self, x0: torch.Tensor, sigma0: float, popsize: int, seed: int = 0, bound: float = 0.0):
@@ -292,12 +294,11 @@ class CMAES:
             raise BadInput(f"CMA-ES sigma must be positive, got {sigma0}")
         if popsize < 2:
             raise BadInput(f"CMA-ES population must be at least 2, got {popsize}")
-        opts = {"popsize": popsize, "randn": np.random.RandomState(seed + 1).randn, "verbose": -9, "maxiter": 10**9,
-                "tolfun": 0, "tolx": 0, "tolfunhist": 0, "tolstagnation": 10**9, "tolflatfitness": 10**9}
+        opts = {"popsize": popsize, "seed": seed + 1, "verbose": -9, "maxiter": 10**9, "tolfun": 0, "tolx": 0,
+                "tolfunhist": 0, "tolstagnation": 10**9, "tolflatfitness": 10**9}
         if bound > 0:
             opts["bounds"] = [-bound, bound]
         outer = np.random.get_state()
-        np.random.seed(seed + 1)
         self.es = cma.CMAEvolutionStrategy(x0.detach().double().flatten().numpy(), sigma0, opts)
         self._rng = np.random.get_state()
         np.random.set_state(outer)
@@ -352,11 +353,11 @@ class CMAES:
     def state_dict(self) -> dict:
         """pycma's strategy has no state format but pickle: it is stored as bytes (see
         :mod:`bbpt.state` for why and how it is loaded only from the run's own checkpoint)."""
-        import pickle
+        from .state import pickle_own
 
-        return {"es": pickle.dumps(self.es), "rng": self._rng, "asked": self._asked}
+        return {"es": pickle_own(self.es, _NUMPY_GLOBAL), "rng": self._rng, "asked": self._asked}
 
     def load_state_dict(self, s: dict) -> None:
         from .state import unpickle_own
 
-        self.es, self._rng, self._asked = unpickle_own(s["es"]), s["rng"], s.get("asked")
+        self.es, self._rng, self._asked = unpickle_own(s["es"], _NUMPY_GLOBAL), s["rng"], s.get("asked")

@@ -21,11 +21,12 @@ including inf/nan, bytes (pickles).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -128,9 +129,31 @@ def load_state(path: Path) -> dict:
     return _unflatten(json.loads(meta["state"]), tensors)
 
 
-def unpickle_own(data: bytes) -> Any:
-    """Unpickle third-party state (pycma) that bbpt itself pickled into a run's checkpoint."""
-    return pickle.loads(data)  # noqa: S301 -- only bytes from this run's own, hash-checked checkpoint
+def pickle_own(obj: Any, shared: dict[str, Callable[[], Any]] | None = None) -> bytes:
+    """Pickle third-party state (pycma). ``shared`` names live objects to keep *out* of the
+    pickle, stored as references and resolved again on load (numpy's global RNG: a copy of
+    it inside the pickle would be a second, frozen stream)."""
+    live = {id(get()): name for name, get in (shared or {}).items()}
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            return live.get(id(o))
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def unpickle_own(data: bytes, shared: dict[str, Callable[[], Any]] | None = None) -> Any:
+    """Unpickle third-party state that bbpt itself pickled into a run's checkpoint."""
+
+    class _Unpickler(pickle.Unpickler):  # noqa: S301 -- only bytes from this run's own, hash-checked checkpoint
+        def persistent_load(self, pid):
+            if not shared or pid not in shared:
+                raise pickle.UnpicklingError(f"unknown shared object {pid!r} in a checkpoint")
+            return shared[pid]()
+
+    return _Unpickler(io.BytesIO(data)).load()
 
 
 # ---- objects <-> state ----------------------------------------------------------------------
