@@ -265,15 +265,37 @@ def test_visual_prompt_errors(mini, openclip_random):
         rbox.query(p, Images(torch.rand(1, 3, rn.image_size, rn.image_size)), VisualPrompt(torch.randn(1, 2, 64)))
 
 
-def test_white_box_features_refused_by_black_box(mini):
+def test_gradients_only_through_the_white_box(mini):
+    from bbpt.models.meter import QueryMeter
+    from bbpt.models.whitebox import WhiteBox
+
     box = BlackBox(mini, NAMES)
-    ctx = box.embed_words("a photo of a")[None]
-    with pytest.raises(BadInput, match="white-box only"):
-        box.differentiable_text_features(SoftPrompt(ctx))
-    white = BlackBox(mini, NAMES, white_box=True)
-    c = ctx.clone().requires_grad_(True)
-    white.differentiable_text_features(SoftPrompt(c)).sum().backward()
+    assert not hasattr(box, "differentiable_text_features")
+    c = box.embed_words("a photo of a")[None].clone().requires_grad_(True)
+    out = box.query(SoftPrompt(c), Images(torch.rand(2, 3, 32, 32)))
+    assert not out.requires_grad  # the black box answers numbers, never a graph
+    white = WhiteBox(mini, NAMES, QueryMeter())
+    feats = white.text_features(SoftPrompt(c))  # (1, C, E)
+    feats.sum().backward()
     assert c.grad is not None and c.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.allclose(feats, box._text_features(SoftPrompt(c.detach())), atol=1e-6)
+
+
+def test_query_many_equals_queries_one_at_a_time(mini):
+    from bbpt.models.blackbox import query_many
+
+    a, b = BlackBox(mini, NAMES), BlackBox(mini, ["cat", "dog", "truck"])
+    g = torch.Generator().manual_seed(0)
+    ctx = a.embed_words("a photo of a")[None] + 0.01 * torch.randn(3, 4, a.ctx_dim, generator=g)
+    x1, x2 = torch.rand(5, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    items = [(a, SoftPrompt(ctx), Images(x1), None), (b, TextPrompt(("a photo of a {}.", "a {}.")), Images(x2), None),
+             (a, SoftPrompt(ctx[:1], suffix=" here."), Images(x2), None)]
+    together = query_many(items)
+    alone = [box.query(p, i, v) for box, p, i, v in items]
+    for t, s in zip(together, alone):
+        assert t.shape == s.shape and torch.allclose(t, s, atol=1e-5)
+    assert a.meter.counts["prompt_evals"] == 2 * (3 + 1) and b.meter.counts["prompt_evals"] == 2 * 2
 
 
 # ---- refuse before charging -------------------------------------------------------------

@@ -66,6 +66,8 @@ def run(
                                               "(quick looks; marked as not comparable to full-test numbers)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N method steps (quick looks)."),
     eval_every: int = typer.Option(0, help="Budget units between curve points (and checkpoints); 0: about 20 points."),
+    remote: Optional[str] = typer.Option(None, help="Query a `bbpt serve` server at this URL instead of a local "
+                                         "model (API key from $BBPT_API_KEY)."),
     force: bool = typer.Option(False, help="Replace what --out holds (a finished or another run) instead of refusing."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
@@ -82,7 +84,7 @@ def run(
         options["budget"] = budget
     cli = dict(method=method, dataset=dataset, shots=shots, seed=seed, model=model, pretrained=pretrained,
                device=device, precision=precision, test_subset=test_subset, max_steps=max_steps,
-               eval_every=eval_every)
+               eval_every=eval_every, remote=remote)
     # explicit CLI values win over the file; the file wins over defaults
     for k, v in cli.items():
         src = ctx.get_parameter_source(k)
@@ -177,6 +179,96 @@ def data_prepare(
         path = TASKS.get(name).prepare(force=force)
         typer.echo(f"{name}: {path}")
     typer.echo(f"data folder: {data_dir()}")
+
+
+# ---- the black box as a service -------------------------------------------------------------
+serve_app = typer.Typer(help="Serve the black box as an HTTP API (keys, budgets, batching).")
+keys_app = typer.Typer(help="API keys and their budgets.", no_args_is_help=True)
+serve_app.add_typer(keys_app, name="keys")
+app.add_typer(serve_app, name="serve")
+
+
+def _o_db():
+    return typer.Option("serve.db", help="SQLite file of keys, budgets, usage and stored replies.")
+
+
+@serve_app.callback(invoke_without_command=True)
+def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (`bbpt models`)."),
+          pretrained: Optional[str] = typer.Option(None, help="open_clip tag, checkpoint path, or 'random'."),
+          host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+          port: int = typer.Option(8000, min=1, max=65535, help="Port."),
+          db: str = _o_db(), device: str = typer.Option("cpu", help="cpu or cuda."),
+          precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA."),
+          max_batch: int = typer.Option(32, min=1, help="Queries merged into one forward (1: no batching)."),
+          max_wait_ms: float = typer.Option(2.0, min=0.0, help="How long a query waits for others to join it."),
+          max_request_mb: int = typer.Option(256, min=1, help="Largest request body accepted (413 above)."),
+          ray: bool = typer.Option(False, help="Serve with Ray Serve (needs `pip install 'ray[serve]'`)."),
+          replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (with --ray)."),
+          log_level: str = typer.Option("warning", help="uvicorn log level.")):
+    """Serve the black box: `bbpt serve --model mini --port 8000`; keys: `bbpt serve keys add NAME`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .serve.app import ServeConfig
+
+    cfg = ServeConfig(model=model, pretrained=pretrained, device=device, precision=precision, db=db,
+                      max_batch=max_batch, max_wait_ms=max_wait_ms, max_request_bytes=max_request_mb << 20)
+    from .models import create_backbone
+
+    create_backbone(model, pretrained, device)  # a bad model or device: one line now, not a traceback at startup
+    typer.echo(f"bbpt serve: {model} on http://{host}:{port}/v1 (db {db}; batching up to {max_batch} queries, "
+               f"{max_wait_ms:g} ms){' with Ray Serve, %d replicas' % replicas if ray else ''}", err=True)
+    if ray:
+        from .serve.ray_serve import serve_with_ray
+
+        serve_with_ray(cfg, host, port, replicas)
+    else:
+        from .serve.app import serve_forever
+
+        serve_forever(cfg, host, port, log_level)
+
+
+def _parse_budget(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        unit, _, v = it.partition("=")
+        if unit not in ("api_calls", "prompt_evals") or not v.isdigit():
+            raise BadInput(f"--budget {it!r}: expected api_calls=N or prompt_evals=N")
+        out[unit] = int(v)
+    return out
+
+
+@keys_app.command("add")
+def keys_add(name: str = typer.Argument(..., help="A name for the key (unique)."),
+             budget: List[str] = typer.Option([], "--budget", help="api_calls=N and/or prompt_evals=N (repeatable)."),
+             db: str = _o_db()):
+    """Create a key; prints it once (only its hash is stored)."""
+    from .serve.store import Store
+
+    try:
+        key = Store(db).add_key(name, _parse_budget(budget))
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(db: str = _o_db()):
+    """Keys with their budgets and usage (never the keys themselves)."""
+    from .serve.store import Store
+
+    for k in Store(db).keys():
+        typer.echo(f"{k['name']:20s} id {k['id']}  budget {json.dumps(k['budget'])}  used {json.dumps(k['used'])}"
+                   + ("  REVOKED" if k["revoked"] else ""))
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str, db: str = _o_db()):
+    """Revoke a key (its usage stays on record)."""
+    from .serve.store import Store
+
+    if not Store(db).revoke(name):
+        raise BadInput(f"no key named {name!r} in {db}; `bbpt serve keys list --db {db}` shows them")
+    typer.echo(f"revoked {name}")
 
 
 # ---- protocols: one command each, summary.json + summary.md in --out ----------------------

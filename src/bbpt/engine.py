@@ -66,6 +66,7 @@ class RunConfig(BaseModel):
     classes: Literal["all", "base", "new"] = Field("all", description="all classes, or CoOp's base / new half")
     test_subset: int | None = Field(None, ge=1, description="evaluate on a seeded, stratified subset of the test split")
     max_steps: int | None = Field(None, ge=1, description="stop after this many method steps (quick looks)")
+    remote: str | None = Field(None, min_length=1, description="URL of a `bbpt serve` black box (key: $BBPT_API_KEY)")
     options: dict[str, Any] = Field({}, description="method options over its paper defaults")
 
     @field_validator("device")
@@ -290,17 +291,20 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
     test = task.test if cfg.test_subset is None else stratified_subset(task.test, cfg.test_subset, TEST_SUBSET_SEED)
     for split, images in (("train", train), ("val", val), ("test", test)):  # before any query is spent
         check_images(images, split, progress=progress)
-    backbone = create_backbone(cfg.model, cfg.pretrained, cfg.device)
     unit = cls.unit(mcfg)
     meter = QueryMeter({unit: mcfg.budget} if mcfg.budget is not None else {}, cfg.max_images_per_call)
-    box = BlackBox(backbone, task.classnames, meter, precision=cfg.precision)
-    eval_box = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
+    if cfg.remote is None:
+        backbone = create_backbone(cfg.model, cfg.pretrained, cfg.device)
+        box = BlackBox(backbone, task.classnames, meter, precision=cfg.precision)
+    else:
+        backbone, box = None, _remote_box(cfg, task.classnames, meter)
+    eval_box = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call), "eval")
     data = FewShotData(train, box.image_size)
     for chunk in data.chunks(box.encode_chunk):  # features of the few-shot set once, in a fixed order
         box.upload(chunk)
     val_data = FewShotData(val, box.image_size)
     env = Env(box, data, {"name": task.name, "classnames": task.classnames, "templates": task.templates},
-              cfg.seed, cls, white_box=lambda: WhiteBox(backbone, task.classnames, meter))
+              cfg.seed, cls, white_box=lambda: _white_box(cfg, backbone, task.classnames, meter))
     method = cls(mcfg, env)
     if folder is not None and mode == "new":
         folder.start(config)  # everything loaded: now the folder is this run's
@@ -422,6 +426,29 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
             finally:
                 bar.close()
         return r
+
+
+def _remote_box(cfg: RunConfig, classnames: list[str], meter: QueryMeter):
+    """The black box of the `bbpt serve` server at ``cfg.remote``, checked against the run."""
+    from .serve.client import RemoteBlackBox
+
+    box = RemoteBlackBox(cfg.remote, os.environ.get("BBPT_API_KEY", ""), classnames, meter)
+    served = (box.info["model"], box.info["pretrained"])
+    if served != (cfg.model, cfg.pretrained):
+        raise BadInput(f"the server at {cfg.remote} serves {served[0]} ({served[1] or 'its default weights'}), not "
+                       f"{cfg.model} ({cfg.pretrained or 'default weights'}); pass --model {served[0]}"
+                       + (f" --pretrained {served[1]}" if served[1] else ""))
+    if box.max_images_per_call != cfg.max_images_per_call:
+        raise BadInput(f"the server prices {box.max_images_per_call} images per api_call, the run "
+                       f"{cfg.max_images_per_call}; set max_images_per_call to {box.max_images_per_call}")
+    return box
+
+
+def _white_box(cfg: RunConfig, backbone, classnames: list[str], meter: QueryMeter) -> WhiteBox:
+    if backbone is None:
+        raise BadInput(f"{cfg.method} is white-box: it needs the model itself, which a remote black box does not "
+                       "give; run it without --remote")
+    return WhiteBox(backbone, classnames, meter)
 
 
 class _Saved:

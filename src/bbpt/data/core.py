@@ -172,19 +172,25 @@ def _read_image(path: str, size: int) -> torch.Tensor:
 
     try:
         with _open_image(path) as im, _decode_guard(im):
-            im = im.convert("RGB")
-            w, h = im.size
-            s = size / min(w, h)
-            # torchvision's Resize(size) + CenterCrop(size), as in CLIP's test transform
-            im = im.resize((max(size, int(w * s)), max(size, int(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-            im = im.crop((left, top, left + size, top + size))
-            a = np.asarray(im, dtype=np.uint8)
+            return preprocess_pil(im, size)
     except FileNotFoundError:
         raise BadInput(f"image file {path} does not exist; check the dataset folder or split file") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise BadInput(f"cannot read image {path} ({_reason(e, path)}); remove or replace the file") from None
+
+
+def preprocess_pil(im, size: int) -> torch.Tensor:
+    """A PIL image -> (3, size, size) float RGB in [0, 1] by CLIP's test transform:
+    torchvision's Resize(size) (shorter side, bicubic) + CenterCrop(size)."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    w, h = im.size
+    s = size / min(w, h)
+    im = im.resize((max(size, int(w * s)), max(size, int(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    a = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
 
 

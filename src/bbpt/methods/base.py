@@ -167,7 +167,7 @@ class Env:
             from ..models import QueryMeter
 
             self.side_meter = QueryMeter(max_images_per_call=self.box.max_images_per_call)
-            self._side = self.box.for_classes(self.box.classnames, self.side_meter)
+            self._side = self.box.for_classes(self.box.classnames, self.side_meter, "side")
         return self._side
 
     def white_box(self):

@@ -120,21 +120,24 @@ class VisualPrompt:
 @dataclass
 class Images:
     """A batch of images as float RGB in [0, 1], (B, 3, S, S), with optional cache keys; or
-    prompted images, one batch per candidate, (P, B, 3, S, S), never cached.
+    prompted images, one batch per candidate, (P, B, 3, S, S), never cached; or, with
+    ``pixels=None``, images by key alone: ones uploaded earlier (:meth:`BlackBox.upload`).
 
     ``keys[i]`` names image i *as sent* (its id plus augmentation view): equal keys promise
     equal pixels, which lets the black box reuse the image features. None: never cached.
     """
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     keys: Sequence[str] | None = None
 
     def __post_init__(self):
+        if self.pixels is None and self.keys is None:
+            raise BadInput("Images: give pixels, or the keys of uploaded images")
         _check_keys(self)
 
     @property
     def per_candidate(self) -> bool:
-        return self.pixels.ndim == 5
+        return self.pixels is not None and self.pixels.ndim == 5
 
     @property
     def num_prompts(self) -> int:
@@ -142,6 +145,8 @@ class Images:
 
     def __len__(self) -> int:
         """B, the images scored under each candidate."""
+        if self.pixels is None:
+            return len(self.keys)
         return int(self.pixels.shape[-4]) if self.pixels.ndim >= 4 else len(self.pixels)
 
 
@@ -163,8 +168,10 @@ def _check_keys(images: Images) -> None:
                 f"Images: keys must be strings, got {type(k).__name__} at position {i}; "
                 "convert them, e.g. keys=[str(k) for k in keys]"
             )
-    if len(keys) != len(images):
+    if px is not None and len(keys) != len(images):
         raise BadInput(f"Images: {len(images)} images but {len(keys)} keys; pass one key per image")
+    if px is None and len(keys) == 0:
+        raise BadInput("a query needs at least one image")
 
 
 def _is_numpy(x) -> bool:
@@ -185,6 +192,16 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+    def put(self, key: str, feats: torch.Tensor) -> None:
+        """Features computed elsewhere (a server restoring its uploads)."""
+        self._rows[key] = feats
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._rows[key]
 
     def get_or_encode(self, images: Images, encode, chunk: int) -> tuple[torch.Tensor, int]:
         """(B, E) features, encoding only the misses; returns (features, number encoded)."""
@@ -209,165 +226,13 @@ class FeatureCache:
         return len(miss)
 
 
-class BlackBox:
-    """Metered class scores (P, B, C) for images under candidate prompts.
+class QueryChecks:
+    """The checks every black box makes before it charges (types, shapes, dtypes, ranges,
+    NaN/Inf), from its public metadata alone: shared by :class:`BlackBox` and the HTTP
+    client :class:`bbpt.serve.client.RemoteBlackBox`."""
 
-    Public metadata a client may use: ``classnames``, ``num_classes``, ``image_size`` (the
-    side of the pixels to send), ``max_images_per_call`` (the API's images-per-call limit:
-    a query of B images costs ``ceil(B / max_images_per_call)`` calls per candidate),
-    ``ctx_dim`` (D, width of a soft context vector), ``context_length``, ``visual_width``,
-    ``pixel_mean`` / ``pixel_std``, and :meth:`embed_words` (the API's tokenise-and-embed
-    service, used to initialise soft prompts from words such as "a photo of a").
-
-    A query that would be refused (any :class:`BadInput`) is refused before the meter is
-    charged, so it costs nothing.
-    """
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        classnames: Sequence[str],
-        meter: QueryMeter | None = None,
-        *,
-        fast: bool = True,
-        precision: str = "fp32",
-        text_chunk: int = 4096,
-        image_chunk: int = 2048,
-        white_box: bool = False,
-        _cache: FeatureCache | None = None,
-    ):
-        if not classnames:
-            raise BadInput("a black box needs at least one class name")
-        if precision not in PRECISIONS:
-            raise BadInput(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-        if precision != "fp32" and backbone.device.type != "cuda":
-            raise BadInput(f"precision {precision} needs a CUDA device; use --precision fp32 on CPU")
-        self._bb = backbone
-        self.classnames = list(classnames)
-        self.meter = meter if meter is not None else QueryMeter()
-        self.fast, self.precision, self.text_chunk, self.image_chunk = fast, precision, text_chunk, image_chunk
-        self.white_box = white_box  # True only for the white-box CoOp reference: gradients allowed
-        self._cache = _cache if _cache is not None else FeatureCache()
-        self._soft_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._hard_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    # ---- metadata -------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return len(self.classnames)
-
-    @property
-    def image_size(self) -> int:
-        return self._bb.image_size
-
-    @property
-    def max_images_per_call(self) -> int:
-        """The API's images-per-call limit (from the meter): B images cost ceil(B / this) calls."""
-        return self.meter.max_images_per_call
-
-    @property
-    def ctx_dim(self) -> int:
-        return self._bb.text.width
-
-    @property
-    def context_length(self) -> int:
-        return self._bb.text.context_length
-
-    @property
-    def model_name(self) -> str:
-        return self._bb.name
-
-    @property
-    def cached_images(self) -> int:
-        return len(self._cache)
-
-    @property
-    def visual_width(self) -> int | None:
-        """W, the width of a visual prompt token; None when the image tower is not a ViT."""
-        v = self._bb.vit
-        return None if v is None else int(v.conv1.out_channels)
-
-    @property
-    def pixel_mean(self) -> tuple:
-        """The model's published input normalisation (what ``(x - mean) / std`` it applies)."""
-        return tuple(self._bb.mean)
-
-    @property
-    def pixel_std(self) -> tuple:
-        return tuple(self._bb.std)
-
-    def for_classes(self, classnames: Sequence[str], meter: QueryMeter | None = None) -> "BlackBox":
-        """The same model (and image-feature cache) over other classes and/or another meter."""
-        return BlackBox(
-            self._bb, classnames, meter if meter is not None else self.meter,
-            fast=self.fast, precision=self.precision, text_chunk=self.text_chunk, image_chunk=self.image_chunk,
-            _cache=self._cache,
-        )
-
-    @torch.no_grad()
-    def embed_words(self, text: str) -> torch.Tensor:
-        """Word embeddings of ``text`` without SOS/EOT, (m, D). Not a query: no images scored."""
-        if not isinstance(text, str):
-            raise BadInput(f"embed_words takes a string, got {type(text).__name__}")
-        ids = self._tokenize_checked([text], lambda t, n, limit: (
-            f"text {_preview(t)!r} has {n} tokens, more than the model's {limit}; shorten it"))[0]
-        n = int(self._bb.text.eot_positions(ids[None])[0])
-        return self._bb.text.embed(ids[1:n]).float().cpu()
-
-    @torch.no_grad()
-    def embed_patches(self, images: Images) -> torch.Tensor:
-        """The ViT's input tokens [CLS, patches] + positions, (B, 1 + G, W), of ``images``: the
-        visual analogue of :meth:`embed_words` (scale for visual prompt tokens). Not a query."""
-        self._check_images(images)
-        px = images.pixels[0] if images.per_candidate else images.pixels
-        return self._bb.patch_tokens(px).float().cpu()
-
-    def differentiable_text_features(self, prompt: SoftPrompt) -> torch.Tensor:
-        """WHITE-BOX: (P, C, E) normalised text features with gradients to ``prompt.ctx``.
-
-        Only a box built with ``white_box=True`` answers; the engine builds one only for the
-        white-box reference (CoOp). Black-box methods get a box that refuses.
-        """
-        if not self.white_box:
-            raise BadInput("differentiable_text_features is white-box only; black-box methods may only query()")
-        self._check_prompt(prompt)
-        return self._text_features(prompt)
-
-    @torch.no_grad()
-    def upload(self, images: Images) -> int:
-        """Put the image features of keyed images (B, 3, S, S) into the feature cache, encoding
-        the uncached ones ``image_chunk`` at a time in the order given; returns how many were
-        newly encoded. Not a query: nothing is charged and ``images_encoded`` is not counted.
-        With ``fast=False`` (the reference path never caches) it checks its input and returns 0.
-
-        Why: features computed for different batch compositions can differ in the last float
-        bits (BLAS blocking, GPU kernels), and a query encodes only its cache misses, so the
-        batches a run encodes depend on its history. A run that uploads its whole few-shot set
-        once, in a fixed order, gets the same features whether it ran straight through or was
-        resumed from a checkpoint. It is also what a remote API's image upload does.
-        """
-        self._check_images(images)
-        if images.per_candidate:
-            raise BadInput(
-                "upload takes one batch of images (B, 3, S, S) with keys; per-candidate (prompted) "
-                "pixels (P, B, 3, S, S) are never cached, send them with query()"
-            )
-        if images.keys is None:
-            raise BadInput("upload needs Images with keys, one string per image, to cache the features under")
-        if not self.fast:
-            return 0
-        with self._autocast():
-            return self._cache.upload(images, self._bb.encode_images, self.encode_chunk)
-
-    # ---- the query ------------------------------------------------------------------
-    @torch.no_grad()
-    def query(self, prompt: TextPrompt | SoftPrompt, images: Images, visual: VisualPrompt | None = None) -> torch.Tensor:
-        """Logits (P, B, C) of B images under P candidates. Checked in full, then charged,
-        then computed: a refused query (BadInput, BudgetExhausted) costs nothing.
-
-        The candidates' text prompts, per-candidate images and visual tokens each come in
-        P or 1 (shared by all candidates).
-        """
+    def check_shapes(self, prompt, images: Images, visual: VisualPrompt | None = None) -> int:
+        """Every refusal that needs no tokenizer; returns P, the number of candidates."""
         self._check_images(images)
         Pt = self._check_prompt(prompt)
         Pv = self._check_visual(visual)
@@ -375,25 +240,15 @@ class BlackBox:
         for what, n in (("text prompts", Pt), ("visual prompts", Pv), ("per-candidate image batches", images.num_prompts)):
             if n not in (1, P):
                 raise BadInput(f"{n} {what} for {P} candidates: each part of a query comes in P or 1")
-        self._prepare_text(prompt)  # tokenise into the cache the query uses; refuses overlong texts
-        self.meter.charge(P, len(images))
-        with self._autocast():
-            img = self._image_features(images, visual)  # (P or 1, B, E)
-            txt = self._text_features(prompt)  # (P or 1, C, E)
-        img, txt = img.float().expand(P, -1, -1), txt.float().expand(P, -1, -1)
-        logits = self._bb.logit_scale * torch.einsum("pbe,pce->pbc", img, txt)
-        return (logits + self._bb.logit_bias).cpu()
-
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        if images.pixels is None and visual is not None:
+            raise BadInput("visual prompt tokens re-encode the images: send their pixels, not uploaded ids")
+        return P
 
     def _check_images(self, images) -> None:
         if not isinstance(images, Images):
             raise BadInput(f"images must be bbpt.models.Images, got {type(images).__name__}")
-        self._check_pixels(images.pixels)
+        if images.pixels is not None:
+            self._check_pixels(images.pixels)
         _check_keys(images)  # again: the keys may have been replaced since construction
 
     def _check_pixels(self, px: torch.Tensor) -> None:
@@ -463,6 +318,178 @@ class BlackBox:
         if not torch.isfinite(ctx).all():
             raise BadInput("soft prompt ctx contains NaN or inf")
         return prompt.num_prompts
+
+
+
+class BlackBox(QueryChecks):
+    """Metered class scores (P, B, C) for images under candidate prompts.
+
+    Public metadata a client may use: ``classnames``, ``num_classes``, ``image_size`` (the
+    side of the pixels to send), ``max_images_per_call`` (the API's images-per-call limit:
+    a query of B images costs ``ceil(B / max_images_per_call)`` calls per candidate),
+    ``ctx_dim`` (D, width of a soft context vector), ``context_length``, ``visual_width``,
+    ``pixel_mean`` / ``pixel_std``, and :meth:`embed_words` (the API's tokenise-and-embed
+    service, used to initialise soft prompts from words such as "a photo of a").
+
+    A query that would be refused (any :class:`BadInput`) is refused before the meter is
+    charged, so it costs nothing.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: Sequence[str],
+        meter: QueryMeter | None = None,
+        *,
+        fast: bool = True,
+        precision: str = "fp32",
+        text_chunk: int = 4096,
+        image_chunk: int = 2048,
+        _cache: FeatureCache | None = None,
+    ):
+        if not classnames:
+            raise BadInput("a black box needs at least one class name")
+        if precision not in PRECISIONS:
+            raise BadInput(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if precision != "fp32" and backbone.device.type != "cuda":
+            raise BadInput(f"precision {precision} needs a CUDA device; use --precision fp32 on CPU")
+        self._bb = backbone
+        self.classnames = list(classnames)
+        self.meter = meter if meter is not None else QueryMeter()
+        self.fast, self.precision, self.text_chunk, self.image_chunk = fast, precision, text_chunk, image_chunk
+        self._cache = _cache if _cache is not None else FeatureCache()
+        self._soft_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hard_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- metadata -------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def image_size(self) -> int:
+        return self._bb.image_size
+
+    @property
+    def max_images_per_call(self) -> int:
+        """The API's images-per-call limit (from the meter): B images cost ceil(B / this) calls."""
+        return self.meter.max_images_per_call
+
+    @property
+    def ctx_dim(self) -> int:
+        return self._bb.text.width
+
+    @property
+    def context_length(self) -> int:
+        return self._bb.text.context_length
+
+    @property
+    def model_name(self) -> str:
+        return self._bb.name
+
+    @property
+    def cached_images(self) -> int:
+        return len(self._cache)
+
+    @property
+    def visual_width(self) -> int | None:
+        """W, the width of a visual prompt token; None when the image tower is not a ViT."""
+        v = self._bb.vit
+        return None if v is None else int(v.conv1.out_channels)
+
+    @property
+    def pixel_mean(self) -> tuple:
+        """The model's published input normalisation (what ``(x - mean) / std`` it applies)."""
+        return tuple(self._bb.mean)
+
+    @property
+    def pixel_std(self) -> tuple:
+        return tuple(self._bb.std)
+
+    def for_classes(self, classnames: Sequence[str], meter: QueryMeter | None = None, purpose: str | None = None) -> "BlackBox":
+        """The same model (and image-feature cache) over other classes and/or another meter.
+        ``purpose`` (train / eval / side) labels the queries for a remote API's usage report."""
+        return BlackBox(
+            self._bb, classnames, meter if meter is not None else self.meter,
+            fast=self.fast, precision=self.precision, text_chunk=self.text_chunk, image_chunk=self.image_chunk,
+            _cache=self._cache,
+        )
+
+    @torch.no_grad()
+    def embed_words(self, text: str) -> torch.Tensor:
+        """Word embeddings of ``text`` without SOS/EOT, (m, D). Not a query: no images scored."""
+        if not isinstance(text, str):
+            raise BadInput(f"embed_words takes a string, got {type(text).__name__}")
+        ids = self._tokenize_checked([text], lambda t, n, limit: (
+            f"text {_preview(t)!r} has {n} tokens, more than the model's {limit}; shorten it"))[0]
+        n = int(self._bb.text.eot_positions(ids[None])[0])
+        return self._bb.text.embed(ids[1:n]).float().cpu()
+
+    @torch.no_grad()
+    def embed_patches(self, images: Images) -> torch.Tensor:
+        """The ViT's input tokens [CLS, patches] + positions, (B, 1 + G, W), of ``images``: the
+        visual analogue of :meth:`embed_words` (scale for visual prompt tokens). Not a query."""
+        self._check_images(images)
+        if images.pixels is None:
+            raise BadInput("embed_patches needs pixels, not image ids")
+        px = images.pixels[0] if images.per_candidate else images.pixels
+        return self._bb.patch_tokens(px).float().cpu()
+
+    @torch.no_grad()
+    def upload(self, images: Images) -> int:
+        """Put the image features of keyed images (B, 3, S, S) into the feature cache, encoding
+        the uncached ones ``image_chunk`` at a time in the order given; returns how many were
+        newly encoded. Not a query: nothing is charged and ``images_encoded`` is not counted.
+        With ``fast=False`` (the reference path never caches) it checks its input and returns 0.
+
+        Why: features computed for different batch compositions can differ in the last float
+        bits (BLAS blocking, GPU kernels), and a query encodes only its cache misses, so the
+        batches a run encodes depend on its history. A run that uploads its whole few-shot set
+        once, in a fixed order, gets the same features whether it ran straight through or was
+        resumed from a checkpoint. It is also what a remote API's image upload does.
+        """
+        self._check_images(images)
+        if images.pixels is None:
+            raise BadInput("upload needs the images' pixels")
+        if images.per_candidate:
+            raise BadInput(
+                "upload takes one batch of images (B, 3, S, S) with keys; per-candidate (prompted) "
+                "pixels (P, B, 3, S, S) are never cached, send them with query()"
+            )
+        if images.keys is None:
+            raise BadInput("upload needs Images with keys, one string per image, to cache the features under")
+        if not self.fast:
+            return 0
+        with self._autocast():
+            return self._cache.upload(images, self._bb.encode_images, self.encode_chunk)
+
+    # ---- the query ------------------------------------------------------------------
+    def query(self, prompt: TextPrompt | SoftPrompt, images: Images, visual: VisualPrompt | None = None) -> torch.Tensor:
+        """Logits (P, B, C) of B images under P candidates. Checked in full, then charged,
+        then computed: a refused query (BadInput, BudgetExhausted) costs nothing.
+
+        The candidates' text prompts, per-candidate images and visual tokens each come in
+        P or 1 (shared by all candidates).
+        """
+        return query_many([(self, prompt, images, visual)])[0]
+
+    def check_query(self, prompt, images: Images, visual: VisualPrompt | None = None) -> int:
+        """Everything that can make the query refuse, before anything is charged; returns P."""
+        P = self.check_shapes(prompt, images, visual)
+        if images.pixels is None and not self.fast:
+            raise BadInput("images by id need the fast path (fast=True): the reference path never caches")
+        if images.pixels is None:
+            missing = [k for k in images.keys if k not in self._cache]
+            if missing:
+                raise BadInput(f"{len(missing)} image id(s) were never uploaded, e.g. {missing[0]!r}; upload them first")
+        self._prepare_text(prompt)  # tokenise into the cache the query uses; refuses overlong texts
+        return P
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
 
     @property
     def encode_chunk(self) -> int:
@@ -577,14 +604,53 @@ class BlackBox:
 
     def _text_features(self, prompt) -> torch.Tensor:
         """(P, C, E) normalised text features of every candidate for every class."""
-        emb, ids = self._sequences(prompt)  # (P, C, L, D), (P, C, L)
-        P, C, L, D = emb.shape
-        tower = self._bb.text
-        if not self.fast:  # reference loop: one candidate per forward, full context length
-            feats = [tower.encode(emb[p], ids[p], cut=False) for p in range(P)]
-            return torch.nn.functional.normalize(torch.stack(feats).float(), dim=-1)
-        L = tower.real_length(ids.reshape(P * C, L))
-        emb, ids = emb[:, :, :L].reshape(P * C, L, D), ids[:, :, :L].reshape(P * C, L)
-        out = [tower.encode(emb[i : i + self.text_chunk], ids[i : i + self.text_chunk], cut=False)
-               for i in range(0, P * C, self.text_chunk)]
-        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1).view(P, C, -1)
+        return _text_features_many([(self, prompt)])[0]
+
+
+def _text_features_many(items: list[tuple["BlackBox", object]]) -> list[torch.Tensor]:
+    """Text features (P, C, E) of several prompts (on class sets of one backbone), their
+    P·C sequences encoded together: one text-tower forward per ``text_chunk`` sequences, all
+    cut to the longest real length (exact under the causal mask, up to float rounding)."""
+    box0 = items[0][0]
+    tower = box0._bb.text
+    seqs = [box._sequences(prompt) for box, prompt in items]  # (P, C, L, D), (P, C, L) each
+    if not box0.fast:  # reference loop: one candidate per forward, full context length
+        out = []
+        for emb, ids in seqs:
+            feats = [tower.encode(emb[p], ids[p], cut=False) for p in range(emb.shape[0])]
+            out.append(torch.nn.functional.normalize(torch.stack(feats).float(), dim=-1))
+        return out
+    flat = [(emb.reshape(-1, *emb.shape[2:]), ids.reshape(-1, ids.shape[-1])) for emb, ids in seqs]  # (P·C, L, ·)
+    L = max(tower.real_length(ids) for _, ids in flat)
+    emb = torch.cat([e[:, :L] for e, _ in flat]) if len(flat) > 1 else flat[0][0][:, :L]
+    ids = torch.cat([i[:, :L] for _, i in flat]) if len(flat) > 1 else flat[0][1][:, :L]
+    n = box0.text_chunk
+    feats = torch.cat([tower.encode(emb[i : i + n], ids[i : i + n], cut=False) for i in range(0, len(emb), n)])
+    feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+    out, i = [], 0
+    for emb_, _ in seqs:
+        P, C = emb_.shape[:2]
+        out.append(feats[i : i + P * C].view(P, C, -1))
+        i += P * C
+    return out
+
+
+@torch.no_grad()
+def query_many(items: list[tuple[BlackBox, object, Images, VisualPrompt | None]]) -> list[torch.Tensor]:
+    """Several queries, possibly on different class sets of one backbone, answered together
+    (a server's dynamic batching): all are checked, then all charged, then one text-tower
+    forward serves every candidate-class sequence of every query. Each result (P, B, C)
+    equals its query answered alone up to float rounding (1e-5); one query is exactly query()."""
+    Ps = [box.check_query(prompt, images, visual) for box, prompt, images, visual in items]
+    for (box, _, images, _), P in zip(items, Ps):
+        box.meter.charge(P, len(images))
+    box0 = items[0][0]
+    with box0._autocast():
+        imgs = [box._image_features(images, visual) for box, _, images, visual in items]  # (P or 1, B, E) each
+        txts = _text_features_many([(box, prompt) for box, prompt, _, _ in items])  # (P or 1, C, E) each
+    out = []
+    for (box, *_), P, img, txt in zip(items, Ps, imgs, txts):
+        img, txt = img.float().expand(P, -1, -1), txt.float().expand(P, -1, -1)
+        logits = box._bb.logit_scale * torch.einsum("pbe,pce->pbc", img, txt)
+        out.append((logits + box._bb.logit_bias).cpu())
+    return out

@@ -53,6 +53,16 @@ class QueryMeter:
             "images_forwarded": num_prompts * num_images,
         }
 
+    def check(self, num_prompts: int, num_images: int) -> dict:
+        """Raise :class:`BudgetExhausted` if the query would pass the budget; count nothing
+        (a remote client checks before it sends and charges once the server answered)."""
+        c = self.cost(num_prompts, num_images)
+        with self._lock:
+            for unit, lim in self.budget.items():
+                if lim is not None and self._counts[unit] + c[unit] > lim:
+                    raise BudgetExhausted(self._counts, self.budget, c)
+        return c
+
     def charge(self, num_prompts: int, num_images: int) -> dict:
         """Count a query, or raise :class:`BudgetExhausted` without counting anything."""
         c = self.cost(num_prompts, num_images)

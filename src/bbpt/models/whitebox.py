@@ -19,7 +19,7 @@ from .meter import QueryMeter
 
 class WhiteBox:
     def __init__(self, backbone: Backbone, classnames: Sequence[str], meter: QueryMeter):
-        self._text = BlackBox(backbone, classnames, meter, white_box=True)
+        self._text = BlackBox(backbone, classnames, meter)  # its prompt assembly, with gradients here
         self._bb, self.meter = backbone, meter
 
     @property
@@ -33,7 +33,10 @@ class WhiteBox:
 
     def text_features(self, prompt: SoftPrompt) -> torch.Tensor:
         """(P, C, E) normalised text features with gradients to ``prompt.ctx``."""
-        return self._text.differentiable_text_features(prompt)
+        self._text._check_prompt(prompt)
+        self._text._prepare_text(prompt)
+        with torch.enable_grad():
+            return self._text._text_features(prompt)
 
     def charge(self, num_prompts: int, num_images: int) -> None:
         """Count a training forward as the equivalent query (for comparison only)."""

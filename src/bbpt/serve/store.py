@@ -1,0 +1,188 @@
+"""API keys, budgets, usage and idempotent replies, in one SQLite file.
+
+- A key is ``bbpt-<id>-<secret>``: printed once by ``bbpt serve keys add``; the database
+  holds only SHA-256(secret), compared in constant time (``hmac.compare_digest``) after the
+  row is found by ``id``. Keys are never logged.
+- Usage is counted per key and purpose (train / eval / side: what the client says a query
+  is for), in bbpt's units; a key's budget bounds the sum over purposes.
+- A charge is one transaction: the budget check, the usage update and, with an
+  ``Idempotency-Key``, the stored reply. So a reply is either charged and stored, or the
+  query is refused whole; a retry with the same key is answered from the stored reply and
+  charged nothing (Stripe's semantics; a different body under the same key is refused).
+  WAL journal: a server killed at any moment keeps every committed charge.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+UNITS = ("api_calls", "prompt_evals", "images_forwarded")
+BUDGET_UNITS = ("api_calls", "prompt_evals")
+IDEMPOTENCY_SECONDS = 24 * 3600  # stored replies are kept a day, as Stripe does
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, secret_sha256 TEXT NOT NULL,
+    budget_api_calls INTEGER, budget_prompt_evals INTEGER, created REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS usage (
+    key_id TEXT NOT NULL, purpose TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
+    api_calls INTEGER NOT NULL DEFAULT 0, prompt_evals INTEGER NOT NULL DEFAULT 0,
+    images_forwarded INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (key_id, purpose));
+CREATE TABLE IF NOT EXISTS replies (
+    key_id TEXT NOT NULL, idem_key TEXT NOT NULL, body_sha256 TEXT NOT NULL, reply BLOB NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (key_id, idem_key));
+CREATE TABLE IF NOT EXISTS class_sets (id TEXT PRIMARY KEY, names TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Key:
+    id: str
+    name: str
+    budget: dict  # unit -> limit or None
+
+
+class OverBudget(Exception):
+    def __init__(self, used: dict, budget: dict, cost: dict):
+        self.used, self.budget, self.cost = used, budget, cost
+
+
+class IdempotencyMismatch(Exception):
+    """The same Idempotency-Key with another request body."""
+
+
+def _sha(s: bytes | str) -> str:
+    return hashlib.sha256(s.encode() if isinstance(s, str) else s).hexdigest()
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()  # one connection, one caller at a time
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ---- keys ------------------------------------------------------------------------------
+    def add_key(self, name: str, budget: dict | None = None) -> str:
+        """A new key for ``name`` with ``budget`` ({unit: limit}); returns the key, once."""
+        budget = dict(budget or {})
+        bad = [u for u in budget if u not in BUDGET_UNITS]
+        if bad:
+            raise ValueError(f"budget unit {bad[0]!r} is not one of {', '.join(BUDGET_UNITS)}")
+        kid, secret = secrets.token_hex(4), secrets.token_urlsafe(24)
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, 0)",
+                                 (kid, name, _sha(secret), budget.get("api_calls"), budget.get("prompt_evals"), time.time()))
+            except sqlite3.IntegrityError:
+                raise ValueError(f"a key named {name!r} exists already; choose another name or revoke it") from None
+        return f"bbpt-{kid}-{secret}"
+
+    def keys(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, name, budget_api_calls, budget_prompt_evals, revoked FROM keys "
+                                    "ORDER BY created").fetchall()
+        return [{"id": r[0], "name": r[1], "budget": {"api_calls": r[2], "prompt_evals": r[3]}, "revoked": bool(r[4]),
+                 "used": self.usage(r[0])["total"]} for r in rows]
+
+    def revoke(self, name: str) -> bool:
+        with self._lock:
+            return self._db.execute("UPDATE keys SET revoked = 1 WHERE name = ?", (name,)).rowcount == 1
+
+    def authenticate(self, token: str | None) -> Key | None:
+        """The key a bearer token names, or None (wrong, revoked or malformed)."""
+        if not token or not token.startswith("bbpt-") or token.count("-") < 2:
+            return None
+        _, kid, secret = token.split("-", 2)
+        with self._lock:
+            row = self._db.execute("SELECT id, name, secret_sha256, budget_api_calls, budget_prompt_evals, revoked "
+                                   "FROM keys WHERE id = ?", (kid,)).fetchone()
+        if row is None or row[5] or not hmac.compare_digest(row[2], _sha(secret)):
+            return None
+        return Key(row[0], row[1], {"api_calls": row[3], "prompt_evals": row[4]})
+
+    # ---- usage and charges -----------------------------------------------------------------
+    def usage(self, key_id: str) -> dict:
+        with self._lock:
+            rows = self._db.execute("SELECT purpose, requests, api_calls, prompt_evals, images_forwarded FROM usage "
+                                    "WHERE key_id = ?", (key_id,)).fetchall()
+        purposes = {r[0]: {"requests": r[1], **dict(zip(UNITS, r[2:]))} for r in rows}
+        total = {u: sum(p[u] for p in purposes.values()) for u in ("requests", *UNITS)}
+        return {"purposes": purposes, "total": total}
+
+    def check(self, key: Key, cost: dict) -> None:
+        """OverBudget if ``cost`` would pass the key's budget now (a pre-check; ``charge`` decides)."""
+        used = self.usage(key.id)["total"]
+        if any(lim is not None and used[u] + cost[u] > lim for u, lim in key.budget.items()):
+            raise OverBudget(used, key.budget, cost)
+
+    def charge(self, key: Key, purpose: str, cost: dict, reply: bytes, idem_key: str | None, body_sha: str) -> None:
+        """Charge ``cost`` and store ``reply`` under ``idem_key``, atomically; OverBudget, or
+        IdempotencyMismatch, and nothing is written."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if idem_key is not None and self._reply_locked(key.id, idem_key, body_sha) is not None:
+                    self._db.execute("ROLLBACK")  # a concurrent twin committed first: nothing more to charge
+                    return
+                used = self.usage(key.id)["total"]
+                if any(lim is not None and used[u] + cost[u] > lim for u, lim in key.budget.items()):
+                    raise OverBudget(used, key.budget, cost)
+                self._db.execute(
+                    "INSERT INTO usage (key_id, purpose, requests, api_calls, prompt_evals, images_forwarded) "
+                    "VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (key_id, purpose) DO UPDATE SET requests = requests + 1, "
+                    "api_calls = api_calls + excluded.api_calls, prompt_evals = prompt_evals + excluded.prompt_evals, "
+                    "images_forwarded = images_forwarded + excluded.images_forwarded",
+                    (key.id, purpose, cost["api_calls"], cost["prompt_evals"], cost["images_forwarded"]))
+                if idem_key is not None:
+                    self._db.execute("INSERT INTO replies VALUES (?, ?, ?, ?, ?)",
+                                     (key.id, idem_key, body_sha, reply, time.time()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def reply(self, key: Key, idem_key: str, body_sha: str) -> bytes | None:
+        """The stored reply to an earlier request under ``idem_key``; IdempotencyMismatch when
+        that request had another body."""
+        with self._lock:
+            return self._reply_locked(key.id, idem_key, body_sha)
+
+    def _reply_locked(self, key_id: str, idem_key: str, body_sha: str) -> bytes | None:
+        row = self._db.execute("SELECT body_sha256, reply FROM replies WHERE key_id = ? AND idem_key = ?",
+                               (key_id, idem_key)).fetchone()
+        if row is None:
+            return None
+        if row[0] != body_sha:
+            raise IdempotencyMismatch
+        return bytes(row[1])
+
+    def prune(self, older_than: float = IDEMPOTENCY_SECONDS) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM replies WHERE created < ?", (time.time() - older_than,)).rowcount
+
+    # ---- class sets ------------------------------------------------------------------------
+    def put_class_set(self, names: list[str]) -> str:
+        cid = "cs-" + _sha(json.dumps(names))[:16]
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO class_sets VALUES (?, ?)", (cid, json.dumps(names)))
+        return cid
+
+    def class_set(self, cid: str) -> list[str] | None:
+        with self._lock:
+            row = self._db.execute("SELECT names FROM class_sets WHERE id = ?", (cid,)).fetchone()
+        return None if row is None else json.loads(row[0])
