@@ -1,0 +1,370 @@
+"""`bbpt serve` against real servers: uvicorn in a subprocess on 127.0.0.1 and a free port,
+started and stopped by the tests, every request loop bounded in count and time."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from bbpt.engine import make_run_config, run
+from bbpt.methods import METHODS
+from bbpt.models import BlackBox, Images, QueryMeter, SoftPrompt, TextPrompt, create_backbone
+from bbpt.serve.client import RemoteBlackBox
+from bbpt.serve.wire import CONTENT_TYPE, pack, unpack
+
+BBPT = [sys.executable, "-m", "bbpt.cli"]
+NAMES = ["circle", "square", "triangle"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, db, *extra):
+        self.db, self.extra, self.port = str(db), extra, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout=90.0):
+        self.proc = subprocess.Popen([*BBPT, "serve", "--port", str(self.port), "--db", self.db, *self.extra],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        t_end = time.time() + timeout
+        while time.time() < t_end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start in time")
+
+    def key(self, name, *budget):
+        p = subprocess.run([*BBPT, "serve", "keys", "add", name, *sum((["--budget", b] for b in budget), []),
+                            "--db", self.db], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.strip()
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("serve") / "serve.db").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def key(server):
+    return server.key("tests")
+
+
+def post(server, key, path, body=b"", ctype=CONTENT_TYPE, **headers):
+    h = {"Content-Type": ctype, **headers}
+    if key is not None:
+        h["Authorization"] = f"Bearer {key}"
+    return httpx.post(server.url + path, content=body, headers=h, timeout=60)
+
+
+def query_body(ctx=None, pixels=None, classes=NAMES, **meta):
+    m = {"prompt": {"type": "soft"} if ctx is not None else {"type": "text", "templates": ["a photo of a {}."]},
+         "classes": classes, **meta}
+    t = {}
+    if ctx is not None:
+        t["ctx"] = ctx
+    t["pixels"] = torch.rand(2, 3, 32, 32) if pixels is None else pixels
+    return pack(m, t)
+
+
+def err(r):
+    return r.json()["error"]
+
+
+# ---- status codes ------------------------------------------------------------------------------
+def test_status_codes_and_error_bodies(server, key):
+    ok = query_body()
+    assert post(server, None, "/v1/query", ok).status_code == 401
+    assert err(post(server, None, "/v1/query", ok))["code"] == "missing_api_key"
+    r = post(server, key[:-2] + "xx", "/v1/query", ok)
+    assert r.status_code == 401 and err(r)["code"] == "invalid_api_key" and err(r)["type"] == "authentication_error"
+    assert httpx.get(server.url + "/v1/nope").status_code == 404
+    assert httpx.get(server.url + "/v1/query", headers={"Authorization": f"Bearer {key}"}).status_code == 405
+    r = post(server, key, "/v1/query", ok, ctype="application/json")
+    assert r.status_code == 415 and err(r)["param"] == "content-type"
+    r = post(server, key, "/v1/query", ok)
+    assert r.status_code == 200 and unpack(r.content)[1]["logits"].shape == (1, 2, 3)
+    for body, param, what in [
+        (query_body(pixels=torch.rand(2, 3, 16, 16)), None, "(B, 3, 32, 32)"),
+        (query_body(pixels=torch.full((2, 3, 32, 32), float("nan"))), None, "NaN"),
+        (query_body(pixels=torch.randint(0, 9, (2, 3, 32, 32), dtype=torch.int32)), "pixels", "dtype torch.int32"),
+        (query_body(ctx=torch.zeros(2, 4, 7)), None, "soft prompt ctx must be (P, m, 128)"),
+        (query_body(ctx=torch.zeros(2, 4, 128, dtype=torch.int64)), "ctx", "send float32"),
+        (query_body(class_set="cs-nope", classes=None), "class_set", "unknown class set"),
+        (query_body(classes=[]), "classes", "non-empty list"),
+        (pack({"prompt": {"type": "text", "templates": ["a {}"]}, "classes": NAMES, "images": ["img-never"]}), None,
+         "never uploaded"),
+        (b"\x00" * 16, "body", "safetensors"),
+    ]:
+        r = post(server, key, "/v1/query", body)
+        assert r.status_code == 422, (what, r.text)
+        e = err(r)
+        assert what in e["message"] and e["type"] == "invalid_request_error", (what, e)
+        if param:
+            assert e["param"] == param, (what, e)
+
+
+def test_413_for_a_body_over_the_limit(tmp_path):
+    s = Server(tmp_path / "small.db", "--max-request-mb", "1").start()
+    try:
+        k = s.key("k")
+        r = post(s, k, "/v1/query", query_body(pixels=torch.rand(100, 3, 32, 32)))  # 1.2 MB
+        assert r.status_code == 413 and err(r)["code"] == "request_too_large"
+    finally:
+        s.stop()
+
+
+def test_budgets_429_with_counts_and_refused_queries_cost_nothing(server):
+    k = server.key("small", "api_calls=3")
+    body = query_body(ctx=torch.zeros(2, 4, 128))  # 2 candidates on 2 images: 2 api_calls
+    assert post(server, k, "/v1/query", body).status_code == 200
+    r = post(server, k, "/v1/query", body)
+    assert r.status_code == 429
+    e = err(r)
+    assert e["code"] == "budget_exhausted" and e["used"]["api_calls"] == 2 and e["cost"]["api_calls"] == 2
+    assert "budget exhausted" in e["message"] and "api_calls=3" in e["message"]
+    assert post(server, k, "/v1/query", query_body(pixels=torch.rand(2, 3, 8, 8))).status_code == 422
+    u = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()
+    assert u["total"]["api_calls"] == 2 and u["total"]["requests"] == 1 and u["remaining"]["api_calls"] == 1
+    box = RemoteBlackBox(server.url, k, NAMES)  # the client maps 429 to BudgetExhausted
+    from bbpt.errors import BudgetExhausted
+
+    with pytest.raises(BudgetExhausted, match="budget exhausted"):
+        box.query(SoftPrompt(torch.zeros(2, 4, 128)), Images(torch.rand(2, 3, 32, 32)))
+    assert box.meter.counts["api_calls"] == 0  # refused: the run's meter is not charged either
+
+
+def test_idempotency_key_replays_without_a_second_charge(server):
+    k = server.key("idem")
+    body, other = query_body(ctx=torch.randn(3, 4, 128) * 0.02), query_body()
+    r1 = post(server, k, "/v1/query", body, **{"Idempotency-Key": "abc"})
+    r2 = post(server, k, "/v1/query", body, **{"Idempotency-Key": "abc"})
+    assert r1.status_code == r2.status_code == 200 and r1.content == r2.content
+    assert r2.headers.get("idempotent-replayed") == "true" and "idempotent-replayed" not in r1.headers
+    u = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()
+    assert u["total"]["requests"] == 1 and u["total"]["api_calls"] == 3
+    r3 = post(server, k, "/v1/query", other, **{"Idempotency-Key": "abc"})
+    assert r3.status_code == 409 and err(r3)["code"] == "idempotency_mismatch"
+
+
+def test_uploads_png_and_raw_give_ids_and_cached_features(server, key, tmp_path):
+    from PIL import Image
+
+    img = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    buf = tmp_path / "a.png"
+    Image.fromarray(img).save(buf)
+    r = post(server, key, "/v1/images", buf.read_bytes(), ctype="image/png")
+    assert r.status_code == 200 and r.json()["ids"][0].startswith("img-")
+    px = torch.rand(3, 3, 32, 32)
+    ids = post(server, key, "/v1/images", pack({}, {"pixels": px})).json()["ids"]
+    again = post(server, key, "/v1/images", pack({}, {"pixels": px})).json()
+    assert again["ids"] == ids and again["encoded"] == 0  # content-hash ids: the same pixels, the same ids
+    by_id = post(server, key, "/v1/query", pack({"prompt": {"type": "text", "templates": ["a {}."]}, "classes": NAMES,
+                                                 "images": ids}))
+    inline = post(server, key, "/v1/query", pack({"prompt": {"type": "text", "templates": ["a {}."]}, "classes": NAMES},
+                                                 {"pixels": px}))
+    a, b = unpack(by_id.content)[1]["logits"], unpack(inline.content)[1]["logits"]
+    assert torch.allclose(a, b, atol=1e-5)
+    r = post(server, key, "/v1/images", b"not a png", ctype="image/png")
+    assert r.status_code == 422 and err(r)["code"] == "invalid_image"
+
+
+def test_remote_box_matches_the_in_process_box(server, key):
+    local = BlackBox(create_backbone("mini"), NAMES)
+    remote = RemoteBlackBox(server.url, key, NAMES)
+    for name in ("image_size", "ctx_dim", "context_length", "visual_width", "pixel_mean", "pixel_std",
+                 "max_images_per_call", "model_name"):
+        assert getattr(remote, name) == getattr(local, name), name
+    assert torch.equal(remote.embed_words("a photo of a"), local.embed_words("a photo of a"))
+    px = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(remote.embed_patches(Images(px)), local.embed_patches(Images(px)), atol=1e-6)
+    ctx = local.embed_words("a photo of a")[None] + 0.01 * torch.randn(2, 4, local.ctx_dim)
+    keys = [f"k{i}" for i in range(4)]
+    remote.upload(Images(px, keys))
+    local.upload(Images(px, keys))
+    for prompt in (SoftPrompt(ctx), TextPrompt(("a photo of a {}.",))):
+        for images in (Images(px, keys), Images(px)):
+            assert torch.equal(remote.query(prompt, images), local.query(prompt, images))
+    assert remote.meter.counts == local.meter.counts
+
+
+# ---- every method, unchanged, through the API ----------------------------------------------------
+SHIPPED = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("bbpt.")]
+SMALL = {"intrinsic_dim": 16, "dim_text": 16, "dim_visual": 16, "popsize": 4, "epochs": 3, "n_perturb": 2, "q": 2,
+         "change_point": 2}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_method_runs_unchanged_against_the_server(name, server, tmp_path, monkeypatch):
+    fields = METHODS.get(name).Config.model_fields
+    opts = {k: v for k, v in SMALL.items() if k in fields}
+    kw = dict(method=name, dataset="shapes", shots=1, seed=5, max_steps=4, test_subset=200, options=opts)
+    k = server.key(f"m-{name}")
+    monkeypatch.setenv("BBPT_API_KEY", k)
+    if not METHODS.get(name).black_box:
+        with pytest.raises(Exception, match="white-box: it needs the model itself"):
+            run(make_run_config(**kw, remote=server.url), out=tmp_path / "r", progress=False)
+        return
+    here = run(make_run_config(**kw), out=tmp_path / "l", progress=False)
+    there = run(make_run_config(**kw, remote=server.url), out=tmp_path / "r", progress=False)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "l" / "prompt.safetensors"), load_file(tmp_path / "r" / "prompt.safetensors")
+    assert set(a) == set(b) and all(torch.allclose(a[t].float(), b[t].float(), atol=1e-5) for t in a)
+    assert there["accuracy"] == here["accuracy"] and there["curve"] == here["curve"]
+    assert there["queries"] == here["queries"] and there["eval_queries"] == here["eval_queries"]
+    used = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]
+    meters = {"train": there["queries"], "eval": there["eval_queries"], "side": there.get("aux_queries")}
+    for purpose, counts in meters.items():  # the server's counts equal the run's meters
+        if counts is not None and any(counts.values()):
+            assert {u: used[purpose][u] for u in counts} == counts, purpose
+
+
+def test_bbpt_run_remote_from_the_command_line(server, tmp_path):
+    k = server.key("cli")
+    env = {**os.environ, "BBPT_API_KEY": k}
+    args = ["run", "--method", "zip", "--dataset", "shapes", "--shots", "2", "--budget", "200", "--test-subset", "200"]
+    p = subprocess.run([*BBPT, *args, "--remote", server.url, "--out", str(tmp_path / "r"), "--quiet"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    q = subprocess.run([*BBPT, *args, "--out", str(tmp_path / "l"), "--quiet"], capture_output=True, text=True,
+                       timeout=300)
+    a, b = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("r", "l"))
+    assert a["accuracy"] == b["accuracy"] and a["queries"] == b["queries"] == {
+        "api_calls": 200, "prompt_evals": 200, "images_forwarded": 4000}
+    p = subprocess.run([*BBPT, *args, "--remote", server.url, "--out", str(tmp_path / "x")],
+                       env={**os.environ, "BBPT_API_KEY": "bbpt-00000000-wrong"}, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: the server at ") and "refused the API key" in p.stderr
+
+
+# ---- robustness: malformed requests, concurrency, kill -9 -----------------------------------------
+def test_fuzz_500_malformed_requests_get_4xx_and_the_server_keeps_answering(server, key):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    metas = st.dictionaries(st.sampled_from(["prompt", "classes", "class_set", "images", "purpose", "x"]),
+                            st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.text(max_size=20),
+                                         lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                                             max_size=3), max_leaves=8))
+    shapes = st.lists(st.integers(0, 40), min_size=0, max_size=5)
+    dtypes = st.sampled_from([torch.float32, torch.float16, torch.uint8, torch.int64, torch.bool, torch.float64])
+    tensors = st.dictionaries(st.sampled_from(["ctx", "pixels", "visual", "other"]),
+                              st.tuples(shapes, dtypes, st.sampled_from([0.0, 1.0, float("nan"), float("inf"), -3.0])),
+                              max_size=3)
+    raw = st.binary(max_size=64)
+    paths = st.sampled_from(["/v1/query", "/v1/images", "/v1/embed_patches", "/v1/embed_words", "/v1/class_sets"])
+    ctypes = st.sampled_from([CONTENT_TYPE, "application/json", "image/png", "text/plain", ""])
+    auths = st.sampled_from([f"Bearer {key}"] * 6 + ["", "Bearer", "Basic abc", f"Bearer {key}x", "Bearer bbpt-1-2"])
+    seen = []
+    client = httpx.Client(base_url=server.url, timeout=60)
+
+    def make(meta, ts):
+        t = {}
+        for name, (shape, dtype, fill) in ts.items():
+            if np.prod(shape, dtype=np.int64) > 200_000:
+                shape = shape[:2]
+            x = torch.full(shape, fill) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+            t[name] = x
+        return pack(meta, t)
+
+    @settings(max_examples=520, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(path=paths, ctype=ctypes, auth=auths, meta=metas, ts=tensors, junk=raw, use_junk=st.booleans())
+    def fuzz(path, ctype, auth, meta, ts, junk, use_junk):
+        body = junk if use_junk else (json.dumps(meta).encode() if ctype == "application/json" else make(meta, ts))
+        r = client.post(path, content=body, headers={"Content-Type": ctype, "Authorization": auth})
+        seen.append(r.status_code)
+        assert 400 <= r.status_code < 500 or r.status_code == 200, (r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            e = r.json()["error"]
+            assert set(e) >= {"message", "type", "code", "param"}
+
+    fuzz()
+    assert len(seen) >= 500 and sum(400 <= s < 500 for s in seen) >= 450
+    r = post(server, key, "/v1/query", query_body())
+    assert r.status_code == 200  # still answering
+
+
+def test_32_clients_kill_9_and_restart_lose_and_double_count_nothing(tmp_path):
+    """32 concurrent clients for a bounded time; the server is killed with SIGKILL mid-load and
+    restarted on the same database; every client retries its in-flight query under the same
+    Idempotency-Key. Then the stored counts equal the charges the clients saw acknowledged."""
+    s = Server(tmp_path / "kill.db").start()
+    k = s.key("load")
+    acked: dict[str, int] = {}  # idempotency key -> api_calls acknowledged
+    lock, stop = threading.Lock(), threading.Event()
+    errors = []
+
+    def client(i):
+        c = httpx.Client(base_url=s.url, timeout=30, headers={"Authorization": f"Bearer {k}",
+                                                               "Content-Type": CONTENT_TYPE})
+        g = torch.Generator().manual_seed(i)
+        sent = 0
+        while not stop.is_set() and sent < 200:
+            P = 1 + i % 4
+            body = pack({"prompt": {"type": "soft"}, "classes": NAMES},
+                        {"ctx": torch.randn(P, 4, 128, generator=g) * 0.02, "pixels": torch.rand(3, 3, 32, 32, generator=g)})
+            idem, t_end = uuid.uuid4().hex, time.time() + 120
+            while time.time() < t_end:  # bounded retries of one logical query
+                try:
+                    r = c.post("/v1/query", content=body, headers={"Idempotency-Key": idem})
+                except httpx.TransportError:
+                    time.sleep(0.1)
+                    continue
+                if r.status_code == 200:
+                    with lock:
+                        acked[idem] = unpack(r.content)[0]["charged"]["api_calls"]
+                    break
+                if r.status_code in (409, 502, 503, 504):
+                    time.sleep(0.05)
+                    continue
+                errors.append((r.status_code, r.text[:200]))
+                break
+            sent += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    time.sleep(4)
+    s.proc.kill()  # SIGKILL mid-load
+    s.proc.wait(timeout=20)
+    time.sleep(1)
+    s.start()  # the same port and database
+    time.sleep(4)
+    stop.set()
+    for t in threads:
+        t.join(timeout=150)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    used = httpx.get(s.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["total"]
+    s.stop()
+    assert len(acked) > 32  # load before and after the kill
+    assert used["requests"] == len(acked) and used["api_calls"] == sum(acked.values())
