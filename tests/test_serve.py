@@ -17,7 +17,7 @@ import torch
 
 from bbpt.engine import make_run_config, run
 from bbpt.methods import METHODS
-from bbpt.models import BlackBox, Images, QueryMeter, SoftPrompt, TextPrompt, create_backbone
+from bbpt.models import BlackBox, Images, SoftPrompt, TextPrompt, create_backbone
 from bbpt.serve.client import RemoteBlackBox
 from bbpt.serve.wire import CONTENT_TYPE, pack, unpack
 
@@ -258,6 +258,7 @@ def test_bbpt_run_remote_from_the_command_line(server, tmp_path):
     assert p.returncode == 0, p.stderr
     q = subprocess.run([*BBPT, *args, "--out", str(tmp_path / "l"), "--quiet"], capture_output=True, text=True,
                        timeout=300)
+    assert q.returncode == 0, q.stderr
     a, b = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("r", "l"))
     assert a["accuracy"] == b["accuracy"] and a["queries"] == b["queries"] == {
         "api_calls": 200, "prompt_evals": 200, "images_forwarded": 4000}
@@ -368,3 +369,71 @@ def test_32_clients_kill_9_and_restart_lose_and_double_count_nothing(tmp_path):
     s.stop()
     assert len(acked) > 32  # load before and after the kill
     assert used["requests"] == len(acked) and used["api_calls"] == sum(acked.values())
+
+
+def test_ray_serve_replicas_answer_as_one_server_and_share_budgets(tmp_path, monkeypatch):
+    """`bbpt serve --ray --replicas 2` on a local Ray instance that the server starts: requests
+    reach both replicas; a ZIP run through it equals the in-process run; one key's budget
+    holds across replicas; an idempotent retry is charged once whichever replica answers;
+    SIGTERM stops Serve, the replicas and Ray."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    s = Server(tmp_path / "ray.db", "--ray", "--replicas", "2").start(timeout=240)
+    try:
+        pids = set()
+        for _ in range(100):  # bounded: the proxy spreads requests over the replicas
+            pids.add(httpx.get(s.url + "/v1/health", timeout=10).json()["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+
+        k = s.key("ray-run")
+        monkeypatch.setenv("BBPT_API_KEY", k)
+        kw = dict(method="zip", dataset="shapes", shots=1, seed=5, max_steps=4, test_subset=200)
+        here = run(make_run_config(**kw), out=tmp_path / "l", progress=False)
+        there = run(make_run_config(**kw, remote=s.url), out=tmp_path / "r", progress=False)
+        assert there["accuracy"] == here["accuracy"] and there["queries"] == here["queries"]
+        used = httpx.get(s.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]
+        assert {u: used["train"][u] for u in here["queries"]} == here["queries"]
+
+        kb = s.key("ray-budget", "api_calls=40")
+        body = query_body()  # one candidate, 2 images: 1 api_call
+        idem = uuid.uuid4().hex
+        replies = [post(s, kb, "/v1/query", body, **{"Idempotency-Key": idem}) for _ in range(6)]
+        assert all(r.status_code == 200 for r in replies)
+        assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in replies) == 5
+        codes, lock = [], threading.Lock()
+
+        def client(i):
+            g = torch.Generator().manual_seed(100 + i)
+            for _ in range(20):  # bounded: 8 x 20 attempts at a budget of 40
+                b = pack({"prompt": {"type": "soft"}, "classes": NAMES},
+                         {"ctx": torch.randn(1, 4, 128, generator=g) * 0.02, "pixels": torch.rand(2, 3, 32, 32, generator=g)})
+                r = post(s, kb, "/v1/query", b)
+                with lock:
+                    codes.append(r.status_code)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads)
+        assert set(codes) == {200, 429} and codes.count(200) == 39  # 1 + 39 = the budget, exactly
+        total = httpx.get(s.url + "/v1/usage", headers={"Authorization": f"Bearer {kb}"}).json()["total"]
+        assert total["api_calls"] == 40 and total["requests"] == 40
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0
+    t_end = time.time() + 60
+    while time.time() < t_end and any(_alive(p) for p in pids):
+        time.sleep(0.5)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

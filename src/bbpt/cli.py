@@ -200,10 +200,12 @@ def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (
           db: str = _o_db(), device: str = typer.Option("cpu", help="cpu or cuda."),
           precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA."),
           max_batch: int = typer.Option(32, min=1, help="Queries merged into one forward (1: no batching)."),
-          max_wait_ms: float = typer.Option(2.0, min=0.0, help="How long a query waits for others to join it."),
+          max_wait_ms: float = typer.Option(0.0, min=0.0, help="How long a query waits for others to join it "
+                                            "(0: batches are the queries that queued during the last forward)."),
           max_request_mb: int = typer.Option(256, min=1, help="Largest request body accepted (413 above)."),
           ray: bool = typer.Option(False, help="Serve with Ray Serve (needs `pip install 'ray[serve]'`)."),
           replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (with --ray)."),
+          replica_cpus: float = typer.Option(1.0, min=0.0, help="CPUs Ray reserves per replica (with --ray)."),
           log_level: str = typer.Option("warning", help="uvicorn log level.")):
     """Serve the black box: `bbpt serve --model mini --port 8000`; keys: `bbpt serve keys add NAME`."""
     if ctx.invoked_subcommand is not None:
@@ -220,7 +222,7 @@ def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (
     if ray:
         from .serve.ray_serve import serve_with_ray
 
-        serve_with_ray(cfg, host, port, replicas)
+        serve_with_ray(cfg, host, port, replicas, replica_cpus)
     else:
         from .serve.app import serve_forever
 

@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 
@@ -51,7 +52,7 @@ class ServeConfig:
     precision: str = "fp32"
     db: str = "serve.db"
     max_batch: int = 32  # queries merged into one forward (1: no batching)
-    max_wait_ms: float = 2.0  # how long a query waits for others to join it
+    max_wait_ms: float = 0.0  # how long a query waits for others to join it (0: only those already queued)
     max_request_bytes: int = 256 << 20
     max_images_per_call: int = 128  # the pricing: B images cost ceil(B / this) api_calls per candidate
 
@@ -79,7 +80,6 @@ class Server:
         self.boxes: dict[str, BlackBox] = {}
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000)
         self.inflight: set[tuple[str, str]] = set()
-        self._images_db()
         probe = self.box(["a", "b"])
         self.info = {"api": API_VERSION, "model": cfg.model, "pretrained": cfg.pretrained, "image_size": probe.image_size,
                      "ctx_dim": probe.ctx_dim, "context_length": probe.context_length,
@@ -88,28 +88,18 @@ class Server:
                      "max_request_bytes": cfg.max_request_bytes, "batching": {"max_batch": cfg.max_batch,
                                                                               "max_wait_ms": cfg.max_wait_ms}}
 
-    # ---- uploaded image features survive restarts (keyed by model) --------------------------
-    def _images_db(self) -> None:
-        with self.store._lock:
-            self.store._db.execute("CREATE TABLE IF NOT EXISTS image_features (model TEXT, id TEXT, feats BLOB, "
-                                   "PRIMARY KEY (model, id))")
-
+    # ---- uploaded image features survive restarts (kept in the store, keyed by model) ---------
     def restore(self, ids: list[str]) -> None:
         """Features of uploaded ids that this process has not seen (uploaded before a restart)."""
         missing = [i for i in dict.fromkeys(ids) if i not in self.cache]
         if not missing:
             return
-        with self.store._lock:
-            rows = self.store._db.execute(
-                f"SELECT id, feats FROM image_features WHERE model = ? AND id IN ({','.join('?' * len(missing))})",
-                (self.model_id, *missing)).fetchall()
-        for i, blob in rows:
+        for i, blob in self.store.features(self.model_id, missing):
             self.cache.put(i, torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()).to(self.backbone.device))
 
     def save_features(self, ids: list[str]) -> None:
-        rows = [(self.model_id, i, self.cache.get(i).float().cpu().numpy().tobytes()) for i in dict.fromkeys(ids)]
-        with self.store._lock:
-            self.store._db.executemany("INSERT OR IGNORE INTO image_features VALUES (?, ?, ?)", rows)
+        rows = [(i, self.cache.get(i).float().cpu().numpy().tobytes()) for i in dict.fromkeys(ids)]
+        self.store.put_features(self.model_id, rows)
 
     def box(self, classes: list[str]) -> BlackBox:
         key = json.dumps(classes)
@@ -287,7 +277,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.get(f"/{API_VERSION}/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "pid": os.getpid()}  # pid: which process (Ray Serve replica) answered
 
     @app.get(f"/{API_VERSION}/usage")
     async def usage(request: Request):

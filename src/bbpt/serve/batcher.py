@@ -1,10 +1,12 @@
 """Dynamic batching: concurrent queries merged into one forward, as Triton and Ray Serve do.
 
-A query waits at most ``max_wait`` seconds for others to join it, and a batch holds at most
-``max_batch`` queries (1: no batching, each query alone). The batch runs in a worker
-thread (torch releases the GIL), so the event loop keeps accepting requests meanwhile; its
-queries share one text-tower forward (:func:`bbpt.models.blackbox.query_many`), and each
-gets logits equal to its own unbatched answer up to float rounding.
+A batch holds at most ``max_batch`` queries (1: no batching, each query alone): every query
+that arrived while the previous batch ran, and, with ``max_wait`` > 0, those arriving
+within that many seconds after the first (0, the default: a lone query never waits, and
+under load batches form from the queries that queue up during a forward). The batch runs
+in a worker thread (torch releases the GIL), so the event loop keeps accepting requests
+meanwhile; its queries share one text-tower forward (:func:`bbpt.models.blackbox.query_many`),
+and each gets logits equal to its own unbatched answer up to float rounding.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, max_batch: int = 32, max_wait: float = 0.002):
+    def __init__(self, max_batch: int = 32, max_wait: float = 0.0):
         self.max_batch, self.max_wait = max(1, max_batch), max_wait
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None

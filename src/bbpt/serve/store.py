@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS replies (
     key_id TEXT NOT NULL, idem_key TEXT NOT NULL, body_sha256 TEXT NOT NULL, reply BLOB NOT NULL,
     created REAL NOT NULL, PRIMARY KEY (key_id, idem_key));
 CREATE TABLE IF NOT EXISTS class_sets (id TEXT PRIMARY KEY, names TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS image_features (model TEXT NOT NULL, id TEXT NOT NULL, feats BLOB NOT NULL,
+    PRIMARY KEY (model, id));
 """
 
 
@@ -186,3 +188,18 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT names FROM class_sets WHERE id = ?", (cid,)).fetchone()
         return None if row is None else json.loads(row[0])
+
+    # ---- uploaded images' features (float32 bytes), per model: they survive restarts ----------
+    def put_features(self, model: str, rows: list[tuple[str, bytes]]) -> None:
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO image_features VALUES (?, ?, ?)",
+                                 [(model, i, blob) for i, blob in rows])
+
+    def features(self, model: str, ids: list[str]) -> list[tuple[str, bytes]]:
+        out = []
+        with self._lock:
+            for at in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+                part = ids[at:at + 500]
+                out += self._db.execute(f"SELECT id, feats FROM image_features WHERE model = ? AND id IN "
+                                        f"({','.join('?' * len(part))})", (model, *part)).fetchall()
+        return [(i, bytes(b)) for i, b in out]

@@ -1,0 +1,127 @@
+"""The API's cost, measured side by side in one run.
+
+    python bench/serve.py [--seconds 10] [--clients 1,8,32]
+
+1. A default ZIP run (fashion-mnist, 16 shots, seed 1, 5000 api_calls) in process and
+   through `bbpt serve` (`--remote`): wall-time ratio, and the images uploaded once.
+2. Aggregate throughput (api_calls/s) of ZIP-shaped queries (10 soft-prompt candidates on
+   128 uploaded images, 10 classes) from 1, 8 and 32 concurrent clients, against a server
+   with dynamic batching (up to 32 queries per forward, 2 ms wait) and one without (1).
+
+Servers run as subprocesses on 127.0.0.1 (free ports) and are stopped at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_serve import Server  # noqa: E402  (the tests' subprocess server: free port, health wait)
+
+from bbpt.data import fewshot_split, load_task  # noqa: E402
+from bbpt.engine import make_run_config, run  # noqa: E402
+from bbpt.serve.wire import CONTENT_TYPE, pack  # noqa: E402
+
+
+def zip_run(remote: str | None, key: str | None) -> tuple[float, dict]:
+    if key:
+        os.environ["BBPT_API_KEY"] = key
+    cfg = make_run_config(method="zip", dataset="fashion-mnist", shots=16, seed=1, remote=remote)
+    t = time.perf_counter()
+    r = run(cfg, progress=False)
+    return time.perf_counter() - t, r
+
+
+def throughput(server: Server, key: str, ids: list[str], classes: list[str], clients: int, seconds: float) -> float:
+    """api_calls per second over ``seconds`` with ``clients`` threads sending queries back to back."""
+    done, stop = [0] * clients, threading.Event()
+
+    def client(i):
+        c = httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {key}",
+                                                                      "Content-Type": CONTENT_TYPE})
+        g = torch.Generator().manual_seed(i)
+        while not stop.is_set():
+            body = pack({"prompt": {"type": "soft"}, "classes": classes, "images": ids},
+                        {"ctx": torch.randn(10, 8, 128, generator=g) * 0.02})
+            r = c.post("/v1/query", content=body, headers={"Idempotency-Key": uuid.uuid4().hex})
+            if r.status_code == 200 and not stop.is_set():
+                done[i] += 10  # 10 candidates on one 128-image batch: 10 api_calls
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # warm-up: connections, first forwards
+    done[:] = [0] * clients
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    elapsed = time.perf_counter() - t0
+    total = sum(done)
+    for t in threads:
+        t.join(timeout=120)
+    return total / elapsed
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--clients", default="1,8,32")
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bbpt-serve-bench-"))
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    batched = Server(tmp / "b.db").start()
+    unbatched = Server(tmp / "u.db", "--max-batch", "1").start()
+    try:
+        # 1. ZIP in process vs remote
+        zip_run(None, None)  # warm-up: data, caches, imports
+        t_local, r_local = zip_run(None, None)
+        key = batched.key("zip")
+        t_remote, r_remote = zip_run(batched.url, key)
+        same = r_local["accuracy"] == r_remote["accuracy"] and r_local["queries"] == r_remote["queries"]
+        u = httpx.get(batched.url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+        print("\nZIP, fashion-mnist, 16 shots, seed 1, 5000 api_calls")
+        print(f"  in process   {t_local:6.1f} s   test {100 * r_local['accuracy']['test']:.2f}%")
+        print(f"  remote       {t_remote:6.1f} s   test {100 * r_remote['accuracy']['test']:.2f}%   "
+              f"ratio {t_remote / t_local:.2f}x   same result: {same}")
+        print(f"  server counts: train {u['purposes']['train']['api_calls']} api_calls in "
+              f"{u['purposes']['train']['requests']} requests; 160 few-shot images uploaded once, then sent as ids")
+
+        # 2. throughput, batching on vs off
+        task = load_task("fashion-mnist")
+        train, _ = fewshot_split(task, 16, 1)
+        from bbpt.methods import FewShotData
+
+        px = FewShotData(train, 32).images(range(128)).pixels
+        rows = []
+        for name, s in (("batched", batched), ("unbatched", unbatched)):
+            k = s.key(f"tp-{name}")
+            ids = httpx.post(s.url + "/v1/images", content=pack({}, {"pixels": px}),
+                             headers={"Authorization": f"Bearer {k}", "Content-Type": CONTENT_TYPE}).json()["ids"]
+            for n in (int(c) for c in args.clients.split(",")):
+                rate = throughput(s, k, ids, task.classnames, n, args.seconds)
+                rows.append((name, n, rate))
+                print(f"  {name:9s} {n:3d} clients: {rate:8.1f} api_calls/s", flush=True)
+        print("\n| clients | batched api_calls/s | unbatched api_calls/s | batched / unbatched |")
+        print("|---|---|---|---|")
+        for n in sorted({r[1] for r in rows}):
+            b = next(r[2] for r in rows if r[:2] == ("batched", n))
+            un = next(r[2] for r in rows if r[:2] == ("unbatched", n))
+            print(f"| {n} | {b:.0f} | {un:.0f} | {b / un:.2f}x |")
+    finally:
+        batched.stop()
+        unbatched.stop()
+
+
+if __name__ == "__main__":
+    main()

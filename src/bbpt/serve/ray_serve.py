@@ -1,0 +1,79 @@
+"""``bbpt serve --ray --replicas N``: the same FastAPI app as a Ray Serve deployment.
+
+Each replica is a Ray actor that builds the app itself (:func:`bbpt.serve.app.create_app`,
+called on the replica, so the model is loaded there and never pickled), runs its lifespan
+(model, store, batcher) and batches the queries routed to it. Ray Serve's proxy binds
+``host:port`` and spreads requests over the replicas.
+
+The replicas share one SQLite file for keys, budgets, usage and stored replies. A charge
+is one ``BEGIN IMMEDIATE`` transaction, so budgets hold across replicas exactly as across
+threads, and an Idempotency-Key retry that lands on another replica is answered from the
+stored reply. SQLite needs the replicas on one machine (one node, or a file system with
+working locks); that is what ``--replicas`` on a single host gives.
+
+Ray is optional: ``pip install 'ray[serve]'``. ``ray.init()`` joins the cluster named by
+``RAY_ADDRESS`` when it is set, else starts a local instance that stops with the server.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+from pathlib import Path
+
+from ..errors import BadInput
+from .app import ServeConfig, create_app
+
+APP_NAME = "bbpt"
+
+
+def _absolute(cfg: ServeConfig) -> ServeConfig:
+    """Paths as the replicas will see them (Ray workers need not share the driver's cwd)."""
+    pre = cfg.pretrained
+    if pre and Path(pre).expanduser().exists():
+        pre = str(Path(pre).expanduser().resolve())
+    return dataclasses.replace(cfg, db=str(Path(cfg.db).expanduser().resolve()), pretrained=pre)
+
+
+def deployment(cfg: ServeConfig, replicas: int, cpus_per_replica: float = 1.0):
+    """The Ray Serve application: ``replicas`` copies of the app, each building its own."""
+    from ray import serve
+
+    cfg = _absolute(cfg)
+
+    def build():  # runs on each replica
+        return create_app(cfg)
+
+    ingress = serve.deployment(
+        serve.ingress(build)(), name=APP_NAME, num_replicas=replicas,
+        # enough requests in flight per replica for its batcher to fill batches
+        max_ongoing_requests=max(8, 4 * cfg.max_batch),
+        ray_actor_options={"num_cpus": cpus_per_replica})
+    return ingress.bind()
+
+
+def serve_with_ray(cfg: ServeConfig, host: str, port: int, replicas: int, cpus_per_replica: float = 1.0) -> None:
+    """Start (or join) Ray, deploy, and serve until SIGINT / SIGTERM; then shut Serve down."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise BadInput("--ray needs Ray Serve: pip install 'ray[serve]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 logging_level="warning")
+    stop = threading.Event()
+    for s in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (aborting) handlers
+        signal.signal(s, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(cfg, replicas, cpus_per_replica), name=APP_NAME, route_prefix="/")
+        print(f"bbpt serve: Ray Serve ready, {replicas} replica(s) on http://{host}:{port}/v1", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        serve.shutdown()
+        if started_here:
+            ray.shutdown()
