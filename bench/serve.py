@@ -3,10 +3,16 @@
     python bench/serve.py [--seconds 10] [--clients 1,8,32]
 
 1. A default ZIP run (fashion-mnist, 16 shots, seed 1, 5000 api_calls) in process and
-   through `bbpt serve` (`--remote`): wall-time ratio, and the images uploaded once.
-2. Aggregate throughput (api_calls/s) of ZIP-shaped queries (10 soft-prompt candidates on
-   128 uploaded images, 10 classes) from 1, 8 and 32 concurrent clients, against a server
-   with dynamic batching (up to 32 queries per forward, 2 ms wait) and one without (1).
+   through `bbpt serve` (`--remote`): wall-time ratio, and the images uploaded once. The
+   remote run is timed twice: as is, and with the client at one torch thread. (Client and
+   server share this machine's cores here; a client's idle OpenMP threads spin-wait on
+   them while it waits for the server's answers, which a client on its own machine does
+   not cost the server.)
+2. Aggregate throughput (api_calls/s) from 1, 8 and 32 concurrent clients against a server
+   with dynamic batching (up to 32 queries and 1024 text sequences per forward) and one without (``--max-batch
+   1``), for two query shapes, both on 128 uploaded images and 10 classes:
+   - ``zip``: 10 soft-prompt candidates per query (ZIP's, 10 api_calls);
+   - ``single``: one candidate per query (1 api_call), where a forward is small.
 
 Servers run as subprocesses on 127.0.0.1 (free ports) and are stopped at the end.
 """
@@ -32,16 +38,23 @@ from bbpt.engine import make_run_config, run  # noqa: E402
 from bbpt.serve.wire import CONTENT_TYPE, pack  # noqa: E402
 
 
-def zip_run(remote: str | None, key: str | None) -> tuple[float, dict]:
+def zip_run(remote: str | None, key: str | None, threads: int | None = None) -> tuple[float, dict]:
     if key:
         os.environ["BBPT_API_KEY"] = key
     cfg = make_run_config(method="zip", dataset="fashion-mnist", shots=16, seed=1, remote=remote)
-    t = time.perf_counter()
-    r = run(cfg, progress=False)
-    return time.perf_counter() - t, r
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        t = time.perf_counter()
+        r = run(cfg, progress=False)
+        return time.perf_counter() - t, r
+    finally:
+        torch.set_num_threads(before)
 
 
-def throughput(server: Server, key: str, ids: list[str], classes: list[str], clients: int, seconds: float) -> float:
+def throughput(server: Server, key: str, ids: list[str], classes: list[str], clients: int, seconds: float,
+               P: int) -> float:
     """api_calls per second over ``seconds`` with ``clients`` threads sending queries back to back."""
     done, stop = [0] * clients, threading.Event()
 
@@ -51,10 +64,10 @@ def throughput(server: Server, key: str, ids: list[str], classes: list[str], cli
         g = torch.Generator().manual_seed(i)
         while not stop.is_set():
             body = pack({"prompt": {"type": "soft"}, "classes": classes, "images": ids},
-                        {"ctx": torch.randn(10, 8, 128, generator=g) * 0.02})
+                        {"ctx": torch.randn(P, 8, 128, generator=g) * 0.02})
             r = c.post("/v1/query", content=body, headers={"Idempotency-Key": uuid.uuid4().hex})
             if r.status_code == 200 and not stop.is_set():
-                done[i] += 10  # 10 candidates on one 128-image batch: 10 api_calls
+                done[i] += P  # P candidates on one 128-image batch: P api_calls
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -88,14 +101,19 @@ def main(argv=None) -> None:
         t_local, r_local = zip_run(None, None)
         key = batched.key("zip")
         t_remote, r_remote = zip_run(batched.url, key)
-        same = r_local["accuracy"] == r_remote["accuracy"] and r_local["queries"] == r_remote["queries"]
         u = httpx.get(batched.url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+        key1 = batched.key("zip-1thread")
+        t_remote1, r_remote1 = zip_run(batched.url, key1, threads=1)
+        same = all(r["accuracy"] == r_local["accuracy"] and r["queries"] == r_local["queries"]
+                   for r in (r_remote, r_remote1))
         print("\nZIP, fashion-mnist, 16 shots, seed 1, 5000 api_calls")
-        print(f"  in process   {t_local:6.1f} s   test {100 * r_local['accuracy']['test']:.2f}%")
-        print(f"  remote       {t_remote:6.1f} s   test {100 * r_remote['accuracy']['test']:.2f}%   "
-              f"ratio {t_remote / t_local:.2f}x   same result: {same}")
+        print(f"  in process               {t_local:6.1f} s   test {100 * r_local['accuracy']['test']:.2f}%")
+        print(f"  remote                   {t_remote:6.1f} s   ratio {t_remote / t_local:.2f}x")
+        print(f"  remote, client 1 thread  {t_remote1:6.1f} s   ratio {t_remote1 / t_local:.2f}x")
+        print(f"  same result (accuracy, query counts): {same}")
         print(f"  server counts: train {u['purposes']['train']['api_calls']} api_calls in "
-              f"{u['purposes']['train']['requests']} requests; 160 few-shot images uploaded once, then sent as ids")
+              f"{u['purposes']['train']['requests']} requests, eval {u['purposes']['eval']['api_calls']} in "
+              f"{u['purposes']['eval']['requests']}; the 160 few-shot images uploaded once, then sent as ids", flush=True)
 
         # 2. throughput, batching on vs off
         task = load_task("fashion-mnist")
@@ -108,16 +126,18 @@ def main(argv=None) -> None:
             k = s.key(f"tp-{name}")
             ids = httpx.post(s.url + "/v1/images", content=pack({}, {"pixels": px}),
                              headers={"Authorization": f"Bearer {k}", "Content-Type": CONTENT_TYPE}).json()["ids"]
-            for n in (int(c) for c in args.clients.split(",")):
-                rate = throughput(s, k, ids, task.classnames, n, args.seconds)
-                rows.append((name, n, rate))
-                print(f"  {name:9s} {n:3d} clients: {rate:8.1f} api_calls/s", flush=True)
-        print("\n| clients | batched api_calls/s | unbatched api_calls/s | batched / unbatched |")
-        print("|---|---|---|---|")
-        for n in sorted({r[1] for r in rows}):
-            b = next(r[2] for r in rows if r[:2] == ("batched", n))
-            un = next(r[2] for r in rows if r[:2] == ("unbatched", n))
-            print(f"| {n} | {b:.0f} | {un:.0f} | {b / un:.2f}x |")
+            for shape, P in (("zip", 10), ("single", 1)):
+                for n in (int(c) for c in args.clients.split(",")):
+                    rate = throughput(s, k, ids, task.classnames, n, args.seconds, P)
+                    rows.append((shape, name, n, rate))
+                    print(f"  {shape:6s} {name:9s} {n:3d} clients: {rate:8.1f} api_calls/s", flush=True)
+        print("\n| query shape | clients | batched api_calls/s | unbatched api_calls/s | batched / unbatched |")
+        print("|---|---|---|---|---|")
+        for shape in ("zip", "single"):
+            for n in sorted({r[2] for r in rows}):
+                b = next(r[3] for r in rows if r[:3] == (shape, "batched", n))
+                un = next(r[3] for r in rows if r[:3] == (shape, "unbatched", n))
+                print(f"| {shape} | {n} | {b:.0f} | {un:.0f} | {b / un:.2f}x |")
     finally:
         batched.stop()
         unbatched.stop()

@@ -530,3 +530,28 @@ def test_max_images_per_call_is_public(mini):
         box.max_images_per_call = 5
     with pytest.raises(BadInput, match="integer >= 1"):
         QueryMeter(max_images_per_call=0)
+
+
+def test_methods_use_only_the_black_box_protocol():
+    """Every attribute a method (or the engine's evaluation) reads from a box is a member of
+    BlackBoxAPI, which both the in-process and the HTTP black box implement."""
+    import ast
+    import inspect
+
+    import bbpt.engine
+    import bbpt.methods.common
+    from bbpt.methods import METHODS
+    from bbpt.models import BlackBoxAPI
+
+    allowed = {n for n in dir(BlackBoxAPI) if not n.startswith("_")} | set(BlackBoxAPI.__annotations__)
+    modules = {inspect.getmodule(METHODS.get(n)) for n in METHODS.names()} | {bbpt.methods.common}
+    used = {}
+    for mod in modules:
+        for node in ast.walk(ast.parse(inspect.getsource(mod))):
+            if not isinstance(node, ast.Attribute):
+                continue
+            v = node.value  # box.X, side.X, self.box.X
+            if (isinstance(v, ast.Name) and v.id in ("box", "side")) or (isinstance(v, ast.Attribute) and v.attr == "box"):
+                used.setdefault(node.attr, mod.__name__)
+    assert used and {a: m for a, m in used.items() if a not in allowed} == {}
+    assert {"query", "embed_words", "image_size"} <= set(used)

@@ -17,7 +17,7 @@ import torch
 
 from bbpt.engine import make_run_config, run
 from bbpt.methods import METHODS
-from bbpt.models import BlackBox, Images, SoftPrompt, TextPrompt, create_backbone
+from bbpt.models import BlackBox, BlackBoxAPI, Images, SoftPrompt, TextPrompt, create_backbone
 from bbpt.serve.client import RemoteBlackBox
 from bbpt.serve.wire import CONTENT_TYPE, pack, unpack
 
@@ -201,8 +201,10 @@ def test_uploads_png_and_raw_give_ids_and_cached_features(server, key, tmp_path)
 def test_remote_box_matches_the_in_process_box(server, key):
     local = BlackBox(create_backbone("mini"), NAMES)
     remote = RemoteBlackBox(server.url, key, NAMES)
-    for name in ("image_size", "ctx_dim", "context_length", "visual_width", "pixel_mean", "pixel_std",
-                 "max_images_per_call", "model_name"):
+    assert isinstance(local, BlackBoxAPI) and isinstance(remote, BlackBoxAPI)
+    metadata = [n for n, v in vars(BlackBoxAPI).items() if isinstance(v, property)] + ["classnames"]
+    assert len(metadata) >= 10
+    for name in metadata:  # the protocol's public metadata, equal on both
         assert getattr(remote, name) == getattr(local, name), name
     assert torch.equal(remote.embed_words("a photo of a"), local.embed_words("a photo of a"))
     px = torch.rand(4, 3, 32, 32)

@@ -200,6 +200,7 @@ def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (
           db: str = _o_db(), device: str = typer.Option("cpu", help="cpu or cuda."),
           precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA."),
           max_batch: int = typer.Option(32, min=1, help="Queries merged into one forward (1: no batching)."),
+          max_batch_rows: int = typer.Option(1024, min=1, help="Text sequences (candidates x classes) per forward, at most."),
           max_wait_ms: float = typer.Option(0.0, min=0.0, help="How long a query waits for others to join it "
                                             "(0: batches are the queries that queued during the last forward)."),
           max_request_mb: int = typer.Option(256, min=1, help="Largest request body accepted (413 above)."),
@@ -213,7 +214,7 @@ def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (
     from .serve.app import ServeConfig
 
     cfg = ServeConfig(model=model, pretrained=pretrained, device=device, precision=precision, db=db,
-                      max_batch=max_batch, max_wait_ms=max_wait_ms, max_request_bytes=max_request_mb << 20)
+                      max_batch=max_batch, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, max_request_bytes=max_request_mb << 20)
     from .models import create_backbone
 
     create_backbone(model, pretrained, device)  # a bad model or device: one line now, not a traceback at startup

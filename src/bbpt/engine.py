@@ -35,7 +35,7 @@ from .data.core import ImageSet
 from .errors import BadInput, BBPTError, BudgetExhausted
 from .methods import METHODS, FewShotData, make_config
 from .methods.base import Budget, Env, option_range
-from .models import BlackBox, Images, QueryMeter, create_backbone
+from .models import BlackBox, BlackBoxAPI, Images, QueryMeter, create_backbone
 from .models.whitebox import WhiteBox
 from .progress import Progress, eval_bar
 from .results import write_outputs
@@ -204,7 +204,7 @@ class Interrupts:
 
 
 @torch.no_grad()
-def evaluate(method, box: BlackBox, images: ImageSet | FewShotData, batch: int, desc: str = "eval",
+def evaluate(method, box: BlackBoxAPI, images: ImageSet | FewShotData, batch: int, desc: str = "eval",
              progress: bool = True, should_stop: Callable[[], bool] | None = None, cache: bool = False) -> dict:
     """Accuracy and mean cross-entropy of ``method.predict`` (or any ``predict(box, images)``)
     on ``images``, through ``box`` (an evaluation meter, not the training budget). Streams

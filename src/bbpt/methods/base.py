@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..data.core import ImageSet
 from ..errors import BadInput
-from ..models.blackbox import BlackBox, Images, SoftPrompt, TextPrompt, VisualPrompt
+from ..models.blackbox import BlackBoxAPI, Images, SoftPrompt, TextPrompt, VisualPrompt
 from ..registry import Registry
 from ..state import get_state, set_state
 
@@ -156,13 +156,13 @@ class Env:
     only a method declaring ``black_box = False`` (the CoOp reference) receives.
     """
 
-    def __init__(self, box: BlackBox, data: FewShotData, task: dict, seed: int, method: type, white_box: Callable):
+    def __init__(self, box: BlackBoxAPI, data: FewShotData, task: dict, seed: int, method: type, white_box: Callable):
         self.box, self.data, self.task, self.seed = box, data, task, seed
         self._method, self._white_box = method, white_box
         self.side_meter = None
-        self._side: BlackBox | None = None
+        self._side: BlackBoxAPI | None = None
 
-    def side_box(self) -> BlackBox:
+    def side_box(self) -> BlackBoxAPI:
         if self._side is None:
             from ..models import QueryMeter
 
@@ -219,7 +219,7 @@ class Method:
     def prompt(self) -> TextPrompt | SoftPrompt:
         raise NotImplementedError
 
-    def predict(self, box: BlackBox, images: Images) -> torch.Tensor:
+    def predict(self, box: BlackBoxAPI, images: Images) -> torch.Tensor:
         """(B, C) logits of the current model on ``images``."""
         return type(self).apply(self.prompt(), self.extra_state(), box, images)
 
@@ -228,7 +228,7 @@ class Method:
         return {}
 
     @classmethod
-    def apply(cls, prompt, extra: dict[str, torch.Tensor], box: BlackBox, images: Images) -> torch.Tensor:
+    def apply(cls, prompt, extra: dict[str, torch.Tensor], box: BlackBoxAPI, images: Images) -> torch.Tensor:
         """(B, C) logits of a saved prompt (+ extra state) on ``images``: ``bbpt eval``'s path."""
         return box.query(prompt, images)[0]
 

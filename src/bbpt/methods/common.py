@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput
-from ..models.blackbox import BlackBox
+from ..models.blackbox import BlackBoxAPI
 
 
 def ce_per_candidate(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def kl_per_candidate(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Te
     return (logp.exp() * (logp - logq)).sum(-1).mean(-1)
 
 
-def initial_context(box: BlackBox, how: str, n_ctx: int | None, templates: list[str], seed: int) -> torch.Tensor:
+def initial_context(box: BlackBoxAPI, how: str, n_ctx: int | None, templates: list[str], seed: int) -> torch.Tensor:
     """The starting context (m, D).
 
     how: "template" (the words of the task's template before "{}", e.g. "a photo of a";
@@ -43,7 +43,7 @@ def initial_context(box: BlackBox, how: str, n_ctx: int | None, templates: list[
     return torch.cat([torch.randn(m - len(words), D, generator=g) * 0.02, words])
 
 
-def embedding_std(box: BlackBox, words: list[str]) -> float:
+def embedding_std(box: BlackBoxAPI, words: list[str]) -> float:
     """Std of word embeddings the client received through ``embed_words`` (BBT's statistic,
     estimated client-side, without reading the model's weights)."""
     return float(torch.cat([box.embed_words(w) for w in words if w.strip()]).std())

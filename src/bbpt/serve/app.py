@@ -52,6 +52,7 @@ class ServeConfig:
     precision: str = "fp32"
     db: str = "serve.db"
     max_batch: int = 32  # queries merged into one forward (1: no batching)
+    max_batch_rows: int = 1024  # and at most this many text sequences (candidates x classes) in it
     max_wait_ms: float = 0.0  # how long a query waits for others to join it (0: only those already queued)
     max_request_bytes: int = 256 << 20
     max_images_per_call: int = 128  # the pricing: B images cost ceil(B / this) api_calls per candidate
@@ -78,7 +79,7 @@ class Server:
         self.store = Store(cfg.db)
         self.cache = FeatureCache()
         self.boxes: dict[str, BlackBox] = {}
-        self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000)
+        self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_batch_rows)
         self.inflight: set[tuple[str, str]] = set()
         probe = self.box(["a", "b"])
         self.info = {"api": API_VERSION, "model": cfg.model, "pretrained": cfg.pretrained, "image_size": probe.image_size,
@@ -86,6 +87,7 @@ class Server:
                      "visual_width": probe.visual_width, "pixel_mean": list(probe.pixel_mean),
                      "pixel_std": list(probe.pixel_std), "max_images_per_call": cfg.max_images_per_call,
                      "max_request_bytes": cfg.max_request_bytes, "batching": {"max_batch": cfg.max_batch,
+                                                                              "max_rows": cfg.max_batch_rows,
                                                                               "max_wait_ms": cfg.max_wait_ms}}
 
     # ---- uploaded image features survive restarts (kept in the store, keyed by model) ---------
@@ -355,7 +357,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             server.inflight.add(token)
         try:
             try:
-                logits = await server.batcher.submit((box, prompt, images, visual))
+                logits = await server.batcher.submit((box, prompt, images, visual), P * len(box.classnames))
             except BBPTError as e:
                 raise _bad(str(e)) from None
             reply = pack({"charged": cost}, {"logits": logits})
