@@ -148,9 +148,9 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
 
 def test_exit_code_and_debug_in_subprocess(tmp_path):
     exe = [sys.executable, "-m", "bbpt.cli"]
-    p = subprocess.run([*exe, "run", "--dataset", "nope"], capture_output=True, text=True)
+    p = subprocess.run([*exe, "run", "--dataset", "nope"], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.startswith("error: unknown dataset 'nope'") and "Traceback" not in p.stderr
-    p = subprocess.run([*exe, "--debug", "run", "--dataset", "nope"], capture_output=True, text=True)
+    p = subprocess.run([*exe, "--debug", "run", "--dataset", "nope"], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode != 0 and "Traceback" in p.stderr and "UnknownName" in p.stderr
 
 

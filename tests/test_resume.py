@@ -316,3 +316,12 @@ def test_progress_off_a_terminal_is_one_plain_line_per_curve_point(tmp_path, str
     points = [l for l in lines if l.startswith("zip on shapes: ")]
     assert len(points) == len(straight[0][0]["curve"]) and len(set(points)) == len(points)
     assert len(lines) == len(points)  # nothing else on stderr
+
+
+def test_config_diff_treats_a_field_added_since_as_off():
+    from bbpt.runfolder import config_diff
+
+    old = {"seed": 1, "options": {"budget": 40}}
+    assert config_diff(old, {**old, "remote": None}) == []  # a run made before --remote existed still resumes
+    assert config_diff(old, {**old, "remote": "http://x"}) == ["remote: None -> 'http://x'"]
+    assert config_diff(old, {"seed": 1, "options": {"budget": 40, "n_ctx": 8}}) == ["options.n_ctx: None -> 8"]

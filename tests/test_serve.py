@@ -202,7 +202,8 @@ def test_remote_box_matches_the_in_process_box(server, key):
     local = BlackBox(create_backbone("mini"), NAMES)
     remote = RemoteBlackBox(server.url, key, NAMES)
     assert isinstance(local, BlackBoxAPI) and isinstance(remote, BlackBoxAPI)
-    metadata = [n for n, v in vars(BlackBoxAPI).items() if isinstance(v, property)] + ["classnames"]
+    metadata = [n for n, v in vars(BlackBoxAPI).items() if isinstance(v, property) and n != "encode_chunk"]
+    metadata += ["classnames"]  # encode_chunk: a sizing hint, each implementation's own
     assert len(metadata) >= 10
     for name in metadata:  # the protocol's public metadata, equal on both
         assert getattr(remote, name) == getattr(local, name), name

@@ -39,10 +39,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
-    """Fields that differ between two configurations, as "key: old -> new"."""
+    """Fields that differ between two configurations, as "key: old -> new". A field one side
+    lacks counts as None (a field added since, off by default, e.g. ``remote``)."""
     a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "(unset)") != b.get(k, "(unset)")]
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 class RunFolder:

@@ -257,7 +257,7 @@ class BlackBoxAPI(Protocol):
     @property
     def model_name(self) -> str: ...
     @property
-    def encode_chunk(self) -> int: ...
+    def encode_chunk(self) -> int: ...  # a sizing hint, per implementation: images per forward / upload
 
     def query(self, prompt: TextPrompt | SoftPrompt, images: Images,
               visual: VisualPrompt | None = None) -> torch.Tensor: ...  # logits (P, B, C), charged
