@@ -68,3 +68,25 @@ def test_batched_answers_equal_unbatched_within_1e_5(mini):
     for it, t in zip(items, together):
         alone = box.query(it[1], it[2])
         assert t.shape == alone.shape and torch.allclose(t, alone, atol=1e-5)
+
+
+def test_store_charges_atomically_and_stored_replies_expire(tmp_path, monkeypatch):
+    from bbpt.serve import store as st
+
+    s = st.Store(tmp_path / "s.db")
+    key = s.authenticate(s.add_key("k", {"api_calls": 3}))
+    assert key is not None and s.authenticate("bbpt-00000000-wrong") is None
+    cost = {"api_calls": 2, "prompt_evals": 2, "images_forwarded": 4}
+    s.charge(key, "train", cost, b"reply", "idem-1", "sha")
+    assert s.reply(key, "idem-1", "sha") == b"reply"
+    with pytest.raises(st.IdempotencyMismatch):
+        s.reply(key, "idem-1", "other body")
+    with pytest.raises(st.OverBudget):  # 2 + 2 > 3: refused whole, nothing written
+        s.charge(key, "train", cost, b"r2", "idem-2", "sha2")
+    assert s.usage(key.id)["total"]["api_calls"] == 2 and s.reply(key, "idem-2", "sha2") is None
+    s.charge(key, "train", cost, b"again", "idem-1", "sha")  # a twin already stored: no second charge
+    assert s.usage(key.id)["total"] == {"requests": 1, "api_calls": 2, "prompt_evals": 2, "images_forwarded": 4}
+    later = st.time.time() + st.IDEMPOTENCY_SECONDS + 1
+    monkeypatch.setattr(st.time, "time", lambda: later)
+    assert s.reply(key, "idem-1", "sha") is None  # expired: a day, as Stripe keeps them
+    assert s.prune() == 1

@@ -195,7 +195,15 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def lifespan(app):
         server = state["server"] = Server(cfg)
         await server.batcher.start()
+
+        async def prune():  # stored idempotent replies expire after a day, as Stripe's do
+            while True:
+                await asyncio.to_thread(server.store.prune)
+                await asyncio.sleep(600)
+
+        pruner = asyncio.create_task(prune())
         yield
+        pruner.cancel()
         await server.batcher.stop()
         server.store.close()
 

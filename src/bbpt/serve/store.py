@@ -150,7 +150,7 @@ class Store:
                     "images_forwarded = images_forwarded + excluded.images_forwarded",
                     (key.id, purpose, cost["api_calls"], cost["prompt_evals"], cost["images_forwarded"]))
                 if idem_key is not None:
-                    self._db.execute("INSERT INTO replies VALUES (?, ?, ?, ?, ?)",
+                    self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
                                      (key.id, idem_key, body_sha, reply, time.time()))
                 self._db.execute("COMMIT")
             except BaseException:
@@ -165,8 +165,8 @@ class Store:
             return self._reply_locked(key.id, idem_key, body_sha)
 
     def _reply_locked(self, key_id: str, idem_key: str, body_sha: str) -> bytes | None:
-        row = self._db.execute("SELECT body_sha256, reply FROM replies WHERE key_id = ? AND idem_key = ?",
-                               (key_id, idem_key)).fetchone()
+        row = self._db.execute("SELECT body_sha256, reply FROM replies WHERE key_id = ? AND idem_key = ? AND created >= ?",
+                               (key_id, idem_key, time.time() - IDEMPOTENCY_SECONDS)).fetchone()
         if row is None:
             return None
         if row[0] != body_sha:
