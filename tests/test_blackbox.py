@@ -11,17 +11,21 @@ from bbpt.models import BlackBox, Images, QueryMeter, SoftPrompt, TextPrompt, Vi
 NAMES = ["cat", "sea lion", "ankle boot", "t-shirt", "zero"]
 
 
+BACKENDS = ["mini", "ViT-B-32", "RN50", "hf-clip", "hf-siglip"]
+
+
 def plain_logits(bb, texts, pixels):
-    """open_clip's own path: encode_text on full 77-token ids, encode_image, scaled cosine."""
+    """The library's own path (open_clip's encode_text on full ids; transformers'
+    get_text_features as the model card pads), the image features, scaled cosine + bias."""
     with torch.no_grad():
-        t = F.normalize(bb.model.encode_text(bb.tokenize(texts)).float(), dim=-1)
-        i = F.normalize(bb.model.encode_image(bb.normalize(pixels)).float(), dim=-1)
-        return bb.model.logit_scale.exp() * i @ t.T
+        t = F.normalize(bb.library_text_features(texts), dim=-1)
+        i = bb.encode_images(pixels)
+        return bb.logit_scale * i @ t.T + bb.logit_bias
 
 
 @pytest.fixture(scope="module")
-def openclip_random():
-    return {name: create_backbone(name, "random") for name in ("ViT-B-32", "RN50")}
+def openclip_random(backends):
+    return backends
 
 
 def check_soft_equals_text(bb, n_images=3):
@@ -30,8 +34,8 @@ def check_soft_equals_text(bb, n_images=3):
     box = BlackBox(bb, NAMES)
     imgs = Images(px, keys=[f"i{k}" for k in range(n_images)])
     hard = box.query(TextPrompt("a photo of a {}."), imgs)  # (1, B, C)
-    ctx = box.embed_words("a photo of a")  # (4, D)
-    assert ctx.shape == (4, box.ctx_dim)
+    ctx = box.embed_words("a photo of a")  # (m, D): 4 words for CLIP's BPE
+    assert ctx.shape == (bb.count_tokens("a photo of a"), box.ctx_dim)
     soft = box.query(SoftPrompt(ctx[None]), imgs)
     assert hard.shape == soft.shape == (1, n_images, len(NAMES))
     assert torch.equal(hard, soft), (hard - soft).abs().max()
@@ -45,13 +49,24 @@ def check_soft_equals_text(bb, n_images=3):
     assert (other - soft).abs().max() > 1e-3
 
 
-def test_soft_prompt_equals_text_path_mini(mini):
-    check_soft_equals_text(mini)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_soft_prompt_equals_text_path(backends, backend):
+    check_soft_equals_text(backends[backend], n_images=2)
 
 
-@pytest.mark.parametrize("arch", ["ViT-B-32", "RN50"])
-def test_soft_prompt_equals_text_path_openclip(openclip_random, arch):
-    check_soft_equals_text(openclip_random[arch], n_images=2)
+@pytest.mark.parametrize("backend", ["hf-clip", "hf-siglip"])
+def test_hf_soft_prompt_of_the_words_equals_get_text_features(backends, backend):
+    """A soft prompt holding the words' own embeddings equals transformers' get_text_features
+    (as the model card calls it) within 1e-5: placeholders, EOS pooling (CLIP) or last-position
+    pooling at fixed length (SigLIP), causal mask or none, projection."""
+    bb = backends[backend]
+    box = BlackBox(bb, NAMES)
+    ctx = box.embed_words("a photo of a")
+    with torch.no_grad():
+        soft = box._text_features(SoftPrompt(ctx[None]))[0]  # (C, E)
+        ref = F.normalize(bb.library_text_features([f"a photo of a {c}." for c in NAMES]), dim=-1)
+    assert soft.shape == ref.shape and torch.allclose(soft, ref, atol=1e-5), (soft - ref).abs().max()
+    assert bb.text.prefix == (1 if backend == "hf-clip" else 0) and bb.text.causal == (backend == "hf-clip")
 
 
 def test_any_context_length(mini):
@@ -64,19 +79,24 @@ def test_any_context_length(mini):
         box.query(SoftPrompt(torch.randn(1, 80, box.ctx_dim)), imgs)
 
 
-def test_cut_is_exact(mini):
-    ids = mini.tokenize([f"a photo of a {c}." for c in NAMES])
-    emb = mini.text.embed(ids)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cut_is_exact(backends, backend):
+    bb = backends[backend]
+    ids = bb.tokenize([f"a photo of a {c}." for c in NAMES])
+    emb = bb.text.embed(ids)
     with torch.no_grad():
-        full = mini.text.encode(emb, ids, cut=False)
-        cut = mini.text.encode(emb, ids, cut=True)
-    assert mini.text.real_length(ids) < 15
+        full = bb.text.encode(emb, ids, cut=False)
+        cut = bb.text.encode(emb, ids, cut=True)
+    if bb.text.causal:
+        assert bb.text.real_length(ids) < 15
+    else:  # bidirectional (SigLIP): padding is part of the input, nothing is cut
+        assert bb.text.real_length(ids) == ids.shape[1]
     assert torch.allclose(full, cut, atol=1e-5), (full - cut).abs().max()
 
 
-@pytest.mark.parametrize("arch", ["mini", "ViT-B-32"])
-def test_fast_equals_slow(mini, openclip_random, arch):
-    bb = mini if arch == "mini" else openclip_random[arch]
+@pytest.mark.parametrize("arch", ["mini", "ViT-B-32", "hf-clip", "hf-siglip"])
+def test_fast_equals_slow(backends, arch):
+    bb = backends[arch]
     torch.manual_seed(1)
     px = torch.rand(3, 3, bb.image_size, bb.image_size)
     imgs = Images(px, keys=["a", "b", "c"])

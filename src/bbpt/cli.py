@@ -141,13 +141,15 @@ def datasets():
 
 @app.command()
 def models():
-    """List the embedded model and the open_clip architectures."""
+    """List the backbones: the embedded model, open_clip architectures, Hugging Face models."""
     from .models.backbone import embedded_models, open_clip_models
 
     for name in embedded_models():
         typer.echo(f"{name:24s} embedded (weights shipped with bbpt)")
     typer.echo("open_clip architectures (need --pretrained TAG, a checkpoint path, or 'random'):")
     typer.echo("  " + ", ".join(open_clip_models()))
+    typer.echo("Hugging Face CLIP / SigLIP: hf:ORG/NAME (from the local cache when HF_HUB_OFFLINE=1) or "
+               "hf:/path/to/save_pretrained/folder; --pretrained random for untrained weights")
 
 
 @app.command()

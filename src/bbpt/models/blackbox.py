@@ -436,8 +436,7 @@ class BlackBox(QueryChecks):
     @property
     def visual_width(self) -> int | None:
         """W, the width of a visual prompt token; None when the image tower is not a ViT."""
-        v = self._bb.vit
-        return None if v is None else int(v.conv1.out_channels)
+        return self._bb.visual_width
 
     @property
     def pixel_mean(self) -> tuple:
@@ -464,8 +463,8 @@ class BlackBox(QueryChecks):
             raise BadInput(f"embed_words takes a string, got {type(text).__name__}")
         ids = self._tokenize_checked([text], lambda t, n, limit: (
             f"text {_preview(t)!r} has {n} tokens, more than the model's {limit}; shorten it"))[0]
-        n = int(self._bb.text.eot_positions(ids[None])[0])
-        return self._bb.text.embed(ids[1:n]).float().cpu()
+        n = int(self._bb.text.eos_positions(ids[None])[0])
+        return self._bb.text.embed(ids[self._bb.text.prefix:n]).float().cpu()
 
     @torch.no_grad()
     def embed_patches(self, images: Images) -> torch.Tensor:
@@ -606,7 +605,8 @@ class BlackBox(QueryChecks):
         ctx = prompt.ctx.to(base.device, base.dtype)
         P, m = prompt.num_prompts, prompt.num_ctx
         ctx = ctx[:, None].expand(P, C, m, -1) if ctx.ndim == 3 else ctx  # (P, C, m, D)
-        emb = torch.cat([base[None, :, :1].expand(P, -1, -1, -1), ctx, base[None, :, 1 + m :].expand(P, -1, -1, -1)], dim=2)
+        k = self._bb.text.prefix  # special tokens before the text (CLIP's SOS), then the context
+        emb = torch.cat([base[None, :, :k].expand(P, -1, -1, -1), ctx, base[None, :, k + m :].expand(P, -1, -1, -1)], dim=2)
         return emb, ids[None].expand(P, -1, -1)
 
     def _soft_template(self, m: int, suffix: str):
@@ -620,27 +620,29 @@ class BlackBox(QueryChecks):
                         f"than the model's {limit}; use fewer context tokens (n_ctx) or a shorter class name")
 
             ids = self._tokenize_checked([head + c + suffix for c in self.classnames], too_long)
+            k = self._bb.text.prefix
+            if not bool((ids[:, k : k + m] == self._bb.placeholder_id).all()):
+                raise BadInput(f"{self.model_name}: the tokenizer merges the context placeholders with the text "
+                               f"after them; put a space or a word between context and class (suffix {suffix!r})")
             self._soft_cache[key] = (ids, self._bb.text.embed(ids))
         return self._soft_cache[key]
 
     def _tokenize_checked(self, texts: list[str], too_long) -> torch.Tensor:
         """Token ids (N, L) of ``texts``; BadInput(too_long(text, n_tokens, limit)) if a text has
-        more than ``context_length - 2`` tokens (room for SOS and EOT).
+        more tokens than the context leaves beside the special ones (CLIP: 77 - SOS - EOT).
 
         Tokenised once: the tokenizer truncates silently, but only a row that fills the window
         (EOT at or past the model's last position, or no padding left) can have been cut, so
         only those are counted exactly with the tokenizer's ``encode`` (skipped if it has none).
         """
-        ids = self._bb.tokenize(texts)
-        enc = getattr(self._bb.tokenizer, "encode", None)
-        if enc is None:
-            return ids
-        limit = self.context_length - 2
-        eot = self._bb.text.eot_positions(ids)
-        full = (eot >= min(ids.shape[1], self.context_length) - 1) | (ids[:, -1] != 0)
+        bb, tower = self._bb, self._bb.text
+        ids = bb.tokenize(texts)
+        limit = self.context_length - tower.prefix - 1
+        eos = tower.eos_positions(ids)
+        full = (eos >= min(ids.shape[1], self.context_length) - 1) | (ids[:, -1] != tower.pad_id)
         for i in full.nonzero().flatten().tolist():
-            n = len(enc(texts[i]))
-            if n > limit:
+            n = bb.count_tokens(texts[i])
+            if n is not None and n > limit:
                 raise BadInput(too_long(texts[i], n, limit))
         return ids
 
