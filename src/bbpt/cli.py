@@ -183,6 +183,33 @@ def data_prepare(
     typer.echo(f"data folder: {data_dir()}")
 
 
+@data_app.command("check")
+def data_check(
+    root: str = typer.Argument(..., help="A CoOp data root: the folder holding oxford_pets/, dtd/, imagenet/, ..."),
+    dataset: List[str] = typer.Option(None, help="Check only these (CoOp names, e.g. OxfordPets; repeatable)."),
+):
+    """Validate a CoOp-layout data root: which folders and split files are missing, and how to fix each.
+    Exit 0 when every dataset present (or named) is complete, 1 otherwise."""
+    from .data.coop import check_root
+
+    reports = check_root(root, dataset or None)
+    for r in reports:
+        d = r.dataset
+        if r.ok:
+            typer.echo(f"ok       {d.name:20s} {d.folder}/: {r.summary}")
+        elif not r.present and not dataset:
+            typer.echo(f"absent   {d.name:20s} {d.folder}/ (not checked; add it to use it)")
+        else:
+            typer.echo(f"PROBLEM  {d.name:20s} {d.folder}/")
+            for p in r.problems:
+                typer.echo(f"           - {p}")
+    bad = [r for r in reports if not r.ok and (r.present or dataset)]
+    n_ok = sum(r.ok for r in reports)
+    typer.echo(f"{n_ok} complete, {len(bad)} with problems, {len(reports) - n_ok - len(bad)} absent ({root})")
+    if bad or n_ok == 0:
+        raise typer.Exit(1)
+
+
 # ---- the black box as a service -------------------------------------------------------------
 serve_app = typer.Typer(help="Serve the black box as an HTTP API (keys, budgets, batching).")
 keys_app = typer.Typer(help="API keys and their budgets.", no_args_is_help=True)
@@ -406,7 +433,9 @@ def main() -> None:
     from .engine import RunInterrupted
 
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns typer.Exit(code)'s code here instead of raising
+        if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+            sys.exit(rc)
     except BBPTError as e:
         if _state["debug"]:
             raise
