@@ -49,12 +49,12 @@ def test_zip_ablations_and_zosgd(mini):
     assert build("zip", mini, clip=3.0)[0].opt.threshold == 3.0
     z, box, _ = build("zosgd", mini)
     assert z.param.dim == 8 * box.ctx_dim and z.opt.threshold is None
-    r = build("zip", mini, ctx_init="random")[0]
-    assert r.prompt().ctx.abs().max() < 0.2  # N(0, 0.02²) context, the official code's init
+    r = build("zip", mini)[0]
+    assert r.prompt().ctx.abs().max() < 0.2  # N(0, 0.02²) context, the official code's init (the default)
 
 
 def test_zip_starts_from_template_words(mini):
-    m, box, task = build("zip", mini, n_ctx=4)
+    m, box, task = build("zip", mini, n_ctx=4, ctx_init="template")
     words = box.embed_words(task.templates[0].split("{}")[0].strip())
     assert torch.equal(m.prompt().ctx[0], words[-4:])
 
@@ -108,6 +108,10 @@ def test_craft_budget_by_shots():
     assert cls.resolve_config(make_config(cls, {"budget": 123}), 16).budget == 123
     p = cls.resolve_config(make_config(cls, {"preset": "dtd"}), 16)
     assert (p.sigma, p.proj_std, p.lam, p.bias) == (0.02, 1, 0.001, "reask")
+    assert p.beta == p.lam  # the official code's one `weight` serves both KL terms
+    for name in ("eurosat", "food101", "imagenet"):
+        q = cls.resolve_config(make_config(cls, {"preset": name}), 16)
+        assert q.beta == q.lam
 
 
 def test_sharpzo_cge_cost_and_stage_switch(mini):
@@ -205,3 +209,16 @@ def test_eval_reproduces_run_test_accuracy(tmp_path, name, budget):
     if name == "craft":
         assert r["aux_queries"]["prompt_evals"] > 0
         assert r["queries_total"]["prompt_evals"] == r["queries"]["prompt_evals"] + r["aux_queries"]["prompt_evals"]
+
+
+def test_zip_defaults_are_the_official_release():
+    """ZIP's defaults where the paper is silent are the official code's: 8 random N(0, 0.02²)
+    context tokens, segmented perturbations; each option's help names its source."""
+    cls = METHODS.get("zip")
+    cfg = make_config(cls, {})
+    assert (cfg.ctx_init, cfg.perturbation, cfg.n_ctx, cfg.n_perturb, cfg.intrinsic_dim, cfg.rank) == (
+        "random", "segmented", 8, 5, 500, 5)
+    for name, f in cls.Config.model_fields.items():
+        if name == "budget_unit":  # bbpt's: which meter the budget reads
+            continue
+        assert "[paper" in f.description or "[official" in f.description, name

@@ -8,14 +8,15 @@ Two modules trained alternately, one CMA-ES generation then one head epoch:
 - prediction refinement: refined = f + g(f), g an MLP (3 layers, hidden 512) trained with
   AdamW (lr 1e-3, batch 256) on the black-box logits of the current prompt:
   CE(f + g(f)) + β·KL(softmax(f) ‖ softmax(f + g(f))).
-λ = β = 0.1 / C. Budget: 8000 prompt evaluations at 8/16 shots, 4000 at 2/4, 2000 at 1.
+λ = β = 0.1 / C (paper, Training Details). Budget: 8000 prompt evaluations at 8/16 shots, 4000 at 2/4, 2000 at 1.
 The head's own black-box calls are counted on a separate meter (the paper does not count
 them); result.json reports both.
 
 Official-code behaviour as options: ``bias="reask"`` (the prompt used by the head and at test
 time is the mean of a fresh, untold ``es.ask()``; ``"xbest"`` the ImageNet script's),
 ``head="official"`` (Linear(C,256)-ReLU-Linear(256,C)), ``preset=<dataset>`` (the
-per-dataset σ, bound, std(A), λ and KL horizon of craft_configs), ``head_kl_fraction``.
+per-dataset σ, bound, std(A), KL weight and KL horizon of craft_configs; the official code has one
+``weight`` for both KL terms, so a preset sets λ and β alike), ``head_kl_fraction``.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ class CraFTConfig(MethodConfig):
     popsize: int = Field(40, ge=2, le=10_000, description="CMA-ES population per generation")
     sigma: float = Field(1.0, gt=0, description="CMA-ES initial step size σ")
     bound: float = Field(5.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
-    lam: float | None = Field(None, ge=0, description="λ, prompt-side KL weight; none: 0.1 / C")
-    beta: float | None = Field(None, ge=0, description="β, head-side KL weight; none: 0.1 / C")
+    lam: float | None = Field(None, ge=0, description="λ, prompt-side KL weight; none: 0.1 / C [paper: Training Details]")
+    beta: float | None = Field(None, ge=0, description="β, head-side KL weight; none: 0.1 / C [paper: Training Details]")
     head: Literal["paper", "official"] = Field("paper", description="'paper' (3 layers, hidden 512) or 'official' (C-256-C)")
     head_hidden: int = Field(512, ge=1, le=65536, description="hidden width of the paper head")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the head")
@@ -98,7 +99,9 @@ class CraFT(ZerothOrderMethod):
             if cfg.preset not in PRESETS:
                 raise UnknownName("CraFT preset", cfg.preset, PRESETS)
             s, b, std, lam, n = PRESETS[cfg.preset]
-            upd.update(sigma=s, bound=b, proj_std=std, lam=lam, head_kl_fraction=1.0 / n, head="official", bias="reask")
+            # the official code's one `weight` serves both KL terms (prompt side and head side)
+            upd.update(sigma=s, bound=b, proj_std=std, lam=lam, beta=lam, head_kl_fraction=1.0 / n, head="official",
+                       bias="reask")
         return cfg.model_copy(update=upd)
 
     def __init__(self, cfg: CraFTConfig, env):

@@ -6,9 +6,12 @@ W = U diag(s) Vᵀ + u ⊗ 1 (low rank + feature sharing), δ = r(q + m + 1) + q
 pairs per step (10 api_calls on one 128-image batch) and intrinsic-dimensional clipping
 α_t = min(√δ / ‖ĝ‖, 1); step sizes a_k = a/(k+o)^α, c_k = c/k^γ.
 
-Official-code behaviour as options: ``ctx_init="random"`` (the code's N(0, 0.02) context;
-the default starts from the task template's words) and ``perturbation="segmented"`` (|Δ| ~
-U[0.5, 1]; the default is Spall's Rademacher). Ablations: ``low_rank=False``,
+Defaults and their sources: the paper (poster) gives the parameterisation, N, the clipping
+and the budget; where it is silent or could not be checked the official release decides:
+8 random N(0, 0.02²) context tokens (``CTX_INIT`` unset in every script) and segmented
+perturbations (|Δ| ~ U[0.5, 1], random sign; ``trainers/zip.py``). The earlier bbpt
+behaviour stays available: ``ctx_init="template"`` (the task template's words, left-padded)
+and ``perturbation="rademacher"`` (Spall's ±1). Ablations: ``low_rank=False``,
 ``feature_sharing=False``, ``clip="none"`` or a fixed threshold.
 """
 from __future__ import annotations
@@ -53,12 +56,32 @@ class SPSAPromptConfig(SPSAConfig):
 
 
 class ZIPConfig(SPSAPromptConfig):
-    intrinsic_dim: int = Field(500, ge=1, le=1_000_000, description="intrinsic dimension (q = intrinsic_dim // n_ctx per token)")
-    rank: int = Field(5, ge=1, le=1000, description="rank r of the low-rank W = U diag(s) Vᵀ")
-    projection: Literal["fastfood", "gaussian"] = Field("fastfood", description="per-token map R^q -> R^D")
-    low_rank: bool = Field(True, description="low-rank W (False: a free m × q matrix; ablation)")
-    feature_sharing: bool = Field(True, description="shared vector u added to every token's w_i (ablation)")
-    clip: Clip = Field("intrinsic", description="gradient clipping: 'intrinsic' (√δ), 'none', or a positive threshold")
+    budget: int | None = Field(5000, ge=1, description="api_calls [paper: 5000; official scripts MAX_API_CALLS=5000]")
+    batch_size: int = Field(128, ge=1, le=65536, description="images per query (ZIP's API batch) [official: batch 128]")
+    n_perturb: int = Field(5, ge=1, le=1000, description="perturbation pairs per step, 2N candidates in one query "
+                           "[official: SP_AVG=5, configs/trainers/ZIP/vit_b16.yaml]")
+    perturbation: Literal["rademacher", "segmented"] = Field(
+        "segmented", description="Δ: |Δ| ~ U[0.5, 1] with a random sign, or ±1 (Spall) "
+        "[official: trainers/zip.py; the paper could not be checked]")
+    a: float = Field(0.01, gt=0, description="step size a_k = a / (k + o)^alpha [official: SPSA_PARAMS, vit_b16.yaml]")
+    c: float = Field(0.01, gt=0, description="perturbation size c_k = c / k^gamma [official: SPSA_PARAMS]")
+    o: float = Field(1.0, ge=0, description="stability offset o in a_k [official: SPSA_PARAMS]")
+    alpha: float = Field(0.4, ge=0, le=2, description="decay exponent of a_k [official: SPSA_PARAMS]")
+    gamma: float = Field(0.1, ge=0, le=2, description="decay exponent of c_k [official: SPSA_PARAMS]")
+    n_ctx: int = Field(8, ge=1, le=75, description="context tokens m [official: N_CTX=8]")
+    ctx_init: str = Field("random", min_length=1,
+                          description="'random' (N(0, 0.02²)), 'template' (the task template's words) or a phrase "
+                          "[official: CTX_INIT unset in every script -> nn.init.normal_(std=0.02)]")
+    intrinsic_dim: int = Field(500, ge=1, le=1_000_000, description="intrinsic dimension, q = intrinsic_dim // n_ctx "
+                               "per token [official scripts: INTRINSIC_DIM=500; train.py's 1000 is overridden]")
+    rank: int = Field(5, ge=1, le=1000, description="rank r of the low-rank W = U diag(s) Vᵀ [official scripts: RANK=5]")
+    projection: Literal["fastfood", "gaussian"] = Field("fastfood", description="per-token map R^q -> R^D "
+                                                         "[official: projections/intrinsic.py, Fastfood]")
+    low_rank: bool = Field(True, description="low-rank W (False: a free m × q matrix; ablation) [paper: low rank]")
+    feature_sharing: bool = Field(True, description="shared vector u added to every token's w_i (ablation) "
+                                  "[paper: feature sharing]")
+    clip: Clip = Field("intrinsic", description="gradient clipping: 'intrinsic' (√δ), 'none', or a positive threshold "
+                       "[paper: intrinsic-dimensional clipping]")
 
 
 @register_method
