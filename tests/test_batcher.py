@@ -89,4 +89,9 @@ def test_store_charges_atomically_and_stored_replies_expire(tmp_path, monkeypatc
     later = st.time.time() + st.IDEMPOTENCY_SECONDS + 1
     monkeypatch.setattr(st.time, "time", lambda: later)
     assert s.reply(key, "idem-1", "sha") is None  # expired: a day, as Stripe keeps them
-    assert s.prune() == 1
+    big = s.authenticate(s.add_key("big", {"api_calls": 100}))
+    s.charge(big, "train", cost, b"first", "idem-x", "sha")
+    monkeypatch.setattr(st.time, "time", lambda: later + st.IDEMPOTENCY_SECONDS + 1)
+    s.charge(big, "train", cost, b"second", "idem-x", "sha")  # the key is new again: charged again, new reply
+    assert s.usage(big.id)["total"]["api_calls"] == 4 and s.reply(big, "idem-x", "sha") == b"second"
+    assert s.prune() == 1  # k's expired reply (big's is fresh)

@@ -553,8 +553,8 @@ def test_max_images_per_call_is_public(mini):
 
 
 def test_methods_use_only_the_black_box_protocol():
-    """Every attribute a method (or the engine's evaluation) reads from a box is a member of
-    BlackBoxAPI, which both the in-process and the HTTP black box implement."""
+    """Every attribute a method reads from a box (its own, its side box, an evaluation box) is
+    a member of BlackBoxAPI, which both the in-process and the HTTP black box implement."""
     import ast
     import inspect
 
@@ -571,7 +571,8 @@ def test_methods_use_only_the_black_box_protocol():
             if not isinstance(node, ast.Attribute):
                 continue
             v = node.value  # box.X, side.X, self.box.X
-            if (isinstance(v, ast.Name) and v.id in ("box", "side")) or (isinstance(v, ast.Attribute) and v.attr == "box"):
+            boxes = ("box", "side", "aux_box", "eval_box", "side_box")
+            if (isinstance(v, ast.Name) and v.id in boxes) or (isinstance(v, ast.Attribute) and v.attr in boxes):
                 used.setdefault(node.attr, mod.__name__)
     assert used and {a: m for a, m in used.items() if a not in allowed} == {}
     assert {"query", "embed_words", "image_size"} <= set(used)

@@ -435,6 +435,8 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit(code)'s code here instead of raising
         if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+            if rc == 130:  # click's answer to Ctrl-C inside a command
+                typer.echo("interrupted", err=True)
             sys.exit(rc)
     except BBPTError as e:
         if _state["debug"]:

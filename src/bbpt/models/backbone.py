@@ -150,18 +150,20 @@ class Backbone:
     def _finish(self) -> "Backbone":
         self.model.eval().requires_grad_(False).to(self.device)
         self._init_norm()
-        self.text.prefix, self.placeholder_id = self._placeholder()
+        self.text.prefix = int(self.text.eos_positions(self.tokenize([""]))[0])  # specials before the text
+        self.placeholder_id = self._placeholder()
         return self
 
-    def _placeholder(self) -> tuple[int, int]:
-        """(special tokens before the text, the placeholder word's id), from the tokenizer
-        itself: the first position where "X X" gives the same token twice."""
+    def _placeholder(self) -> int | None:
+        """The placeholder word's id, if the tokenizer gives it one token (else soft prompts
+        are refused, while text prompts still work)."""
+        k = self.text.prefix
         ids = self.tokenize([f"{PLACEHOLDER} {PLACEHOLDER}"])[0].tolist()
-        for i in range(len(ids) - 1):
-            if ids[i] == ids[i + 1] != self.text.pad_id:
-                return i, ids[i]
-        raise BadInput(f"{self.name}: its tokenizer does not give the placeholder word {PLACEHOLDER!r} one token, "
-                       "so soft prompts cannot be placed")
+        return ids[k] if ids[k] == ids[k + 1] != self.text.pad_id else None
+
+    def no_placeholder(self) -> BadInput:
+        return BadInput(f"{self.name}: its tokenizer does not give the placeholder word {PLACEHOLDER!r} one token, "
+                        "so soft prompts cannot be placed (text prompts work)")
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:

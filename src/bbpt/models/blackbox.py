@@ -621,6 +621,8 @@ class BlackBox(QueryChecks):
 
             ids = self._tokenize_checked([head + c + suffix for c in self.classnames], too_long)
             k = self._bb.text.prefix
+            if self._bb.placeholder_id is None:
+                raise self._bb.no_placeholder()
             if not bool((ids[:, k : k + m] == self._bb.placeholder_id).all()):
                 raise BadInput(f"{self.model_name}: the tokenizer merges the context placeholders with the text "
                                f"after them; put a space or a word between context and class (suffix {suffix!r})")

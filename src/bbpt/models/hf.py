@@ -42,7 +42,9 @@ class HFText(TextEncoder):
         self.context_length = int(emb.position_embedding.num_embeddings)
         self.width = int(self.token_embedding.embedding_dim)
         self.causal = KINDS[kind][0]
-        self.eos_id, self.pad_id = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+        pad = tokenizer.pad_token_id
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = self.eos_id if pad is None else int(pad)  # CLIP pads with EOS where no pad token is set
         self.prefix = 0  # set by the backbone from the tokenizer
         self._features = model.get_text_features
         self._pending = threading.local()  # the embeddings of the forward this thread is running
@@ -161,6 +163,8 @@ def create_hf(ref: str, pretrained: str | None, dev: torch.device) -> HFBackbone
             tokenizer = transformers.AutoTokenizer.from_pretrained(ref)
         except (OSError, ValueError) as e:
             raise _missing(ref, "the tokenizer files", e) from None
+        if tokenizer.pad_token_id is None:  # CLIP-style: pad with EOS (pooling takes the first EOS)
+            tokenizer.pad_token = tokenizer.eos_token
         mean, std = DEFAULT_NORM[kind]
         try:
             proc = transformers.AutoImageProcessor.from_pretrained(ref)

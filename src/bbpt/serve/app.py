@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 
@@ -76,6 +77,8 @@ class Server:
         self.cfg = cfg
         self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.device)
         self.model_id = f"{cfg.model}:{cfg.pretrained or 'default'}"
+        if (cfg.pretrained or "").lower() in ("random", "none"):  # new weights in every process: keep no features
+            self.model_id += f":{uuid.uuid4().hex}"
         self.store = Store(cfg.db)
         self.cache = FeatureCache()
         self.boxes: dict[str, BlackBox] = {}
@@ -198,12 +201,19 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
         async def prune():  # stored idempotent replies expire after a day, as Stripe's do
             while True:
-                await asyncio.to_thread(server.store.prune)
+                try:
+                    await asyncio.to_thread(server.store.prune)
+                except Exception:  # noqa: BLE001 -- a busy database: try again next round
+                    pass
                 await asyncio.sleep(600)
 
         pruner = asyncio.create_task(prune())
         yield
         pruner.cancel()
+        try:
+            await pruner
+        except asyncio.CancelledError:
+            pass
         await server.batcher.stop()
         server.store.close()
 

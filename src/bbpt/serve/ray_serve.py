@@ -30,10 +30,12 @@ APP_NAME = "bbpt"
 
 def _absolute(cfg: ServeConfig) -> ServeConfig:
     """Paths as the replicas will see them (Ray workers need not share the driver's cwd)."""
-    pre = cfg.pretrained
+    pre, model = cfg.pretrained, cfg.model
     if pre and Path(pre).expanduser().exists():
         pre = str(Path(pre).expanduser().resolve())
-    return dataclasses.replace(cfg, db=str(Path(cfg.db).expanduser().resolve()), pretrained=pre)
+    if model.startswith("hf:") and Path(model[3:]).expanduser().is_dir():  # a folder, not a hub id
+        model = "hf:" + str(Path(model[3:]).expanduser().resolve())
+    return dataclasses.replace(cfg, db=str(Path(cfg.db).expanduser().resolve()), pretrained=pre, model=model)
 
 
 def deployment(cfg: ServeConfig, replicas: int, cpus_per_replica: float = 1.0):
@@ -65,8 +67,14 @@ def serve_with_ray(cfg: ServeConfig, host: str, port: int, replicas: int, cpus_p
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                  logging_level="warning")
     stop = threading.Event()
+
+    def on_signal(*_):  # the first signal stops Serve cleanly; a second one (say, during a stuck start) at once
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
     for s in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (aborting) handlers
-        signal.signal(s, lambda *_: stop.set())
+        signal.signal(s, on_signal)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment(cfg, replicas, cpus_per_replica), name=APP_NAME, route_prefix="/")

@@ -75,7 +75,8 @@ class Store:
         self._lock = threading.RLock()  # one connection, one caller at a time
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     # ---- keys ------------------------------------------------------------------------------
     def add_key(self, name: str, budget: dict | None = None) -> str:
