@@ -213,12 +213,22 @@ def test_eval_reproduces_run_test_accuracy(tmp_path, name, budget):
 
 def test_zip_defaults_are_the_official_release():
     """ZIP's defaults where the paper is silent are the official code's: 8 random N(0, 0.02²)
-    context tokens, segmented perturbations; each option's help names its source."""
+    context tokens, segmented perturbations."""
     cls = METHODS.get("zip")
     cfg = make_config(cls, {})
     assert (cfg.ctx_init, cfg.perturbation, cfg.n_ctx, cfg.n_perturb, cfg.intrinsic_dim, cfg.rank) == (
         "random", "segmented", 8, 5, 500, 5)
-    for name, f in cls.Config.model_fields.items():
-        if name == "budget_unit":  # bbpt's: which meter the budget reads
-            continue
-        assert "[paper" in f.description or "[official" in f.description, name
+    assert cls.Config.source("ctx_init").startswith("official") and cls.Config.source("clip").startswith("paper")
+
+
+ORIGINS = ("paper", "official", "bbpt", "CoOp", "BBT", "ZIP's re-implementation", "CraFT's", "Dassl")
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_option_says_where_its_default_comes_from(name):
+    """Every option of every registered method names the source of its default: the paper,
+    the official release (file or setting), or bbpt's own choice with the reason."""
+    C = METHODS.get(name).Config
+    for field in C.model_fields:
+        src = C.source(field)
+        assert src and src.startswith(ORIGINS) and len(src) > 8, (field, src)

@@ -153,8 +153,9 @@ def models():
 
 
 @app.command()
-def methods(name: Optional[str] = typer.Argument(None, help="One method to describe (default: all).")):
-    """List the registered methods with every option: default, allowed range and help."""
+def methods(name: Optional[str] = typer.Argument(None, help="One method to describe (default: all)."),
+            sources: bool = typer.Option(False, "--sources", help="Also say where each default comes from.")):
+    """List the registered methods with every option: default, allowed range and help (and its source)."""
     from .methods import METHODS
     from .methods.base import option_range
 
@@ -166,6 +167,8 @@ def methods(name: Optional[str] = typer.Argument(None, help="One method to descr
             d = f.default
             shown = f"{d:.4g}" if isinstance(d, float) else repr(d)
             typer.echo(f"  {k:18s} {shown:>12}  {option_range(f) or ('true | false' if f.annotation is bool else 'any'):30s} {f.description or ''}")
+            if sources:
+                typer.echo(f"  {'':18s} {'':>12}  {'':30s} default from {cls.Config.source(k)}")
 
 
 @data_app.command("prepare")

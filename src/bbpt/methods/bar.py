@@ -33,6 +33,20 @@ class BARConfig(MethodConfig):
     decay_steps: int | None = Field(None, ge=1, description="decay horizon in steps; none: the steps the budget allows")
     gamma: float = Field(2.0, ge=0, description="focal loss γ (0: cross-entropy)")
 
+    sources = {
+
+        "budget": "ZIP's re-implementation: MAX_API_CALLS=5000",
+        "inner_ratio": "official (BlackVIP / ZIP PROGRAM): INPUT.SIZE 194 in a FRAME_SIZE 224 frame",
+        "q": "official: q = 5 (q + 1 = 6 queries per step)",
+        "beta": "official: SMOOTH β = 0.01",
+        "lr0": "official (ZIP's scripts): LRS [10.0, 0.1]",
+        "lr_min": "official (ZIP's scripts): LRS [10.0, 0.1]",
+        "power": "official: DECAYING 0.9",
+        "decay_steps": "bbpt: the steps the budget allows (ZIP's code: 1000 epochs, so the rate barely decays; "
+                       "set decay_steps to follow it)",
+        "gamma": "official: focal loss γ = 2",
+    }
+
 
 def frame_mask(size: int, inner: int) -> torch.Tensor:
     """(S, S) mask: 1 on the frame, 0 on the centred inner x inner square."""

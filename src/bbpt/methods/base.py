@@ -47,6 +47,23 @@ class MethodConfig(BaseModel):
         None, description="unit of the budget; none: the method's paper unit")
     batch_size: int = Field(128, ge=1, le=65536, description="images per training query (ZIP's API batch)")
 
+    # Where each default comes from: "paper: ..." (section or table), "official: ..." (the
+    # released code or scripts), or "bbpt: ..." (bbpt's own choice, and why). Subclasses add
+    # theirs; `source()` reads them through the class hierarchy; `bbpt methods` prints them.
+    sources: ClassVar[dict[str, str]] = {
+        "budget": "per method",
+        "budget_unit": "bbpt: which meter the budget reads (none: the method paper's unit)",
+        "batch_size": "official ZIP / BlackVIP code: batch 128 (DATALOADER.TRAIN_X.BATCH_SIZE)",
+    }
+
+    @classmethod
+    def source(cls, name: str) -> str | None:
+        for k in cls.__mro__:
+            src = vars(k).get("sources", {})
+            if name in src and src[name] != "per method":
+                return src[name]
+        return None
+
 
 class Budget:
     """How much of the run's budget is spent, as the engine tells each step (a live view:

@@ -28,6 +28,19 @@ class BBTConfig(MethodConfig):
     proj_std: float | None = Field(None, gt=0, description="a fixed std for A instead of BBT's formula")
     bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
 
+    sources = {
+
+        "budget": "BBT paper: 8000 API calls, one over the whole few-shot set each",
+        "n_ctx": "CraFT's and SharpZO's BBT-for-CLIP baseline: the 'a photo of a' words",
+        "ctx_init": "CraFT's and SharpZO's BBT-for-CLIP baseline: 'a photo of a'",
+        "intrinsic_dim": "CraFT's BBT-for-CLIP baseline: d = 512 (BBT for NLP: 500)",
+        "popsize": "BBT: popsize 20",
+        "sigma": "BBT: σ = 1",
+        "alpha": "BBT: α = 1 in std(A) = α · std_emb / (√d · σ)",
+        "proj_std": "BBT: A's std from its formula (no fixed std)",
+        "bound": "BBT: bound 0 (none)",
+    }
+
 
 @register_method
 class BBT(ZerothOrderMethod):

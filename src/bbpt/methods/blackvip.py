@@ -49,6 +49,14 @@ class BlackVIPConfig(SPSAConfig):
         "segmented", description="Δ: ±1 (Spall) or |Δ| ~ U[0.5, 1] with a random sign (official code)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SPSA-GC's Nesterov-style momentum β")
 
+    sources = {
+
+        "encoder": "bbpt: the embedded model's image tower (official: facebook/vit-mae-base, not available offline)",
+        "p_eps": "official config default P_EPS 1.0 (per dataset 0.2-1 in docs/configuration.md)",
+        "perturbation": "official: SPSA-GC with segmented uniform Δ",
+        "momentum": "official config default MOMS 0.9",
+    }
+
 
 class ConvEncoder(nn.Module):
     """A small frozen CNN (seeded random weights): (B, 3, S, S) in [0, 1] -> (B, 64)."""

@@ -48,6 +48,19 @@ class BPTVLMConfig(MethodConfig):
     bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
     preset: Literal["zip"] | None = Field(None, description="'zip': ZIP's re-implementation settings")
 
+    sources = {
+
+        "budget": "official: 3600 fitness evaluations (OxfordPets, Food101, Caltech101; 14400-36000 elsewhere)",
+        "n_text": "official: n_prompt_tokens_L 8",
+        "n_visual": "official: 5 visual tokens",
+        "dim_text": "official: d_L 500",
+        "dim_visual": "official: d_V 500",
+        "popsize": "official: popsize 30",
+        "sigma": "official: sigma 1",
+        "bound": "official: bound 0",
+        "preset": "ZIP's re-implementation: TOKENS 5 + 5, INTRINSIC_DIM 2000 + 2000, POP_SIZE 15, 5000 api_calls",
+    }
+
 
 @register_method
 class BPTVLM(ZerothOrderMethod):

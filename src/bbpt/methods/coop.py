@@ -39,6 +39,21 @@ class CoOpConfig(MethodConfig):
     warmup_epochs: int = Field(1, ge=0, description="epochs at the constant warm-up rate")
     warmup_lr: float = Field(1e-5, gt=0, description="warm-up learning rate")
 
+    sources = {
+
+        "budget": "CoOp: white-box, no query budget",
+        "batch_size": "CoOp configs: batch 32",
+        "n_ctx": "CoOp: N_CTX 16",
+        "ctx_init": "CoOp: CTX_INIT '' -> normal_(std=0.02) ('a photo of a' in the ctxv1 configs)",
+        "class_specific": "CoOp: CSC False",
+        "lr": "CoOp configs: SGD lr 0.002",
+        "momentum": "Dassl SGD default: momentum 0.9",
+        "weight_decay": "Dassl SGD default: weight decay 5e-4",
+        "epochs": "CoOp: 200 epochs (8/16 shots), 100 (2/4), 50 (1)",
+        "warmup_epochs": "CoOp: 1 warm-up epoch",
+        "warmup_lr": "CoOp: constant warm-up lr 1e-5",
+    }
+
 
 @register_method
 class CoOp(Method):

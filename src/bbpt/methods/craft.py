@@ -62,6 +62,30 @@ class CraFTConfig(MethodConfig):
     bias: Literal["mean", "reask", "xbest"] = Field("mean", description="prompt used by the head and at test time")
     preset: str | None = Field(None, description="an official per-dataset config (craft_configs), e.g. 'dtd'")
 
+    sources = {
+
+        "budget": "paper: 8000 API calls; official main(): 8000 (8/16 shots), 4000 (2/4), 2000 (1)",
+        "batch_size": "paper and official: 256",
+        "n_ctx": "paper: prompt length 4 (the 'a photo of a' words)",
+        "ctx_init": "official main_craft.py: initialised from 'a photo of a'",
+        "intrinsic_dim": "paper: a 512-dimensional subspace",
+        "proj_std": "official craft_configs: std(A) 0.2 (1 for dtd, eurosat, imagenet: preset=)",
+        "popsize": "paper: population 40",
+        "sigma": "official craft_configs: sigma 1 (0.02 for pets, fgvc, dtd, eurosat: preset=)",
+        "bound": "official craft_configs: bound 5 (0 for food101, fgvc, imagenet: preset=)",
+        "lam": "paper, Training Details: 0.1 / C",
+        "beta": "paper, Training Details: 0.1 / C",
+        "head": "paper: a three-layer MLP with hidden 512 (official code: C-256-C)",
+        "head_hidden": "paper: hidden 512",
+        "lr": "paper: AdamW, learning rate 0.001",
+        "head_epochs": "official main_craft.py: one head epoch per CMA-ES generation",
+        "head_kl_fraction": "bbpt: the head's KL for the whole budget (official craft_configs n: 1 on five "
+                            "datasets, 4 on six, via preset=; the paper is silent)",
+        "bias": "bbpt: the CMA-ES mean (departure: the official code re-asks and averages, bias='reask'; "
+                "the paper is silent)",
+        "preset": "official craft_configs/*.yaml",
+    }
+
 
 def make_head(C: int, hidden: int, kind: str) -> nn.Sequential:
     if kind == "official":

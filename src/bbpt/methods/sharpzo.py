@@ -51,6 +51,31 @@ class SharpZOConfig(MethodConfig):
     mask_order: Literal["lowest", "highest"] = Field("lowest", description="which scores the sparse mask keeps")
     grad_accumulate_bug: bool = Field(False, description="the released code's never-reset gradient accumulator")
 
+    sources = {
+
+        "budget": "bbpt: 20000 prompt_evals, so that both stages run on CPU (departure: the released script runs "
+                  "change_point 100 and total_steps 200000, about 500k evaluations; the poster gives no budget)",
+        "n_ctx": "official (CraFT's loader): the 'a photo of a' words",
+        "ctx_init": "official: p0 = 'a photo of a'",
+        "intrinsic_dim": "official: 512",
+        "proj_std": "official (CraFT's configs): std(A) 0.2",
+        "popsize": "official: 40 (hard-coded)",
+        "sigma": "official: --sigma 0.4",
+        "bound": "bbpt: none (official: from CraFT's configs, ±5 or none)",
+        "rho": "official: rho 0.1",
+        "eps_cge": "official released script: zo_eps_cge 1e-3",
+        "cge_every": "paper: ε at every generation",
+        "switch_fraction": "bbpt: half the budget in stage 1 (official: change_point 100 generations)",
+        "change_point": "official released script: 100 (set it to follow the release)",
+        "lr": "official released script: zo_lr 1e-3",
+        "eps_rge": "official: zo_eps_rge 1e-3",
+        "n_perturb": "official: num_pertub 1",
+        "sparsity": "paper: sparse stage 2 (official argparse prune_ratio 0.1; the released script's dense "
+                    "trainer is sparsity=1.0)",
+        "mask_order": "official code: sorts ascending, keeps the lowest scores",
+        "grad_accumulate_bug": "bbpt: off (the released code never resets its accumulator; True reproduces it)",
+    }
+
 
 @register_method
 class SharpZO(ZerothOrderMethod):

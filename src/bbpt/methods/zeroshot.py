@@ -10,6 +10,12 @@ from .base import Method, MethodConfig, register_method
 class ZeroShotConfig(MethodConfig):
     template: str | None = Field(None, min_length=3, description="a template with {}; none: the task's own")
 
+    sources = {
+
+        "budget": "CoOp's ZeroshotCLIP: no training, no training queries",
+        "template": "CoOp: CUSTOM_TEMPLATES, one per dataset (the task's own)",
+    }
+
 
 @register_method
 class ZeroShot(Method):

@@ -45,6 +45,19 @@ class SPSAConfig(MethodConfig):
     def schedule(self) -> SPSASchedule:
         return SPSASchedule(a=self.a, c=self.c, o=self.o, alpha=self.alpha, gamma=self.gamma)
 
+    sources = {
+
+        "budget": "ZIP's re-implementation (scripts): MAX_API_CALLS=5000 for every method it runs",
+        "n_perturb": "official ZIP / BlackVIP: SP_AVG=5",
+        "perturbation": "bbpt: Spall's ±1 for the plain SPSA baselines (departure: the official ZIP / BlackVIP "
+                        "code draws segmented |Δ| ~ U[0.5, 1]; ZIP and BlackVIP use that)",
+        "a": "official ZIP / BlackVIP: SPSA_PARAMS [o, c, a, alpha, gamma] = [1.0, 0.01, 0.01, 0.4, 0.1]",
+        "c": "official ZIP / BlackVIP: SPSA_PARAMS",
+        "o": "official ZIP / BlackVIP: SPSA_PARAMS",
+        "alpha": "official ZIP / BlackVIP: SPSA_PARAMS",
+        "gamma": "official ZIP / BlackVIP: SPSA_PARAMS",
+    }
+
 
 class SPSAPromptConfig(SPSAConfig):
     """ZIP's loop: SPSA on a soft context, one 128-image batch per step."""
@@ -54,34 +67,40 @@ class SPSAPromptConfig(SPSAConfig):
                           description="'template' (the task template's words), 'random' (N(0, 0.02²)) or a phrase")
     clip: Clip = Field("none", description="gradient clipping: 'intrinsic' (√δ), 'none', or a positive threshold")
 
+    sources = {
+
+        "n_ctx": "official ZIP: N_CTX=8",
+        "ctx_init": "bbpt: the task template's words for the plain ZO-SGD baseline (departure: the official "
+                    "ZIP code's context is random N(0, 0.02²); ZIP uses that)",
+        "clip": "official ZIP: OPT_TYPE='spsa' (no clipping) for plain SPSA",
+    }
+
 
 class ZIPConfig(SPSAPromptConfig):
-    budget: int | None = Field(5000, ge=1, description="api_calls [paper: 5000; official scripts MAX_API_CALLS=5000]")
-    batch_size: int = Field(128, ge=1, le=65536, description="images per query (ZIP's API batch) [official: batch 128]")
-    n_perturb: int = Field(5, ge=1, le=1000, description="perturbation pairs per step, 2N candidates in one query "
-                           "[official: SP_AVG=5, configs/trainers/ZIP/vit_b16.yaml]")
     perturbation: Literal["rademacher", "segmented"] = Field(
-        "segmented", description="Δ: |Δ| ~ U[0.5, 1] with a random sign, or ±1 (Spall) "
-        "[official: trainers/zip.py; the paper could not be checked]")
-    a: float = Field(0.01, gt=0, description="step size a_k = a / (k + o)^alpha [official: SPSA_PARAMS, vit_b16.yaml]")
-    c: float = Field(0.01, gt=0, description="perturbation size c_k = c / k^gamma [official: SPSA_PARAMS]")
-    o: float = Field(1.0, ge=0, description="stability offset o in a_k [official: SPSA_PARAMS]")
-    alpha: float = Field(0.4, ge=0, le=2, description="decay exponent of a_k [official: SPSA_PARAMS]")
-    gamma: float = Field(0.1, ge=0, le=2, description="decay exponent of c_k [official: SPSA_PARAMS]")
-    n_ctx: int = Field(8, ge=1, le=75, description="context tokens m [official: N_CTX=8]")
+        "segmented", description="Δ: |Δ| ~ U[0.5, 1] with a random sign, or ±1 (Spall)")
     ctx_init: str = Field("random", min_length=1,
-                          description="'random' (N(0, 0.02²)), 'template' (the task template's words) or a phrase "
-                          "[official: CTX_INIT unset in every script -> nn.init.normal_(std=0.02)]")
+                          description="'random' (N(0, 0.02²)), 'template' (the task template's words) or a phrase")
     intrinsic_dim: int = Field(500, ge=1, le=1_000_000, description="intrinsic dimension, q = intrinsic_dim // n_ctx "
-                               "per token [official scripts: INTRINSIC_DIM=500; train.py's 1000 is overridden]")
-    rank: int = Field(5, ge=1, le=1000, description="rank r of the low-rank W = U diag(s) Vᵀ [official scripts: RANK=5]")
-    projection: Literal["fastfood", "gaussian"] = Field("fastfood", description="per-token map R^q -> R^D "
-                                                         "[official: projections/intrinsic.py, Fastfood]")
-    low_rank: bool = Field(True, description="low-rank W (False: a free m × q matrix; ablation) [paper: low rank]")
-    feature_sharing: bool = Field(True, description="shared vector u added to every token's w_i (ablation) "
-                                  "[paper: feature sharing]")
-    clip: Clip = Field("intrinsic", description="gradient clipping: 'intrinsic' (√δ), 'none', or a positive threshold "
-                       "[paper: intrinsic-dimensional clipping]")
+                               "per token")
+    rank: int = Field(5, ge=1, le=1000, description="rank r of the low-rank W = U diag(s) Vᵀ")
+    projection: Literal["fastfood", "gaussian"] = Field("fastfood", description="per-token map R^q -> R^D")
+    low_rank: bool = Field(True, description="low-rank W (False: a free m × q matrix; ablation)")
+    feature_sharing: bool = Field(True, description="shared vector u added to every token's w_i (ablation)")
+    clip: Clip = Field("intrinsic", description="gradient clipping: 'intrinsic' (√δ), 'none', or a positive threshold")
+
+    sources = {
+
+        "budget": "official scripts: MAX_API_CALLS=5000 (the poster gives no number)",
+        "perturbation": "official: trainers/zip.py, segmented uniform |Δ| ~ U[0.5, 1] (the paper could not be checked)",
+        "ctx_init": "official: CTX_INIT unset in every script -> nn.init.normal_(std=0.02) (the paper could not be checked)",
+        "intrinsic_dim": "official scripts: INTRINSIC_DIM=500 (train.py's 1000 is overridden)",
+        "rank": "official scripts: RANK=5",
+        "projection": "official: projections/intrinsic.py, Fastfood per token",
+        "low_rank": "paper: low-rank approximation",
+        "feature_sharing": "paper: feature sharing",
+        "clip": "paper: intrinsic-dimensional clipping (official OPT_TYPE='spsa-clip')",
+    }
 
 
 @register_method
