@@ -251,3 +251,14 @@ def test_cmaes_checkpoint_continues_the_same_samples(tmp_path):
         a.tell(f(za))
         b.tell(f(zb))
     assert torch.equal(a.best, b.best)
+
+
+def test_cmaes_untold_sample_keeps_tpa_working():
+    """CraFT's re-asked bias at d = 512 (pycma's TPA step-size rule): generations go on."""
+    opt = CMAES(torch.zeros(512), 1.0, popsize=40, seed=0, bound=5.0)
+    for _ in range(3):
+        x = opt.ask()
+        opt.tell((x ** 2).sum(1))
+        s = opt.sample()
+        assert s.shape == (40, 512) and not torch.equal(s, x)
+    assert type(opt.es.adapt_sigma).__name__ == "CMAAdaptSigmaTPA"

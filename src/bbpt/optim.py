@@ -319,12 +319,17 @@ class CMAES:
         return torch.from_numpy(np.stack(self._asked)).float()
 
     def sample(self) -> torch.Tensor:
-        """A fresh generation that is *not* told back (CraFT's re-asked bias)."""
+        """A fresh generation that is *not* told back (CraFT's re-asked bias). Drawn from a copy
+        of the strategy (the same random stream), so the real one sees a plain ask -> tell
+        sequence: pycma's TPA step-size rule (its default above ~100 dimensions) injects
+        mean-shift samples into the next ask, which an extra, untold ask would consume."""
+        import copy
         import warnings
 
-        with warnings.catch_warnings():  # pycma warns on every ask without a tell; here that is the point
+        es = copy.deepcopy(self.es)
+        with warnings.catch_warnings():  # pycma warns on an ask without a tell; here that is the point
             warnings.simplefilter("ignore")
-            return torch.from_numpy(np.stack(self._private(self.es.ask))).float()
+            return torch.from_numpy(np.stack(self._private(es.ask))).float()
 
     def current_loss(self, losses: torch.Tensor) -> float:
         return float(losses.min())  # the generation's best

@@ -45,8 +45,6 @@ ENCODERS = ("mini", "conv")
 class BlackVIPConfig(SPSAConfig):
     encoder: Literal["mini", "conv"] = Field("mini", description="frozen client-side encoder of the coordinator")
     p_eps: float = Field(1.0, gt=0, description="prompt scale p_eps in normalised pixel units")
-    perturbation: Literal["rademacher", "segmented"] = Field(
-        "segmented", description="Δ: ±1 (Spall) or |Δ| ~ U[0.5, 1] with a random sign (official code)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SPSA-GC's Nesterov-style momentum β")
 
     sources = {

@@ -12,8 +12,9 @@ Two modules trained alternately, one CMA-ES generation then one head epoch:
 The head's own black-box calls are counted on a separate meter (the paper does not count
 them); result.json reports both.
 
-Official-code behaviour as options: ``bias="reask"`` (the prompt used by the head and at test
-time is the mean of a fresh, untold ``es.ask()``; ``"xbest"`` the ImageNet script's),
+Official-code behaviour, the default where the paper is silent: ``bias="reask"`` (the prompt
+used by the head and at test time is the mean of a fresh, untold ``es.ask()``; ``"mean"`` the
+CMA-ES mean, bbpt's earlier default; ``"xbest"`` the ImageNet script's). As options:
 ``head="official"`` (Linear(C,256)-ReLU-Linear(256,C)), ``preset=<dataset>`` (the
 per-dataset σ, bound, std(A), KL weight and KL horizon of craft_configs; the official code has one
 ``weight`` for both KL terms, so a preset sets λ and β alike), ``head_kl_fraction``.
@@ -59,7 +60,8 @@ class CraFTConfig(MethodConfig):
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the head")
     head_epochs: int = Field(1, ge=1, le=1000, description="head epochs per CMA-ES generation")
     head_kl_fraction: float = Field(1.0, ge=0, le=1, description="head KL active for this fraction of the budget")
-    bias: Literal["mean", "reask", "xbest"] = Field("mean", description="prompt used by the head and at test time")
+    bias: Literal["mean", "reask", "xbest"] = Field("reask", description="prompt used by the head and at test time: "
+                                                    "the mean of a fresh, untold es.ask(), the CMA-ES mean, or xbest")
     preset: str | None = Field(None, description="an official per-dataset config (craft_configs), e.g. 'dtd'")
 
     sources = {
@@ -81,8 +83,8 @@ class CraFTConfig(MethodConfig):
         "head_epochs": "official main_craft.py: one head epoch per CMA-ES generation",
         "head_kl_fraction": "bbpt: the head's KL for the whole budget (official craft_configs n: 1 on five "
                             "datasets, 4 on six, via preset=; the paper is silent)",
-        "bias": "bbpt: the CMA-ES mean (departure: the official code re-asks and averages, bias='reask'; "
-                "the paper is silent)",
+        "bias": "official main_craft.py update_context_prompt: the mean of a fresh es.ask() (the paper is silent; "
+                "the ImageNet script's is xbest)",
         "preset": "official craft_configs/*.yaml",
     }
 

@@ -35,7 +35,7 @@ class SPSAConfig(MethodConfig):
     budget: int | None = Field(5000, ge=1, description="api_calls (ZIP's cap)")
     n_perturb: int = Field(5, ge=1, le=1000, description="perturbation pairs per step (2N candidates, one query)")
     perturbation: Literal["rademacher", "segmented"] = Field(
-        "rademacher", description="Δ: ±1 (Spall) or |Δ| ~ U[0.5, 1] with a random sign (official code)")
+        "segmented", description="Δ: |Δ| ~ U[0.5, 1] with a random sign (official code), or ±1 (Spall)")
     a: float = Field(0.01, gt=0, description="step size a_k = a / (k + o)^alpha")
     c: float = Field(0.01, gt=0, description="perturbation size c_k = c / k^gamma")
     o: float = Field(1.0, ge=0, description="stability offset o in a_k")
@@ -49,8 +49,7 @@ class SPSAConfig(MethodConfig):
 
         "budget": "ZIP's re-implementation (scripts): MAX_API_CALLS=5000 for every method it runs",
         "n_perturb": "official ZIP / BlackVIP: SP_AVG=5",
-        "perturbation": "bbpt: Spall's ±1 for the plain SPSA baselines (departure: the official ZIP / BlackVIP "
-                        "code draws segmented |Δ| ~ U[0.5, 1]; ZIP and BlackVIP use that)",
+        "perturbation": "official ZIP / BlackVIP code: segmented uniform |Δ| ~ U[0.5, 1], random sign",
         "a": "official ZIP / BlackVIP: SPSA_PARAMS [o, c, a, alpha, gamma] = [1.0, 0.01, 0.01, 0.4, 0.1]",
         "c": "official ZIP / BlackVIP: SPSA_PARAMS",
         "o": "official ZIP / BlackVIP: SPSA_PARAMS",
@@ -63,24 +62,19 @@ class SPSAPromptConfig(SPSAConfig):
     """ZIP's loop: SPSA on a soft context, one 128-image batch per step."""
 
     n_ctx: int = Field(8, ge=1, le=75, description="context tokens m")
-    ctx_init: str = Field("template", min_length=1,
-                          description="'template' (the task template's words), 'random' (N(0, 0.02²)) or a phrase")
+    ctx_init: str = Field("random", min_length=1,
+                          description="'random' (N(0, 0.02²)), 'template' (the task template's words) or a phrase")
     clip: Clip = Field("none", description="gradient clipping: 'intrinsic' (√δ), 'none', or a positive threshold")
 
     sources = {
 
         "n_ctx": "official ZIP: N_CTX=8",
-        "ctx_init": "bbpt: the task template's words for the plain ZO-SGD baseline (departure: the official "
-                    "ZIP code's context is random N(0, 0.02²); ZIP uses that)",
+        "ctx_init": "official ZIP code: CTX_INIT unset -> nn.init.normal_(std=0.02)",
         "clip": "official ZIP: OPT_TYPE='spsa' (no clipping) for plain SPSA",
     }
 
 
 class ZIPConfig(SPSAPromptConfig):
-    perturbation: Literal["rademacher", "segmented"] = Field(
-        "segmented", description="Δ: |Δ| ~ U[0.5, 1] with a random sign, or ±1 (Spall)")
-    ctx_init: str = Field("random", min_length=1,
-                          description="'random' (N(0, 0.02²)), 'template' (the task template's words) or a phrase")
     intrinsic_dim: int = Field(500, ge=1, le=1_000_000, description="intrinsic dimension, q = intrinsic_dim // n_ctx "
                                "per token")
     rank: int = Field(5, ge=1, le=1000, description="rank r of the low-rank W = U diag(s) Vᵀ")
