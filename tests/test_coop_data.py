@@ -67,3 +67,20 @@ def test_a_checked_dataset_runs(root, tmp_path):
     assert p.returncode == 0, p.stderr
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     assert r["queries"]["api_calls"] == 20 and r["dataset"] == "oxford_pets"
+
+
+def test_imagenet_and_aircraft_load_in_their_own_layouts(root):
+    from coop_tree import CLASSES
+
+    from bbpt.data.imagefolder import load_imagefolder
+
+    inet = load_imagefolder(root / "imagenet")
+    assert inet.classnames == CLASSES and len(inet.test) == 6  # images/val is the test set
+    assert len(inet.train) + len(inet.val) == 9 and len(inet.val) == 3 and inet.meta["val_from_train"]
+    assert inet.templates == ["a photo of a {}."]
+    air = load_imagefolder(root / "fgvc_aircraft")
+    assert air.classnames == CLASSES and (len(air.train), len(air.val), len(air.test)) == (9, 3, 6)
+    assert air.templates == ["a photo of a {}, a type of aircraft."]
+    (root / "fgvc_aircraft" / "images_variant_test.txt").write_text("te00000 no-such-variant\n")
+    with pytest.raises(Exception, match="variant 'no-such-variant' is not in variants.txt"):
+        load_imagefolder(root / "fgvc_aircraft")

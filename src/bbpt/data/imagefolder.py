@@ -8,7 +8,11 @@ Accepted layouts of ``load_imagefolder(path)``:
     "test": [...]}, relpaths relative to ``path``, the label taken from the class folder;
 (c) a CoOp split ``path/split_zhou_*.json`` (or that file itself) = {"train": [[impath, label,
     classname], ...], "val": [...], "test": [...]}, impaths relative to the image folder
-    (``path/images`` or ``path`` or one of its subfolders, whichever holds the first image).
+    (``path/images`` or ``path`` or one of its subfolders, whichever holds the first image);
+(d) CoOp's ImageNet: ``path/images/{train,val}/<wnid>/`` and ``path/classnames.txt`` ("wnid
+    name" lines); val is the test set, as in every paper, and val is carved from train;
+(e) CoOp's FGVCAircraft: ``path/images/<id>.jpg``, ``path/variants.txt`` and
+    ``path/images_variant_{train,val,test}.txt`` ("id variant" lines).
 
 Class names are cleaned as in CoOp (``_`` -> space, Caltech101's renames); with folders the
 classes are sorted by folder name and label = index. Image ids are the relative paths.
@@ -47,6 +51,10 @@ def load_imagefolder(path: str | Path, name: str | None = None) -> Task:
         if root.name == "split.json":
             return _load_split_json(root.parent, name)
         return load_coop_split(root, _find_image_dir(root.parent, root), name)
+    if (root / "classnames.txt").is_file() and (root / "images" / "train").is_dir():
+        return _load_imagenet(root, name)
+    if (root / "variants.txt").is_file() and (root / "images_variant_train.txt").is_file():
+        return _load_aircraft(root, name)
     if (root / "train").is_dir():
         return _load_split_folders(root, name)
     if (root / "split.json").is_file():
@@ -142,6 +150,56 @@ def _load_split_folders(root: Path, name: str | None) -> Task:
             splits[split] += [(f, label_of[cd.name], f.relative_to(root).as_posix()) for f in _images(cd)]
     return _make_task(splits, [clean_classname(c) for c in classes], name or root.name, [name, root.name],
                       source=root, layout="folders", where=root)
+
+
+def _load_imagenet(root: Path, name: str | None) -> Task:
+    """Layout (d): labels by sorted wnid folder (Dassl's rule), names from classnames.txt."""
+    names: dict[str, str] = {}
+    for i, line in enumerate((root / "classnames.txt").read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            parts = line.strip().split(maxsplit=1)
+            if len(parts) != 2:
+                raise BadInput(f"{root / 'classnames.txt'} line {i + 1} is {line!r}, expected 'wnid class name'")
+            names[parts[0]] = parts[1]
+    wnids = [d.name for d in _class_dirs(root / "images" / "train")]
+    missing = [w for w in wnids if w not in names]
+    if missing:
+        raise BadInput(f"{root / 'classnames.txt'} has no name for {len(missing)} train folders (first: {missing[0]}); "
+                       "download CoOp's classnames.txt again")
+    label_of = {w: y for y, w in enumerate(wnids)}
+    splits: dict[str, Items] = {}
+    for split, as_ in (("train", "train"), ("val", "test")):
+        splits[as_] = []
+        for cd in _class_dirs(root / "images" / split):
+            if cd.name not in label_of:
+                raise BadInput(f"class folder {cd} has no counterpart in {root / 'images' / 'train'}")
+            splits[as_] += [(f, label_of[cd.name], f.relative_to(root).as_posix()) for f in _images(cd)]
+    return _make_task(splits, [names[w] for w in wnids], name or root.name, [name, "imagenet"], source=root,
+                      layout="coop-imagenet", where=root)
+
+
+def _load_aircraft(root: Path, name: str | None) -> Task:
+    """Layout (e): labels in variants.txt order (CoOp's FGVCAircraft)."""
+    variants = [ln.strip() for ln in (root / "variants.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    label_of = {v: y for y, v in enumerate(variants)}
+    splits: dict[str, Items] = {}
+    for split in ("train", "val", "test"):
+        f = root / f"images_variant_{split}.txt"
+        if not f.is_file():
+            raise BadInput(f"{f} is missing; extract fgvc-aircraft-2013b.tar.gz again")
+        splits[split] = []
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            iid, _, variant = line.strip().partition(" ")
+            if variant not in label_of:
+                raise BadInput(f"{f} line {i + 1}: variant {variant!r} is not in variants.txt")
+            img = root / "images" / f"{iid}.jpg"
+            if not img.is_file():
+                raise BadInput(f"{f} line {i + 1}: image {img} does not exist; extract the images into {root / 'images'}")
+            splits[split].append((img, label_of[variant], f"images/{iid}.jpg"))
+    return _make_task(splits, variants, name or root.name, [name, "fgvc_aircraft"], source=root,
+                      layout="coop-aircraft", where=root)
 
 
 def _load_split_json(root: Path, name: str | None) -> Task:
