@@ -380,6 +380,46 @@ def _o_force():
     return typer.Option(False, help="Redo every seed instead of keeping finished ones and resuming the rest.")
 
 
+@app.command("reproduce")
+def reproduce_(method: Optional[str] = typer.Argument(None, help="Method whose paper number to reproduce (zip, craft, "
+                                                                "bbt, blackvip, bptvlm, bar, zeroshot)."),
+               dataset: Optional[str] = typer.Option(None, help="Dataset of the table (CoOp name or folder, e.g. "
+                                                                "oxford_pets, DescribableTextures)."),
+               root: Optional[str] = typer.Option(None, help="CoOp data root (`bbpt data check ROOT`)."),
+               table: Optional[str] = typer.Option(None, help="Table id (`--list`); default: the first with the "
+                                                              "method, dataset and --model."),
+               model: Optional[str] = typer.Option(None, help="Backbone; default: the table's (a different one "
+                                                              "picks that backbone's table when there is one)."),
+               pretrained: Optional[str] = typer.Option(None, help="Weights; default: the table's ('openai')."),
+               seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds; default: the table's."),
+               shots: Optional[int] = typer.Option(None, help="Shots per class; default: the table's (16)."),
+               budget: Optional[int] = _o_budget(), set_: List[str] = _o_set(), device: str = _o_device(),
+               precision: str = _o_precision(),
+               test_subset: Optional[int] = typer.Option(None, help="Test on N images (quick looks; marked as not "
+                                                         "comparable to the paper)."),
+               out: Optional[str] = typer.Option(None, help="Output folder (default runs/reproduce/TABLE/METHOD/DATASET)."),
+               list_: bool = typer.Option(False, "--list", help="List the shipped tables and exit."),
+               quiet: bool = _o_quiet(), force: bool = _o_force()):
+    """Run a paper's configuration over its seeds and print the paper's number beside the measured one."""
+    from .reproduce import format_summary, list_tables, reproduce
+
+    if list_:
+        typer.echo(list_tables())
+        return
+    if method is None or dataset is None or root is None:
+        raise BadInput("reproduce needs METHOD, --dataset and --root, e.g. `bbpt reproduce zip --dataset oxford_pets "
+                       "--root $DATA`; `bbpt reproduce --list` shows the tables")
+    options = _parse_sets(set_)
+    if budget is not None:
+        options["budget"] = budget
+    s = reproduce(method, dataset, root, out=out, table=table, model=model, pretrained=pretrained,
+                  seeds=_seeds(seeds) if seeds else None, options=options, shots=shots, progress=not quiet,
+                  force=force,
+                  log=_log, device=device, precision=precision, test_subset=test_subset)
+    typer.echo(format_summary(s))
+    typer.echo(f"summary: {s['out']}/reproduce.json")
+
+
 @app.command("base2new")
 def base2new(method: str = _o_method(), dataset: str = typer.Option("fashion-mnist", help="Task to split into base / new classes."),
              shots: int = _o_shots(), seeds: str = _o_seeds(), out: Optional[str] = _o_out(), model: str = _o_model(),

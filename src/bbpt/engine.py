@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .data import check_images, fewshot_split, load_task, stratified_subset, subsample_classes
 from .data.core import ImageSet
+from .data.views import TrainViews, ViewSpec
 from .errors import BadInput, BBPTError, BudgetExhausted
 from .methods import METHODS, FewShotData, make_config
 from .methods.base import Budget, Env, option_range
@@ -299,9 +300,10 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
     else:
         backbone, box = None, _remote_box(cfg, task.classnames, meter)
     eval_box = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call), "eval")
-    data = FewShotData(train, box.image_size)
+    data = FewShotData(train, box.image_size, views=train_views(mcfg, task, train, box.image_size, cfg.seed))
     for chunk in data.chunks(box.encode_chunk):  # features of the few-shot set once, in a fixed order
         box.upload(chunk)
+    data.attach(box)  # training views: uploaded in fixed blocks as they are first drawn
     val_data = FewShotData(val, box.image_size)
     env = Env(box, data, {"name": task.name, "classnames": task.classnames, "templates": task.templates},
               cfg.seed, cls, white_box=lambda: _white_box(cfg, backbone, task.classnames, meter))
@@ -358,6 +360,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
                 **({"aux_queries": side.counts, "queries_total": {k: v + side.counts[k] for k, v in meter.counts.items()}}
                    if side is not None else {}),
                 "eval_queries": eval_box.meter.counts,
+                "images_encoded": meter.images_encoded,  # training images the black box encoded (views included)
                 "accuracy": {"test": None if test_r is None else test_r["accuracy"],
                              "val": loop.curve[-1]["val_accuracy"] if loop.curve else None},
                 **({"test_subset": {"n": len(test), "of": len(task.test), "seed": TEST_SUBSET_SEED,
@@ -426,6 +429,15 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
             finally:
                 bar.close()
         return r
+
+
+def train_views(mcfg, task, train: ImageSet, size: int, seed: int) -> TrainViews | None:
+    """The training views every method config describes alike (augment, crop_min, flip,
+    view_pool); None when the method trains on the test transform."""
+    if not mcfg.augment:
+        return None
+    flip = task.flip if mcfg.flip is None else mcfg.flip
+    return TrainViews(train, size, ViewSpec((mcfg.crop_min, 1.0), flip, mcfg.view_pool), seed)
 
 
 def _remote_box(cfg: RunConfig, classnames: list[str], meter: QueryMeter):

@@ -263,6 +263,7 @@ class Task:
     test: ImageSet
     description: str = ""
     meta: dict = field(default_factory=dict)
+    flip: bool = True  # whether a horizontal flip keeps the label: the training views' flip default
 
     @property
     def num_classes(self) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import BadInput
 from .core import ImageSet, Task
-from .templates import template_for
+from .templates import flip_keeps_label, template_for
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DROPPED_CLASSES = {"BACKGROUND_Google", "Faces_easy"}  # Caltech101, as in CoOp
@@ -264,6 +264,7 @@ def _make_task(splits: dict[str, Items], classnames: list[str], name: str, templ
         name=name, classnames=classnames, templates=[template], train=sets["train"], val=sets["val"],
         test=sets["test"], description=f"image dataset from {source}",
         meta={"source": str(source), "layout": layout, "val_from_train": carved},
+        flip=all(flip_keeps_label(k) for k in filter(None, template_keys)),
     )
 
 

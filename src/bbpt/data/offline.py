@@ -27,6 +27,7 @@ from ..errors import DataNotPrepared
 from ..registry import Registry
 from . import shapes
 from .core import ImageSet, Task, data_dir
+from .templates import flip_keeps_label
 
 VAL_FRACTION = 0.1
 SPLIT_SEED = 0
@@ -91,6 +92,7 @@ class OfflineTask:
             val=full.subset(va_idx),
             test=ImageSet(labels=yte, ids=ids_te, array=xte),
             description=self.description,
+            flip=flip_keeps_label(self.name),
         )
 
 

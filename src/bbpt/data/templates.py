@@ -66,3 +66,15 @@ def template_for(name: str) -> str | None:
     stem = re.sub(r"^split_(zhou_|mlai_)?", "", name.strip().lower())  # split file stems
     key = _LOOKUP.get(_norm(stem))
     return None if key is None else CUSTOM_TEMPLATES[key]
+
+
+# Datasets whose label a horizontal flip changes (a mirrored digit or word is not that
+# digit or word): their training views are not flipped by default. The official configs
+# flip every dataset (Dassl's random_flip); this is bbpt's per-task default.
+FLIP_CHANGES_LABEL = {"svhn", "mnist", "emnist", "kmnist", "usps"}
+
+
+def flip_keeps_label(name: str) -> bool:
+    """False for digit / text datasets (by the usual spellings), True otherwise."""
+    stem = _norm(re.sub(r"^split_(zhou_|mlai_)?", "", name.strip().lower()))
+    return stem not in {_norm(k) for k in FLIP_CHANGES_LABEL}

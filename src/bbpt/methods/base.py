@@ -46,6 +46,16 @@ class MethodConfig(BaseModel):
     budget_unit: Literal["api_calls", "prompt_evals"] | None = Field(
         None, description="unit of the budget; none: the method's paper unit")
     batch_size: int = Field(128, ge=1, le=65536, description="images per training query (ZIP's API batch)")
+    # The papers' training views (bbpt.data.views): a fresh view per batch for minibatch
+    # methods (BatchStream), one augmented pass for whole-set methods (WholeSet).
+    augment: bool = Field(True, description="train on random resized crops + flips (the papers' views); "
+                                            "false: the test transform")
+    crop_min: float = Field(0.08, gt=0, le=1, description="smallest crop, as a fraction of the image's area "
+                                                          "(scale range (crop_min, 1))")
+    flip: bool | None = Field(None, description="random horizontal flips; none: the task's default "
+                                                "(off where a flip changes the label: digits)")
+    view_pool: int = Field(16, ge=0, le=1_000_000, description="views per image from a seeded pool, each encoded "
+                                                               "once; 0: a new view every draw, never cached")
 
     # Where each default comes from: "paper: ..." (section or table), "official: ..." (the
     # released code or scripts), or "bbpt: ..." (bbpt's own choice, and why). Subclasses add
@@ -54,6 +64,13 @@ class MethodConfig(BaseModel):
         "budget": "per method",
         "budget_unit": "bbpt: which meter the budget reads (none: the method paper's unit)",
         "batch_size": "official ZIP / BlackVIP code: batch 128 (DATALOADER.TRAIN_X.BATCH_SIZE)",
+        "augment": "official ZIP / BlackVIP / CoOp configs: INPUT.TRANSFORMS random_resized_crop, random_flip, "
+                   "a fresh view per batch (the papers are silent)",
+        "crop_min": "Dassl default INPUT.RRCROP_SCALE (0.08, 1.0), used by the official ZIP / BlackVIP / CoOp configs",
+        "flip": "bbpt: the task's default; the official configs flip every dataset, digits included, but a "
+                "mirrored digit is not that digit (docs: training views)",
+        "view_pool": "bbpt: 16 views per image keep the feature cache; bench/view_pool.py measures it against "
+                     "fresh views (view_pool=0, the official loaders)",
     }
 
     @classmethod
@@ -85,10 +102,13 @@ class Budget:
 
 
 class FewShotData:
-    """The labelled few-shot images a method may send to the black box."""
+    """The labelled few-shot images a method may send to the black box, plain (CLIP's test
+    transform) or, with ``views`` (:class:`bbpt.data.views.TrainViews`), as training views."""
 
-    def __init__(self, images: ImageSet, image_size: int, preload: bool = True):
-        self.set = images
+    def __init__(self, images: ImageSet, image_size: int, preload: bool = True, views=None):
+        self.set, self.views = images, views
+        self._box: BlackBoxAPI | None = None
+        self._uploaded: set[tuple[int, int]] = set()  # (view, block) uploaded to the box
         self.labels = torch.from_numpy(images.labels)  # (N,)
         self.keys = [str(k) for k in images.ids]
         self.image_size = image_size
@@ -98,11 +118,44 @@ class FewShotData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def images(self, idx=None) -> Images:
-        """Images ``idx`` (all if None) as a black-box input, keyed by image id."""
+    def images(self, idx=None, views=None) -> Images:
+        """Images ``idx`` (all if None) as a black-box input, keyed by image id; with ``views``
+        (view numbers, one per image) their training views, keyed by id and view. Keyed views
+        are first uploaded to the attached black box in their fixed blocks (free)."""
         idx = np.arange(len(self)) if idx is None else np.asarray(idx)
+        if views is not None:
+            if self._box is not None and self.views.spec.pool:
+                self.encode_blocks(idx, views, self._uploaded, lambda im: self._box.upload(im))
+            return Images(self.views.pixels(idx, views), self.views.keys(idx, views))
         px = self._pixels[idx] if self._pixels is not None else self.set.pixels(idx, self.image_size)
         return Images(px, [self.keys[i] for i in idx])
+
+    def attach(self, box: BlackBoxAPI) -> None:
+        """The run's black box: training views are uploaded to it block by block before use."""
+        self._box = box
+
+    def draw_views(self, rng: np.random.Generator, n: int):
+        """n fresh view numbers from ``rng``, or None without training views (the RNG untouched,
+        so a run without views draws exactly what it drew before views existed)."""
+        return None if self.views is None else self.views.draw(rng, n)
+
+    def one_pass(self) -> Images:
+        """The whole set as one augmented pass (view 0 of every image), or plain."""
+        if self.views is None:
+            return self.images()
+        return self.images(None, np.zeros(len(self), dtype=np.int64))
+
+    def encode_blocks(self, idx, views, done: set, encode: Callable[[Images], object]) -> None:
+        """Call ``encode`` on each fixed block (view v of images [B j, B j + B)) holding one of
+        the views ``idx``/``views`` and not yet in ``done``, so every view is encoded with the
+        same companions whatever the order views are drawn in (bit-exact across a resume)."""
+        from ..data.views import VIEW_BLOCK
+
+        for v, j in sorted({(int(v), int(i) // VIEW_BLOCK) for i, v in zip(idx, views)} - done):
+            ii = np.arange(j * VIEW_BLOCK, min((j + 1) * VIEW_BLOCK, len(self)))
+            vv = np.full(len(ii), v)
+            encode(Images(self.views.pixels(ii, vv), self.views.keys(ii, vv)))
+            done.add((v, j))
 
     def chunks(self, size: int):
         """All images in order, ``size`` at a time (uploads, whole-set encodes)."""
@@ -115,7 +168,7 @@ class FewShotData:
         order = rng.permutation(len(self))
         for i in range(0, epoch_stop(len(self), batch_size), batch_size):
             idx = order[i : i + batch_size]
-            yield self.images(idx), self.labels[idx]
+            yield self.images(idx, self.draw_views(rng, len(idx))), self.labels[idx]
 
 
 def epoch_stop(n: int, batch_size: int) -> int:
@@ -124,7 +177,8 @@ def epoch_stop(n: int, batch_size: int) -> int:
 
 
 class BatchStream:
-    """Endless epochs of shuffled training batches, with explicit state (RNG, order, position)."""
+    """Endless epochs of shuffled training batches, with explicit state (RNG, order, position):
+    with training views, a fresh view of each image per batch (ZIP, BlackVIP, BAR, ZO-SGD)."""
 
     def __init__(self, data: FewShotData, batch_size: int, seed: int):
         self.data, self.batch_size = data, batch_size
@@ -137,7 +191,7 @@ class BatchStream:
             self.order, self.pos = self.rng.permutation(len(self.data)), 0
         idx = self.order[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
-        return self.data.images(idx), self.data.labels[idx]
+        return self.data.images(idx, self.data.draw_views(self.rng, len(idx))), self.data.labels[idx]
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "order": self.order, "pos": self.pos}
@@ -148,10 +202,11 @@ class BatchStream:
 
 
 class WholeSet:
-    """The whole few-shot set, every step (BBT, CraFT, SharpZO, BPT-VLM): no state."""
+    """The whole few-shot set, every step (BBT, CraFT, SharpZO, BPT-VLM): no state. With
+    training views, one augmented pass, drawn once and encoded once (CraFT, SharpZO)."""
 
     def __init__(self, data: FewShotData):
-        self.images, self.labels = data.images(), data.labels
+        self.images, self.labels = data.one_pass(), data.labels
 
     def next(self) -> tuple[Images, torch.Tensor]:
         return self.images, self.labels

@@ -28,7 +28,13 @@ class BBTConfig(MethodConfig):
     proj_std: float | None = Field(None, gt=0, description="a fixed std for A instead of BBT's formula")
     bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
 
+    augment: bool = Field(True, description="train on one augmented pass (random resized crop + flip), encoded once")
+    crop_min: float = Field(0.5, gt=0, le=1, description="smallest crop, as a fraction of the image's area")
+
     sources = {
+        "augment": "CraFT's BBT baseline (its prompt module without the head): CraFT's cached features of one "
+                   "augmented pass",
+        "crop_min": "CraFT's loader: RandomResizedCrop(scale=(0.5, 1)) + flip",
 
         "budget": "BBT paper: 8000 API calls, one over the whole few-shot set each",
         "n_ctx": "CraFT's and SharpZO's BBT-for-CLIP baseline: the 'a photo of a' words",

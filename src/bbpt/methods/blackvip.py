@@ -135,7 +135,8 @@ class BlackVIP(ZerothOrderMethod):
         self.encoder = make_encoder(cfg.encoder)
         self._z: dict[str, torch.Tensor] = {}  # encoder features by image key (the encoder is frozen)
         for images in self.data.chunks(512):  # once, in a fixed order: the same features on resume
-            self.features(images)
+            with torch.no_grad():
+                self._z.update(zip(images.keys, self.encoder(images.pixels)))
         z_dim = next(iter(self._z.values())).shape[0]
         with torch.random.fork_rng(devices=[]):  # the decoder's init from the seed alone
             torch.manual_seed(self.seed)
@@ -156,10 +157,11 @@ class BlackVIP(ZerothOrderMethod):
 
     @torch.no_grad()
     def features(self, images: Images) -> torch.Tensor:
+        if images.keys is None:  # views of an unbounded pool: never seen again
+            return self.encoder(images.pixels)
         miss = [i for i, k in enumerate(images.keys) if k not in self._z]
-        if miss:
-            for i, z in zip(miss, self.encoder(images.pixels[miss])):
-                self._z[images.keys[i]] = z
+        for i in miss:  # one at a time: a view's features never depend on which views came with it
+            self._z[images.keys[i]] = self.encoder(images.pixels[i : i + 1])[0]
         return torch.stack([self._z[k] for k in images.keys])  # (B, E)
 
     @torch.no_grad()

@@ -48,7 +48,10 @@ class BPTVLMConfig(MethodConfig):
     bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
     preset: Literal["zip"] | None = Field(None, description="'zip': ZIP's re-implementation settings")
 
+    augment: bool = Field(False, description="train on random resized crops + flips; false: CLIP's test transform")
+
     sources = {
+        "augment": "official BPT-VLM: CLIP's test preprocess for the training images, no augmentation",
 
         "budget": "official: 3600 fitness evaluations (OxfordPets, Food101, Caltech101; 14400-36000 elsewhere)",
         "n_text": "official: n_prompt_tokens_L 8",

@@ -72,7 +72,9 @@ class CoOp(Method):
         super().__init__(cfg, env)
         self.white = env.white_box()  # the model itself: gradients through the text tower
         self.scale = self.white.logit_scale
-        self.feats = self.white.image_features(self.data.images().pixels)  # (N, E), frozen tower
+        self.feats = None if self.data.views is not None else self.white.image_features(self.data.images().pixels)  # (N, E)
+        self._view_feats: dict[str, torch.Tensor] = {}  # training views' features by key (frozen tower)
+        self._blocks: set[tuple[int, int]] = set()  # (view, block) encoded
         ctx = initial_context(self.box, cfg.ctx_init, cfg.n_ctx, self.task_info["templates"], self.seed)  # (m, D)
         if cfg.class_specific:
             ctx = ctx[None].repeat(self.box.num_classes, 1, 1)  # (C, m, D)
@@ -97,12 +99,13 @@ class CoOp(Method):
             return None
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.epoch)
-        order, bs, losses = self.rng.permutation(len(self.feats)), self.cfg.batch_size, []
+        order, bs, losses = self.rng.permutation(len(self.data)), self.cfg.batch_size, []
         for i in range(0, epoch_stop(len(order), bs), bs):
             idx = order[i : i + bs]
+            feats = self.features(idx)  # (B, E)
             self.white.charge(1, len(idx))  # counted for comparison; never a black-box query
             txt = self.white.text_features(SoftPrompt(self.ctx[None]))[0]  # (C, E)
-            logits = self.scale * self.feats[idx] @ txt.T  # (B, C)
+            logits = self.scale * feats @ txt.T  # (B, C)
             loss = F.cross_entropy(logits, self.data.labels[idx])
             self.opt.zero_grad()
             loss.backward()
@@ -110,6 +113,22 @@ class CoOp(Method):
             losses.append(float(loss.detach()))
         self.epoch += 1
         return {"train_loss": float(np.mean(losses)), "lr": self.lr_at(self.epoch - 1)}
+
+    def features(self, idx) -> torch.Tensor:
+        """(B, E) frozen image features of images ``idx``: plain, or a fresh training view each
+        (Dassl's per-batch augmentation), encoded once per view in fixed blocks."""
+        views = self.data.draw_views(self.rng, len(idx))
+        if views is None:
+            return self.feats[idx]
+        if not self.data.views.spec.pool:  # an unbounded pool: every view is new
+            return self.white.image_features(self.data.views.pixels(idx, views))
+
+        def encode(images):
+            for k, f in zip(images.keys, self.white.image_features(images.pixels)):
+                self._view_feats[k] = f
+
+        self.data.encode_blocks(idx, views, self._blocks, encode)
+        return torch.stack([self._view_feats[k] for k in self.data.views.keys(idx, views)])
 
     def prompt(self) -> SoftPrompt:
         return SoftPrompt(self.ctx.detach().clone()[None])

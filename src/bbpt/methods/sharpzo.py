@@ -51,7 +51,12 @@ class SharpZOConfig(MethodConfig):
     mask_order: Literal["lowest", "highest"] = Field("lowest", description="which scores the sparse mask keeps")
     grad_accumulate_bug: bool = Field(False, description="the released code's never-reset gradient accumulator")
 
+    augment: bool = Field(True, description="train on one augmented pass (random resized crop + flip), encoded once")
+    crop_min: float = Field(0.5, gt=0, le=1, description="smallest crop, as a fraction of the image's area")
+
     sources = {
+        "augment": "official SharpZO (CraFT's loaders): cached features of one augmented pass",
+        "crop_min": "official SharpZO (CraFT's loaders): RandomResizedCrop(scale=(0.5, 1)) + flip",
 
         "budget": "bbpt: 20000 prompt_evals, so that both stages run on CPU (departure: the released script runs "
                   "change_point 100 and total_steps 200000, about 500k evaluations; the poster gives no budget)",

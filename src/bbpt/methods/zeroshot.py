@@ -10,7 +10,10 @@ from .base import Method, MethodConfig, register_method
 class ZeroShotConfig(MethodConfig):
     template: str | None = Field(None, min_length=3, description="a template with {}; none: the task's own")
 
+    augment: bool = Field(False, description="zero-shot trains nothing: no training views")
+
     sources = {
+        "augment": "CoOp's ZeroshotCLIP: no training images",
 
         "budget": "CoOp's ZeroshotCLIP: no training, no training queries",
         "template": "CoOp: CUSTOM_TEMPLATES, one per dataset (the task's own)",

@@ -210,6 +210,12 @@ class RemoteBlackBox(QueryChecks):
         self._s.ids.update(zip(images.keys, d["ids"]))
         return int(d["encoded"])
 
+    def _upload_new(self, images: Images) -> None:
+        new = sorted({k: i for i, k in enumerate(images.keys) if k not in self._s.ids}.values())
+        for c0 in range(0, len(new), self.encode_chunk):
+            part = new[c0 : c0 + self.encode_chunk]
+            self.upload(Images(images.pixels[part], [images.keys[i] for i in part]))
+
     # ---- the query ---------------------------------------------------------------------------
     def query(self, prompt: TextPrompt | SoftPrompt, images: Images, visual: VisualPrompt | None = None) -> torch.Tensor:
         """Logits (P, B, C), as :meth:`BlackBox.query`: checked, sent, and charged to the run's
@@ -224,7 +230,10 @@ class RemoteBlackBox(QueryChecks):
             meta["prompt"] = {"type": "soft", "suffix": prompt.suffix}
             tensors["ctx"] = prompt.ctx.float()
         keys = images.keys
-        by_id = visual is None and not images.per_candidate and keys is not None and all(k in self._s.ids for k in keys)
+        cacheable = visual is None and not images.per_candidate and keys is not None
+        if cacheable and images.pixels is not None and not all(k in self._s.ids for k in keys):
+            self._upload_new(images)  # new keyed images (training views): uploaded once, free, then sent by id
+        by_id = cacheable and all(k in self._s.ids for k in keys)
         if by_id:
             meta["images"] = [self._s.ids[k] for k in keys]
         elif images.pixels is None:
