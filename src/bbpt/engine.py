@@ -360,7 +360,6 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
                 **({"aux_queries": side.counts, "queries_total": {k: v + side.counts[k] for k, v in meter.counts.items()}}
                    if side is not None else {}),
                 "eval_queries": eval_box.meter.counts,
-                "images_encoded": meter.images_encoded,  # training images the black box encoded (views included)
                 "accuracy": {"test": None if test_r is None else test_r["accuracy"],
                              "val": loop.curve[-1]["val_accuracy"] if loop.curve else None},
                 **({"test_subset": {"n": len(test), "of": len(task.test), "seed": TEST_SUBSET_SEED,

@@ -67,6 +67,11 @@ class TrainViews:
             return None
         return [f"{self.images.ids[i]}~{self.tag}.{int(v)}" for i, v in zip(idx, views)]
 
+    def view_seed(self, i: int, v: int) -> int:
+        """The torch seed that draws view v of image i (run seed, image id and v, hashed)."""
+        digest = hashlib.blake2b(f"{self.seed}:{self.images.ids[i]}:{v}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & (2**63 - 1)
+
     def params(self, i: int, v: int) -> tuple[int, int, int, int, bool]:
         """(top, left, height, width, flipped) of view v of image i on its source image."""
         key = (int(i), int(v))
@@ -74,9 +79,8 @@ class TrainViews:
             from torchvision.transforms import RandomResizedCrop
 
             H, W = self._dim(int(i))
-            digest = hashlib.blake2b(f"{self.seed}:{self.images.ids[i]}:{int(v)}".encode(), digest_size=8).digest()
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+                torch.manual_seed(self.view_seed(int(i), int(v)))
                 t, left, h, w = RandomResizedCrop.get_params(torch.empty(1, H, W), list(self.spec.scale), list(RATIO))
                 flipped = self.spec.flip and bool(torch.rand(1).item() < 0.5)
             self._params[key] = (t, left, h, w, flipped)
@@ -103,8 +107,8 @@ class TrainViews:
         else:
             from PIL import Image
 
-            with _open_image(self.images.paths[i]) as im, _decode_guard(im):
-                im = im.convert("RGB").resize((S, S), Image.BICUBIC, box=(left, t, left + w, t + h))
+            with _open_image(self.images.paths[i]) as im, _decode_guard(im):  # crop, then resize: torchvision's order
+                im = im.convert("RGB").crop((left, t, left + w, t + h)).resize((S, S), Image.BICUBIC)
             x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         if flipped:
             x = TF.hflip(x)
