@@ -12,7 +12,10 @@ One query = one candidate prompt scored on one batch of 128 images (ZIP's API ca
     python bench/query_speed.py --device cpu --arch ViT-B-16 --classes 10,100 --repeats 2
 
 Prints a table (ms per query and the ratio) measured in this one run; random weights (the
-architecture is what costs time, not the values).
+architecture is what costs time, not the values). The FLOP bound of a fast query is its
+FLOPs (counted by ``torch.utils.flop_counter`` on one call: the C class sequences through the
+text tower, cut length, and the logits) over the device's peak (``--peak-tflops``; known
+for H100 / H200 / A100 bf16 dense); "x bound" is the measured time over that bound.
 """
 from __future__ import annotations
 
@@ -50,6 +53,21 @@ def timeit(fn, repeats: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, vendor sheets
+
+
+def peak_tflops(name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def flops_of(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="ViT-B-16")
@@ -58,6 +76,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=10, help="candidates per fast-path call (ZIP: 10 per step)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the FLOP bound (default: by GPU name)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -74,8 +93,11 @@ def main(argv=None) -> None:
     print(f"device: {name}; arch {args.arch} (random weights); batch {args.batch}; torch {torch.__version__}")
     print(f"mini: built and loaded in {mini_load * 1000:.0f} ms (imports excluded)")
     print()
-    print("| classes C | reference ms/query | fast ms/query | speed-up |")
-    print("|---|---|---|---|")
+    peak = args.peak_tflops or (peak_tflops(name) if on_cuda else None)
+    print(f"peak for the FLOP bound: {f'{peak:.0f} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}")
+    print()
+    print("| classes C | reference ms/query | fast ms/query | speed-up | GFLOP/query | fast TFLOP/s | x FLOP bound |")
+    print("|---|---|---|---|---|---|---|")
     for C in (int(c) for c in args.classes.split(",")):
         names = classnames(C)
         ref = BlackBox(bb, names, fast=False, precision="fp16" if on_cuda else "fp32")
@@ -87,7 +109,10 @@ def main(argv=None) -> None:
         imgs_fast = Images(px, keys)
         t_ref = timeit(lambda: ref.query(one, imgs_ref), args.repeats, dev)
         t_fast = timeit(lambda: fast.query(many, imgs_fast), args.repeats, dev) / args.prompts
-        print(f"| {C} | {t_ref * 1e3:.2f} | {t_fast * 1e3:.3f} | {t_ref / t_fast:.1f}x |", flush=True)
+        fl = flops_of(lambda: fast.query(many, imgs_fast)) / args.prompts  # images cached: text + logits
+        bound = f"{t_fast / (fl / (peak * 1e12)):.2f}x" if peak else "-"
+        print(f"| {C} | {t_ref * 1e3:.2f} | {t_fast * 1e3:.3f} | {t_ref / t_fast:.1f}x | {fl / 1e9:.2f} | "
+              f"{fl / t_fast / 1e12:.2f} | {bound} |", flush=True)
 
 
 if __name__ == "__main__":

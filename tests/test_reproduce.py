@@ -73,11 +73,12 @@ def test_a_plan_resolves_the_per_dataset_preset(tmp_path):
 def test_reproduce_runs_end_to_end_on_a_coop_tree_with_random_vit_b_16(tmp_path):
     root = make_coop_root(tmp_path / "DATA")
     cmd = [*BBPT, "reproduce", "zip", "--dataset", "EuroSAT", "--root", str(root), "--pretrained", "random",
-           "--shots", "3", "--seeds", "1", "--budget", "20", "--out", str(tmp_path / "rep"), "--quiet"]
+           "--shots", "3", "--seeds", "1", "--budget", "20", "--set", "view_pool=2", "--out", str(tmp_path / "rep"),
+           "--quiet"]  # a pool of 2 views: a tiny run need not encode 16 views of every image
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "zip on eurosat: bbpt " in p.stdout and "paper 64.60 (ZIP, ViT-B-16)" in p.stdout
-    assert "not comparable: another backbone or weights; 3 shots; options over the paper's (budget)" in p.stdout
+    assert "not comparable: another backbone or weights; 3 shots; options over the paper's (budget, view_pool)" in p.stdout
     s = json.loads((tmp_path / "rep" / "reproduce.json").read_text())
     assert s["table"] == "zip-fewshot" and s["paper"]["accuracy"] == 64.6 and s["comparable"] is False
     assert s["config"]["model"] == "ViT-B-16" and s["config"]["pretrained"] == "random"

@@ -9,7 +9,7 @@ from bbpt.data.templates import flip_keeps_label
 from bbpt.data.views import VIEW_BLOCK, TrainViews, ViewSpec
 from bbpt.engine import make_run_config, run
 from bbpt.methods.base import BatchStream, FewShotData, WholeSet
-from bbpt.models import BlackBox, QueryMeter, SoftPrompt
+from bbpt.models import BlackBox, QueryMeter, SoftPrompt, TextPrompt
 
 
 def torchvision_view(pil_or_tensor, seed: int, size: int, scale, flip: bool):
@@ -192,3 +192,38 @@ def test_a_run_trains_on_views_by_default_and_on_the_test_transform_when_asked()
 
     assert make_config(METHODS.get("bptvlm"), bpt.options).augment is False  # the official BPT-VLM: no augmentation
     assert make_config(METHODS.get("craft"), {}).crop_min == 0.5  # CraFT's loader: scale (0.5, 1)
+
+
+def test_evaluation_at_224_px_streams_through_the_fast_path(backends, tmp_path):
+    """Test images (files, CLIP's test transform at 224 px) are scored eval_batch at a time,
+    never cached (memory flat in the split's size), and equal the reference loop's logits."""
+    from bbpt.engine import evaluate
+
+    bb = backends["ViT-B-32"]
+    rng = np.random.default_rng(4)
+    paths = []
+    for k in range(7):
+        p = tmp_path / f"t{k}.jpg"
+        Image.fromarray(rng.integers(0, 256, (250, 300, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    test = ImageSet(labels=np.arange(7) % 3, ids=[f"t{k}" for k in range(7)], paths=paths)
+    names = ["cat", "dog", "bird"]
+
+    class Method:  # the zero-shot template's logits, kept for comparison
+        def __init__(self):
+            self.out = []
+
+        def predict(self, box, images):
+            self.out.append(box.query(TextPrompt("a photo of a {}."), images)[0])
+            return self.out[-1]
+
+    fast = BlackBox(bb, names, QueryMeter(), fast=True)
+    slow = BlackBox(bb, names, QueryMeter(), fast=False)
+    assert fast.image_size == 224
+    m_fast, m_slow = Method(), Method()
+    r_fast = evaluate(m_fast, fast, test, batch=3, progress=False)
+    r_slow = evaluate(m_slow, slow, test, batch=7, progress=False)
+    assert [len(x) for x in m_fast.out] == [3, 3, 1] and fast.cached_images == 0  # streamed, nothing kept
+    assert fast.meter.counts["api_calls"] == 3 and fast.meter.images_encoded == 7
+    assert torch.allclose(torch.cat(m_fast.out), m_slow.out[0], atol=1e-4)
+    assert r_fast["accuracy"] == r_slow["accuracy"]

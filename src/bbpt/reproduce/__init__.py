@@ -166,7 +166,9 @@ def reproduce(method: str, dataset: str, root: str | Path, out: str | Path | Non
         runs.append({"seed": cfg.seed, "test_accuracy": r["accuracy"]["test"], "queries": r["queries"],
                      "wall_seconds": r["wall_seconds"], **({"test_subset": r["test_subset"]} if "test_subset" in r else {})})
         if log is not None:
-            log(f"  seed {cfg.seed}: test {100 * r['accuracy']['test']:.2f}%  ({r['queries']})")
+            q = r["queries"]
+            log(f"  seed {cfg.seed}: test {100 * r['accuracy']['test']:.2f}%  api_calls {q['api_calls']}  "
+                f"prompt_evals {q['prompt_evals']}  {r['wall_seconds']:.1f}s -> {out / f'seed{cfg.seed}'}")
     accs = [100 * r["test_accuracy"] for r in runs]
     c0 = p.configs[0]
     differs = [what for what, yes in (
