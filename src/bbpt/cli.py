@@ -152,6 +152,15 @@ def models():
                "hf:/path/to/save_pretrained/folder; --pretrained random for untrained weights")
 
 
+def _kind(annotation) -> str:
+    """An option's values when no range or literals say them: 'true | false', '... or none'."""
+    import typing
+
+    args = typing.get_args(annotation) or (annotation,)
+    base = " | ".join("true | false" if a is bool else getattr(a, "__name__", str(a)) for a in args if a is not type(None))
+    return (base + " | none" if type(None) in args else base) if base else "any"
+
+
 @app.command()
 def methods(name: Optional[str] = typer.Argument(None, help="One method to describe (default: all)."),
             sources: bool = typer.Option(False, "--sources", help="Also say where each default comes from.")):
@@ -166,7 +175,7 @@ def methods(name: Optional[str] = typer.Argument(None, help="One method to descr
         for k, f in cls.Config.model_fields.items():
             d = f.default
             shown = f"{d:.4g}" if isinstance(d, float) else repr(d)
-            typer.echo(f"  {k:18s} {shown:>12}  {option_range(f) or ('true | false' if f.annotation is bool else 'any'):30s} {f.description or ''}")
+            typer.echo(f"  {k:18s} {shown:>12}  {option_range(f) or _kind(f.annotation):30s} {f.description or ''}")
             if sources:
                 typer.echo(f"  {'':18s} {'':>12}  {'':30s} default from {cls.Config.source(k)}")
 
