@@ -53,7 +53,8 @@ def timeit(fn, repeats: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, vendor sheets
+# dense bf16, vendor sheets; the first name contained in the device's name wins
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
 def peak_tflops(name: str) -> float | None:

@@ -62,6 +62,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/seed_methods or zip_comparison")
+    ap.add_argument("--augment", action="store_true", help="train every method on the papers' views "
+                    "(augment=true; the offline tasks default to none)")
     ap.add_argument("--rerun", action="store_true", help="run again even where a finished run of the same configuration exists")
     args = ap.parse_args(argv)
     calls = args.api_calls
@@ -76,6 +78,8 @@ def main(argv=None) -> None:
             for seed in seeds:
                 folder = args.out / "runs" / method / task / f"seed{seed}"
                 opts = equal_call_options(method, calls) if calls else {}
+                if args.augment and method not in ("zeroshot", "bptvlm"):  # no training views: no images / official
+                    opts = {**opts, "augment": True}
                 cfg = make_run_config(method=method, dataset=task, shots=args.shots, seed=seed, options=opts)
                 # a finished run of this very configuration is kept, an unfinished one resumes
                 r = run(cfg, out=folder, progress=False, keep_finished=True, force=args.rerun)
@@ -84,6 +88,8 @@ def main(argv=None) -> None:
                 results.setdefault((method, task), []).append(r)
 
     budget = f"every black-box method at {calls} api_calls (CoOp: white-box, its own epochs)" if calls else "default budgets"
+    if args.augment:
+        budget += ", trained on the papers' views (augment=true)"
     spread = "mean ± std over seeds" if len(seeds) > 1 else "seed"
     lines = [f"Test accuracy (%), {spread} {args.seeds}, {args.shots} shots, {budget}; "
              "api_calls / prompt_evals spent in training (mean); wall seconds per run (mean / max).", "",

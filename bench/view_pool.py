@@ -23,8 +23,8 @@ from bbpt.engine import make_run_config, run
 
 def settings(pools: list[int]) -> dict[str, dict]:
     out = {"none": {"augment": False}}
-    out.update({f"pool {k}": {"view_pool": k} for k in pools})
-    out["fresh"] = {"view_pool": 0}
+    out.update({f"pool {k}": {"augment": True, "view_pool": k} for k in pools})  # on: the offline tasks default off
+    out["fresh"] = {"augment": True, "view_pool": 0}
     return out
 
 

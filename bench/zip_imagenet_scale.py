@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     t0 = time.time()
     # 16 train images per class for 16 shots, and at least 5 for the carved validation split
-    tree = make_tree(args.root / f"C{args.classes}", args.classes, 21, args.val_per_class)
+    tree = make_tree(args.root / f"C{args.classes}-val{args.val_per_class}", args.classes, 21, args.val_per_class)
     t_tree = time.time() - t0
     cfg = make_run_config(method="zip", dataset=str(tree), model="ViT-B-16", pretrained="random", shots=16,
                           device=args.device, precision=args.precision or ("bf16" if args.device.startswith("cuda") else "fp32"),

@@ -38,6 +38,8 @@ def test_the_shipped_configs_are_the_papers():
     for m in ("zip", "bar", "blackvip", "bptvlm"):  # ZIP's re-implementation: every method at 5000 api_calls
         assert zip_t.rows[m].options["budget"] == 5000
     assert zip_t.rows["bptvlm"].options["preset"] == "zip"
+    for m in ("zip", "bar", "blackvip"):  # the official loaders flip SVHN; bbpt's digit default would not
+        assert zip_t.rows[m].options_for("svhn") == {"budget": 5000, "flip": True}
     crafts = [t for t in TABLES if t.id.startswith("craft-")]
     assert sorted(t.model for t in crafts) == ["RN101", "RN50", "ViT-B-16", "ViT-B-32"]
     for t in crafts:
@@ -50,8 +52,17 @@ def test_the_shipped_configs_are_the_papers():
     assert rn50.rows["craft"].accuracy["oxford_flowers"] == 92.04 and rn50.rows["bbt"].accuracy["fgvc_aircraft"] == 12.07
     # a different backbone picks that backbone's table; the default is the first with the method
     assert find("craft", "dtd", model="ViT-B-32")[0].id == "craft-vit-b-32"
+    assert plan_model("craft", "ViT-B/32") == "craft-vit-b-32"  # the papers' spelling
     assert find("craft", "dtd")[0].id == "craft-rn50"
     assert find("blackvip", "svhn")[0].id == "zip-fewshot"
+
+
+def plan_model(method, model):
+    import tempfile
+    from pathlib import Path
+
+    root = make_coop_root(Path(tempfile.mkdtemp()) / "DATA")
+    return plan(method, "dtd", root, model=model, pretrained="random").table.id
 
 
 def test_a_plan_resolves_the_per_dataset_preset(tmp_path):
@@ -78,7 +89,8 @@ def test_reproduce_runs_end_to_end_on_a_coop_tree_with_random_vit_b_16(tmp_path)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "zip on eurosat: bbpt " in p.stdout and "paper 64.60 (ZIP, ViT-B-16)" in p.stdout
-    assert "not comparable: another backbone or weights; 3 shots; options over the paper's (budget, view_pool)" in p.stdout
+    assert ("not comparable: another backbone or weights; 3 shots; seeds 1 (the paper's: 1,2,3); options over the "
+            "paper's (budget, view_pool)") in p.stdout
     s = json.loads((tmp_path / "rep" / "reproduce.json").read_text())
     assert s["table"] == "zip-fewshot" and s["paper"]["accuracy"] == 64.6 and s["comparable"] is False
     assert s["config"]["model"] == "ViT-B-16" and s["config"]["pretrained"] == "random"
@@ -98,6 +110,7 @@ def test_reproduce_runs_end_to_end_on_a_coop_tree_with_random_vit_b_16(tmp_path)
     (["zip", "--dataset", "stanford_cars"], "no paper table has zip on stanford_cars"),
     (["zip", "--dataset", "oxford_pets"], "split_zhou_OxfordPets.json is missing: download"),
     (["zip", "--dataset", "svhn"], "svhn does not exist: put SVHN there with its split_mlai_SVHN.json"),
+    (["zip", "--dataset", "dtd", "--model", "ViT-L/14"], "--model ViT-L-14 is not the table's backbone (ViT-B-16): pass"),
 ])
 def test_bad_reproduce_requests_are_one_line(tmp_path, args, needle):
     root = make_coop_root(tmp_path / "DATA")

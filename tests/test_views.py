@@ -180,18 +180,40 @@ def test_each_view_is_encoded_once_before_any_query_needs_it(mini, pool):
     assert box.cached_images == 40 * (1 + pool)
 
 
-def test_a_run_trains_on_views_by_default_and_on_the_test_transform_when_asked():
-    base = dict(method="zip", dataset="fashion-mnist", test_subset=50)
-    on = run(make_run_config(**base, options={"budget": 100}), progress=False)
-    off = run(make_run_config(**base, options={"budget": 100, "augment": False}), progress=False)
-    assert on["config"]["options"]["augment"] is True and off["config"]["options"]["augment"] is False
-    assert on["curve"][-1]["train_loss"] != off["curve"][-1]["train_loss"]  # other training images
-    assert on["queries"] == off["queries"] == {"api_calls": 100, "prompt_evals": 100, "images_forwarded": 12800}
-    bpt = make_run_config(method="bptvlm", dataset="fashion-mnist")
+def test_views_are_on_where_the_task_allows_and_on_request(tmp_path):
+    from bbpt.data import load_task
+    from bbpt.engine import train_views
     from bbpt.methods import METHODS, make_config
 
-    assert make_config(METHODS.get("bptvlm"), bpt.options).augment is False  # the official BPT-VLM: no augmentation
-    assert make_config(METHODS.get("craft"), {}).crop_min == 0.5  # CraFT's loader: scale (0.5, 1)
+    root = tmp_path / "pets"
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for k in range(5):
+                Image.new("RGB", (40, 30), (k * 40, 0, 0)).save(root / split / c / f"{k}.png")
+    folder, offline = load_task(str(root)), load_task("fashion-mnist")
+    assert folder.views is True and offline.views is False  # 28-32 px offline images: off by default
+
+    def views(method, task, **opts):
+        cfg = make_config(METHODS.get(method), opts)
+        return train_views(cfg, task, task.train, 32, seed=1)
+
+    zip_v, craft_v = views("zip", folder), views("craft", folder)
+    assert zip_v.spec == ViewSpec((0.08, 1.0), True, 16) and craft_v.spec == ViewSpec((0.5, 1.0), True, 16)
+    assert views("zip", offline) is None and views("zip", folder, augment=False) is None
+    assert views("zip", offline, augment=True).spec == ViewSpec((0.08, 1.0), True, 16)
+    assert views("bptvlm", folder) is None and views("zeroshot", folder) is None  # official: no augmentation
+    assert views("zip", folder, flip=False, view_pool=0, crop_min=0.3).spec == ViewSpec((0.3, 1.0), False, 0)
+    assert views("zip", load_task("mnist"), augment=True).spec.flip is False  # digits: no flips by default
+
+
+def test_a_run_with_views_trains_on_other_images_at_the_same_cost():
+    base = dict(method="zip", dataset="fashion-mnist", test_subset=50)
+    on = run(make_run_config(**base, options={"budget": 100, "augment": True}), progress=False)
+    off = run(make_run_config(**base, options={"budget": 100}), progress=False)
+    assert on["config"]["options"]["augment"] is True and off["config"]["options"]["augment"] is None
+    assert on["curve"][-1]["train_loss"] != off["curve"][-1]["train_loss"]  # other training images
+    assert on["queries"] == off["queries"] == {"api_calls": 100, "prompt_evals": 100, "images_forwarded": 12800}
 
 
 def test_evaluation_at_224_px_streams_through_the_fast_path(backends, tmp_path):
@@ -227,3 +249,28 @@ def test_evaluation_at_224_px_streams_through_the_fast_path(backends, tmp_path):
     assert fast.meter.counts["api_calls"] == 3 and fast.meter.images_encoded == 7
     assert torch.allclose(torch.cat(m_fast.out), m_slow.out[0], atol=1e-4)
     assert r_fast["accuracy"] == r_slow["accuracy"]
+
+
+def test_run_folders_from_before_the_view_options_still_resume_and_are_kept(tmp_path):
+    """The new options default to None, which is what a stored config lacking them reads as."""
+    import json
+
+    from bbpt.runfolder import RunFolder
+
+    cfg = make_run_config(method="zip", dataset="fashion-mnist", options={"budget": 20}, test_subset=20)
+    first = run(cfg, out=tmp_path / "r", progress=False)
+    run_json = tmp_path / "r" / "run.json"
+    stored = json.loads(run_json.read_text())
+    for k in ("augment", "crop_min", "flip", "view_pool"):
+        del stored["config"]["options"][k]  # as written before these options existed
+    run_json.write_text(json.dumps(stored))
+    config = {**cfg.model_dump(), "options": first["config"]["options"]}
+    assert RunFolder(tmp_path / "r").check(config, keep_finished=True) == "finished"
+
+
+def test_none_typed_in_set_means_none_where_the_option_takes_it():
+    from bbpt.methods import METHODS, make_config
+
+    zip_cls = METHODS.get("zip")
+    assert make_config(zip_cls, {"flip": "none", "view_pool": "none"}).flip is None
+    assert make_config(zip_cls, {"clip": "none"}).clip == "none"  # a literal of its own

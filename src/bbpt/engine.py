@@ -303,7 +303,8 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
     data = FewShotData(train, box.image_size, views=train_views(mcfg, task, train, box.image_size, cfg.seed))
     for chunk in data.chunks(box.encode_chunk):  # features of the few-shot set once, in a fixed order
         box.upload(chunk)
-    data.attach(box)  # training views: uploaded in fixed blocks as they are first drawn
+    if cls.cached_images:
+        data.attach(box)  # training views: uploaded in fixed blocks as they are first drawn
     val_data = FewShotData(val, box.image_size)
     env = Env(box, data, {"name": task.name, "classnames": task.classnames, "templates": task.templates},
               cfg.seed, cls, white_box=lambda: _white_box(cfg, backbone, task.classnames, meter))
@@ -432,11 +433,14 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
 
 def train_views(mcfg, task, train: ImageSet, size: int, seed: int) -> TrainViews | None:
     """The training views every method config describes alike (augment, crop_min, flip,
-    view_pool); None when the method trains on the test transform."""
-    if not mcfg.augment:
+    view_pool); None when the method trains on the test transform. ``augment=None``: the
+    task's default (off for the offline tasks, whose 28-32 px images crops would destroy)."""
+    if not (task.views if mcfg.augment is None else mcfg.augment):
         return None
     flip = task.flip if mcfg.flip is None else mcfg.flip
-    return TrainViews(train, size, ViewSpec((mcfg.crop_min, 1.0), flip, mcfg.view_pool), seed)
+    crop = mcfg.official_crop_min if mcfg.crop_min is None else mcfg.crop_min
+    pool = mcfg.default_view_pool if mcfg.view_pool is None else mcfg.view_pool
+    return TrainViews(train, size, ViewSpec((crop, 1.0), flip, pool), seed)
 
 
 def _remote_box(cfg: RunConfig, classnames: list[str], meter: QueryMeter):

@@ -85,7 +85,7 @@ class RunFolder:
         result, stored = self.result(), self.stored_config()
         if entries and not force:
             if result is not None and result.get("status") == "finished":
-                if keep_finished and stored == config:
+                if keep_finished and not config_diff(stored, config):
                     return "finished"
                 acc = (result.get("accuracy") or {}).get("test")
                 what = f"{result.get('method')} on {result.get('dataset')}, seed {result.get('seed')}"

@@ -264,6 +264,7 @@ class Task:
     description: str = ""
     meta: dict = field(default_factory=dict)
     flip: bool = True  # whether a horizontal flip keeps the label: the training views' flip default
+    views: bool = True  # whether the papers' training views suit the images (the methods' augment default)
 
     @property
     def num_classes(self) -> int:

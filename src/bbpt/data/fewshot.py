@@ -132,6 +132,7 @@ def subsample_classes(task: Task, which: str) -> Task:
         name=f"{task.name}-{which}", classnames=[task.classnames[y] for y in keep], templates=list(task.templates),
         train=sub(task.train), val=sub(task.val), test=sub(task.test), description=task.description,
         meta={**task.meta, "subsample": which, "classes": keep}, flip=task.flip,
+        views=task.views,
     )
 
 

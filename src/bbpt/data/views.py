@@ -19,13 +19,15 @@ task's array), resized to the model's S with bicubic antialiasing, then flipped 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .core import ImageSet, _array_to_pixels, _open_image, _decode_guard
+from ..errors import BadInput
+from .core import ImageSet, _array_to_pixels, _decode_guard, _open_image, _reason
 
 RATIO = (3 / 4, 4 / 3)  # torchvision's and Dassl's default aspect-ratio range
 VIEW_BLOCK = 32  # views encoded together: view v of images [32 j, 32 j + 32)
@@ -83,6 +85,8 @@ class TrainViews:
                 torch.manual_seed(self.view_seed(int(i), int(v)))
                 t, left, h, w = RandomResizedCrop.get_params(torch.empty(1, H, W), list(self.spec.scale), list(RATIO))
                 flipped = self.spec.flip and bool(torch.rand(1).item() < 0.5)
+            if not self.spec.pool:  # an unbounded pool: every view is new, nothing worth keeping
+                return (t, left, h, w, flipped)
             self._params[key] = (t, left, h, w, flipped)
         return self._params[key]
 
@@ -107,7 +111,7 @@ class TrainViews:
         else:
             from PIL import Image
 
-            with _open_image(self.images.paths[i]) as im, _decode_guard(im):  # crop, then resize: torchvision's order
+            with _opened(self.images.paths[i]) as im, _decode_guard(im):  # crop, then resize: torchvision's order
                 im = im.convert("RGB").crop((left, t, left + w, t + h)).resize((S, S), Image.BICUBIC)
             x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         if flipped:
@@ -121,9 +125,24 @@ class TrainViews:
         if self.images.array is not None:
             return tuple(self.images.array.shape[1:3])
         if i not in self._dims:
-            with _open_image(self.images.paths[i]) as im:
+            with _opened(self.images.paths[i]) as im:
                 self._dims[i] = (im.size[1], im.size[0])
         return self._dims[i]
+
+
+@contextlib.contextmanager
+def _opened(path: str):
+    """``_open_image`` whose failures (a file gone or broken since the split was checked) are
+    one-line BadInput errors, as for the test transform's reads."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with _open_image(path) as im:
+            yield im
+    except FileNotFoundError:
+        raise BadInput(f"image file {path} does not exist; check the dataset folder or split file") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise BadInput(f"cannot read image {path} ({_reason(e, path)}); remove or replace the file") from None
 
 
 def _shift(images: ImageSet, x: torch.Tensor, idx) -> torch.Tensor:

@@ -73,6 +73,7 @@ def inner_size(size: int, ratio: float) -> int:
 @register_method
 class BAR(ZerothOrderMethod):
     name = "bar"
+    cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BARConfig
 
     def __init__(self, cfg: BARConfig, env):

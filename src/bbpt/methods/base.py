@@ -48,14 +48,18 @@ class MethodConfig(BaseModel):
     batch_size: int = Field(128, ge=1, le=65536, description="images per training query (ZIP's API batch)")
     # The papers' training views (bbpt.data.views): a fresh view per batch for minibatch
     # methods (BatchStream), one augmented pass for whole-set methods (WholeSet).
-    augment: bool = Field(True, description="train on random resized crops + flips (the papers' views); "
-                                            "false: the test transform")
-    crop_min: float = Field(0.08, gt=0, le=1, description="smallest crop, as a fraction of the image's area "
-                                                          "(scale range (crop_min, 1))")
+    augment: bool | None = Field(None, description="train on random resized crops + flips (the papers' views); "
+                                                   "none: on unless the task's images are too small for them")
+    crop_min: float | None = Field(None, gt=0, le=1, description="smallest crop, as a fraction of the image's area "
+                                   "(scale range (crop_min, 1)); none: the method's official (0.08, or 0.5)")
     flip: bool | None = Field(None, description="random horizontal flips; none: the task's default "
                                                 "(off where a flip changes the label: digits)")
-    view_pool: int = Field(16, ge=0, le=1_000_000, description="views per image from a seeded pool, each encoded "
-                                                               "once; 0: a new view every draw, never cached")
+    view_pool: int | None = Field(None, ge=0, le=1_000_000, description="views per image from a seeded pool, each "
+                                  "encoded once; 0: a new view every draw, never cached; none: 16")
+    # Fields added since runs were first stored default to None, so an older run folder (which
+    # lacks them) still resumes: `config_diff` reads a missing field as None.
+    official_crop_min: ClassVar[float] = 0.08  # Dassl's RRCROP_SCALE (0.08, 1); CraFT's loaders 0.5
+    default_view_pool: ClassVar[int] = 16
 
     # Where each default comes from: "paper: ..." (section or table), "official: ..." (the
     # released code or scripts), or "bbpt: ..." (bbpt's own choice, and why). Subclasses add
@@ -65,8 +69,9 @@ class MethodConfig(BaseModel):
         "budget_unit": "bbpt: which meter the budget reads (none: the method paper's unit)",
         "batch_size": "official ZIP / BlackVIP code: batch 128 (DATALOADER.TRAIN_X.BATCH_SIZE)",
         "augment": "official ZIP / BlackVIP / CoOp configs: INPUT.TRANSFORMS random_resized_crop, random_flip, "
-                   "a fresh view per batch (the papers are silent)",
-        "crop_min": "Dassl default INPUT.RRCROP_SCALE (0.08, 1.0), used by the official ZIP / BlackVIP / CoOp configs",
+                   "a fresh view per batch (the papers are silent); bbpt: off on the 28-32 px offline tasks, "
+                   "where bench/view_pool.py measures them costing ZIP points",
+        "crop_min": "official ZIP / BlackVIP / CoOp configs: Dassl's default INPUT.RRCROP_SCALE (0.08, 1.0)",
         "flip": "bbpt: the task's default; the official configs flip every dataset, digits included, but a "
                 "mirrored digit is not that digit (docs: training views)",
         "view_pool": "bbpt: 16 views per image keep the feature cache; bench/view_pool.py measures it against "
@@ -143,7 +148,11 @@ class FewShotData:
         """The whole set as one augmented pass (view 0 of every image), or plain."""
         if self.views is None:
             return self.images()
-        return self.images(None, np.zeros(len(self), dtype=np.int64))
+        zeros = np.zeros(len(self), dtype=np.int64)
+        images = self.images(None, zeros)
+        if images.keys is None:  # an unbounded pool: the one pass is still one fixed view, so it is keyed
+            images = Images(images.pixels, [f"{k}~{self.views.tag}.0" for k in self.keys])
+        return images
 
     def encode_blocks(self, idx, views, done: set, encode: Callable[[Images], object]) -> None:
         """Call ``encode`` on each fixed block (view v of images [B j, B j + B)) holding one of
@@ -253,6 +262,9 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     budget_unit: ClassVar[str] = "api_calls"
     black_box: ClassVar[bool] = True  # False only for the white-box reference (CoOp)
+    # whether its training queries send keyed images, whose features the black box caches
+    # (False: prompted pixels or visual tokens, re-encoded every query; views are not uploaded)
+    cached_images: ClassVar[bool] = True
     state: ClassVar[tuple[str, ...]] = ()  # attributes saved in checkpoints (see state_dict)
 
     def __init__(self, cfg: MethodConfig, env: Env):
@@ -362,7 +374,11 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def make_config(cls: type[Method], overrides: dict) -> MethodConfig:
-    """The method's config with ``overrides`` applied; bad keys or values -> BadInput."""
+    """The method's config with ``overrides`` applied; bad keys or values -> BadInput. The
+    string "none" (as typed in ``--set flip=none``) is None for a field that may be None and
+    has no literal "none" of its own (``clip='none'`` stays a string)."""
+    overrides = {k: None if v == "none" and _takes_none(cls.Config.model_fields.get(k)) else v
+                 for k, v in overrides.items()}
     try:
         return cls.Config(**overrides)
     except ValidationError as e:
@@ -379,6 +395,12 @@ def make_config(cls: type[Method], overrides: dict) -> MethodConfig:
 
 
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _takes_none(field) -> bool:
+    import typing
+
+    return field is not None and type(None) in typing.get_args(field.annotation) and "none" not in _literals(field.annotation)
 
 
 def option_range(field) -> str:

@@ -8,6 +8,8 @@ evaluations. The reported prompt is CMA-ES's best-so-far (lowest training loss).
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from ..models.blackbox import SoftPrompt
@@ -28,12 +30,13 @@ class BBTConfig(MethodConfig):
     proj_std: float | None = Field(None, gt=0, description="a fixed std for A instead of BBT's formula")
     bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
 
-    augment: bool = Field(True, description="train on one augmented pass (random resized crop + flip), encoded once")
-    crop_min: float = Field(0.5, gt=0, le=1, description="smallest crop, as a fraction of the image's area")
+    augment: bool | None = Field(None, description="train on one augmented pass (random resized crop + flip), "
+                                                   "encoded once; none: unless the task's images are too small")
+    official_crop_min: ClassVar[float] = 0.5  # crop_min=None: CraFT's loaders, RandomResizedCrop(scale=(0.5, 1))
 
     sources = {
         "augment": "CraFT's BBT baseline (its prompt module without the head): CraFT's cached features of one "
-                   "augmented pass",
+                   "augmented pass; bbpt: off on the 28-32 px offline tasks",
         "crop_min": "CraFT's loader: RandomResizedCrop(scale=(0.5, 1)) + flip",
 
         "budget": "BBT paper: 8000 API calls, one over the whole few-shot set each",

@@ -127,6 +127,7 @@ def prompted(pixels: torch.Tensor, prompt: torch.Tensor, p_eps: float, std: tupl
 @register_method
 class BlackVIP(ZerothOrderMethod):
     name = "blackvip"
+    cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BlackVIPConfig
     state = ("opt", "batches", "decoder")  # the decoder's BatchNorm statistics; its weights are opt.w
 

@@ -68,6 +68,7 @@ class BPTVLMConfig(MethodConfig):
 @register_method
 class BPTVLM(ZerothOrderMethod):
     name = "bptvlm"
+    cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BPTVLMConfig
     budget_unit = "prompt_evals"
 

@@ -8,8 +8,9 @@ white-box row of every table, never ranked with the black-box methods.
 with ``class_specific=True``; loss cross-entropy of logit_scale · cos(image, text); SGD
 (lr 0.002, momentum 0.9, weight decay 5e-4), batch 32, one warm-up epoch at constant lr
 1e-5, then cosine decay; 200 epochs at 8/16 shots, 100 at 2/4, 50 at 1. The last epoch's
-prompt is reported (CoOp's practice since 2021-10). Image features are computed once (no
-augmentation here; the official code re-samples random crops and flips every epoch).
+prompt is reported (CoOp's practice since 2021-10). Training views as the official code:
+a fresh random crop + flip of each image per batch, drawn from the run's view pool and
+encoded once each by the frozen image tower (``augment``; off on the offline tasks).
 Each training forward is charged to the meter (1 prompt × batch images) for comparison.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ per-dataset σ, bound, std(A), KL weight and KL horizon of craft_configs; the of
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -64,12 +64,13 @@ class CraFTConfig(MethodConfig):
                                                     "the mean of a fresh, untold es.ask(), the CMA-ES mean, or xbest")
     preset: str | None = Field(None, description="an official per-dataset config (craft_configs), e.g. 'dtd'")
 
-    augment: bool = Field(True, description="train on one augmented pass (random resized crop + flip), encoded once")
-    crop_min: float = Field(0.5, gt=0, le=1, description="smallest crop, as a fraction of the image's area")
+    augment: bool | None = Field(None, description="train on one augmented pass (random resized crop + flip), "
+                                                   "encoded once; none: unless the task's images are too small")
+    official_crop_min: ClassVar[float] = 0.5  # crop_min=None: CraFT's loaders, RandomResizedCrop(scale=(0.5, 1))
 
     sources = {
         "augment": "official main_craft.py: features cached from one augmented pass of train_loader_cache "
-                   "(the head's epochs draw fresh views)",
+                   "(the head's epochs draw fresh views); bbpt: off on the 28-32 px offline tasks",
         "crop_min": "official CraFT loader: RandomResizedCrop(scale=(0.5, 1)) + RandomHorizontalFlip",
 
         "budget": "paper: 8000 API calls; official main(): 8000 (8/16 shots), 4000 (2/4), 2000 (1)",

@@ -18,7 +18,7 @@ paper). ``change_point=0`` with ``rho=0`` is plain ZO-SGD from the initial promp
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -51,11 +51,13 @@ class SharpZOConfig(MethodConfig):
     mask_order: Literal["lowest", "highest"] = Field("lowest", description="which scores the sparse mask keeps")
     grad_accumulate_bug: bool = Field(False, description="the released code's never-reset gradient accumulator")
 
-    augment: bool = Field(True, description="train on one augmented pass (random resized crop + flip), encoded once")
-    crop_min: float = Field(0.5, gt=0, le=1, description="smallest crop, as a fraction of the image's area")
+    augment: bool | None = Field(None, description="train on one augmented pass (random resized crop + flip), "
+                                                   "encoded once; none: unless the task's images are too small")
+    official_crop_min: ClassVar[float] = 0.5  # crop_min=None: CraFT's loaders, RandomResizedCrop(scale=(0.5, 1))
 
     sources = {
-        "augment": "official SharpZO (CraFT's loaders): cached features of one augmented pass",
+        "augment": "official SharpZO (CraFT's loaders): cached features of one augmented pass; bbpt: off on the "
+                   "28-32 px offline tasks",
         "crop_min": "official SharpZO (CraFT's loaders): RandomResizedCrop(scale=(0.5, 1)) + flip",
 
         "budget": "bbpt: 20000 prompt_evals, so that both stages run on CPU (departure: the released script runs "

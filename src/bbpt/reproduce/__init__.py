@@ -120,13 +120,16 @@ def plan(method: str, dataset: str, root: str | Path, table: str | None = None, 
     from ..engine import make_run_config
 
     folder = dataset_folder(dataset)
+    model = model.replace("/", "-") if model else None  # "ViT-B/16" as the papers write it
     t, row = find(method, folder, table, model)
+    if model not in (None, t.model) and pretrained is None:
+        raise BadInput(f"--model {model} is not the table's backbone ({t.model}): pass its weights with --pretrained "
+                       "(an open_clip tag, a checkpoint file, or 'random')")
     path = Path(root).expanduser() / folder
     _check_root(Path(root).expanduser(), folder)
     opts = {**row.options_for(folder), **(options or {})}
     cfgs = [make_run_config(method=method, dataset=str(path), model=model or t.model,
-                            pretrained=pretrained if pretrained is not None else (t.pretrained if model in (None, t.model)
-                                                                                   else None),
+                            pretrained=pretrained if pretrained is not None else t.pretrained,
                             shots=shots or t.shots, seed=s, options=opts, **run_fields)
             for s in (seeds or list(t.seeds))]
     return Plan(t, row, folder, cfgs)
@@ -159,7 +162,12 @@ def reproduce(method: str, dataset: str, root: str | Path, out: str | Path | Non
     from .. import engine
 
     p = plan(method, dataset, root, table, model, pretrained, seeds, options, shots, **run_fields)
-    out = Path(out) if out is not None else Path("runs") / "reproduce" / p.table.id / method / p.dataset
+    c0 = p.configs[0]
+    if out is None:  # another backbone or weights get their own folder, beside the paper's
+        own = (c0.model, c0.pretrained) == (p.table.model, p.table.pretrained)
+        out = Path("runs") / "reproduce" / p.table.id / method / (
+            p.dataset if own else f"{p.dataset}-{c0.model}-{Path(str(c0.pretrained)).name}")
+    out = Path(out)
     runs = []
     for cfg in p.configs:  # finished seeds are kept, an interrupted one resumes
         r = engine.run(cfg, out=out / f"seed{cfg.seed}", progress=progress, force=force, keep_finished=True, log=log)
@@ -170,11 +178,18 @@ def reproduce(method: str, dataset: str, root: str | Path, out: str | Path | Non
             log(f"  seed {cfg.seed}: test {100 * r['accuracy']['test']:.2f}%  api_calls {q['api_calls']}  "
                 f"prompt_evals {q['prompt_evals']}  {r['wall_seconds']:.1f}s -> {out / f'seed{cfg.seed}'}")
     accs = [100 * r["test_accuracy"] for r in runs]
-    c0 = p.configs[0]
+    paper_opts = p.row.options_for(p.dataset)
+    changed = sorted(k for k, v in (options or {}).items() if paper_opts.get(k, _UNSET) != v)
+    defaults = make_run_fields_defaults()
+    fields = sorted(k for k, v in run_fields.items() if k not in ("device", "precision", "test_subset") and v != defaults.get(k))
+    seeds_run = [c.seed for c in p.configs]
     differs = [what for what, yes in (
         ("another backbone or weights", (c0.model, c0.pretrained) != (p.table.model, p.table.pretrained)),
         (f"{c0.shots} shots", c0.shots != p.table.shots),
-        ("options over the paper's (" + ", ".join(sorted(options)) + ")", bool(options)),
+        (f"seeds {','.join(map(str, seeds_run))} (the paper's: {','.join(map(str, p.table.seeds))})",
+         sorted(seeds_run) != sorted(p.table.seeds)),
+        ("options over the paper's (" + ", ".join(changed) + ")", bool(changed)),
+        ("run fields (" + ", ".join(fields) + ")", bool(fields)),
         ("a test subset", c0.test_subset is not None)) if yes]
     summary = {
         "method": method, "dataset": p.dataset, "table": p.table.id, "title": p.table.title, "source": p.table.source,
@@ -189,6 +204,15 @@ def reproduce(method: str, dataset: str, root: str | Path, out: str | Path | Non
     (out / "reproduce.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["out"] = str(out)
     return summary
+
+
+_UNSET = object()
+
+
+def make_run_fields_defaults() -> dict:
+    from ..engine import RunConfig
+
+    return {k: f.default for k, f in RunConfig.model_fields.items()}
 
 
 def format_summary(s: dict) -> str:
