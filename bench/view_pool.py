@@ -60,7 +60,7 @@ def main(argv=None) -> None:
              "and wall seconds per run (mean). A pool of K encodes at most N·K views (N = 160 images); fresh views "
              "re-encode every image of every query.", "",
              "| views | " + " | ".join(tasks) + " | average | Δ vs fresh | wall s |",
-             "|---|" + "---|" * (len(tasks) + 4)]
+             "|---|" + "---|" * (len(tasks) + 3)]
     for name in grid:
         cells = []
         for t in tasks:

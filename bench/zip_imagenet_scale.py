@@ -6,7 +6,7 @@ class), then runs ``bbpt run --method zip`` on it: training views, the fast path
 evaluation at 224 px. Prints where the wall time goes. Meant for a GPU machine:
 
     python bench/zip_imagenet_scale.py --device cuda                      # C = 1000, 5000 api_calls
-    python bench/zip_imagenet_scale.py --classes 20 --api-calls 20        # a CPU smoke run
+    python bench/zip_imagenet_scale.py --classes 10 --api-calls 10 --view-pool 1   # a CPU smoke run
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--api-calls", type=int, default=5000)
     ap.add_argument("--val-per-class", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--view-pool", type=int, default=None, help="views per image (default: bbpt's 16)")
     ap.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--root", type=Path, default=Path("/tmp/bbpt-imagenet-scale"))
     ap.add_argument("--out", type=Path, default=None)
@@ -58,7 +59,8 @@ def main(argv=None) -> None:
     t_tree = time.time() - t0
     cfg = make_run_config(method="zip", dataset=str(tree), model="ViT-B-16", pretrained="random", shots=16,
                           device=args.device, precision=args.precision or ("bf16" if args.device.startswith("cuda") else "fp32"),
-                          options={"budget": args.api_calls})
+                          options={"budget": args.api_calls,
+                                   **({"view_pool": args.view_pool} if args.view_pool is not None else {})})
     out = args.out or args.root / f"run-C{args.classes}-{args.api_calls}"
     t1 = time.time()
     r = run(cfg, out=out, progress=True, force=True)
