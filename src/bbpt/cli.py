@@ -389,6 +389,42 @@ def _o_force():
     return typer.Option(False, help="Redo every seed instead of keeping finished ones and resuming the rest.")
 
 
+@app.command("sweep")
+def sweep_(file: str = typer.Argument(..., help="A sweep TOML: methods, datasets, shots, seeds, [run], [options], [grid]."),
+           out: Optional[str] = typer.Option(None, help="Output folder (default: the file's `out`, else runs/sweep)."),
+           workers: int = typer.Option(1, help="Local worker processes (1: in this process)."),
+           ray: Optional[str] = typer.Option(None, help="Run on Ray: 'local' (start one here), 'auto' (join the "
+                                                         "running cluster) or a cluster address.")):
+    """Run a grid of runs, each in a folder named by its configuration's hash; finished runs are
+    skipped, unfinished ones resume."""
+    from .sweep import load_sweep, sweep
+
+    spec = load_sweep(file)
+    s = sweep(spec, out or spec.get("out", "runs/sweep"), workers=workers, ray=ray, log=_log)
+    skipped = sum(bool(r.get("skipped")) for r in s["runs"])
+    typer.echo(f"{len(s['runs'])} runs ({skipped} already finished) in {s['wall_seconds']:.1f}s -> {s['out']}; "
+               f"`bbpt report {s['out']}` summarises them")
+
+
+@app.command("report")
+def report_(root: str = typer.Argument(..., help="A folder of runs (a sweep's --out)."),
+            compare: Optional[str] = typer.Option(None, help="Two methods A,B: their paired difference per dataset."),
+            out: Optional[str] = typer.Option(None, help="Where report.md / report.html go (default: ROOT).")):
+    """Mean ± std and 95 % intervals over seeds per method x dataset, curves with seed bands,
+    paired differences; report.md and a self-contained report.html."""
+    from .report import report
+
+    pair = None
+    if compare:
+        names = _names(compare, "compare")
+        if len(names) != 2:
+            raise BadInput(f"--compare {compare!r}: give two methods, e.g. --compare zip,bbt")
+        pair = (names[0], names[1])
+    rep = report(root, pair, out)
+    typer.echo(rep["markdown"])
+    typer.echo(f"report: {rep['out']}/report.md, {rep['out']}/report.html")
+
+
 @app.command("reproduce")
 def reproduce_(method: Optional[str] = typer.Argument(None, help="Method whose paper number to reproduce (zip, craft, "
                                                                 "bbt, blackvip, bptvlm, bar, zeroshot)."),

@@ -295,7 +295,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
     unit = cls.unit(mcfg)
     meter = QueryMeter({unit: mcfg.budget} if mcfg.budget is not None else {}, cfg.max_images_per_call)
     if cfg.remote is None:
-        backbone = create_backbone(cfg.model, cfg.pretrained, cfg.device)
+        backbone = _backbone(cfg)
         box = BlackBox(backbone, task.classnames, meter, precision=cfg.precision)
     else:
         backbone, box = None, _remote_box(cfg, task.classnames, meter)
@@ -441,6 +441,20 @@ def train_views(mcfg, task, train: ImageSet, size: int, seed: int) -> TrainViews
     crop = mcfg.official_crop_min if mcfg.crop_min is None else mcfg.crop_min
     pool = mcfg.default_view_pool if mcfg.view_pool is None else mcfg.view_pool
     return TrainViews(train, size, ViewSpec((crop, 1.0), flip, pool), seed)
+
+
+# A process that runs many runs (a sweep worker) sets this to {} to build each backbone once;
+# backbones are frozen and every run has its own black box (feature cache, meters).
+BACKBONE_CACHE: dict | None = None
+
+
+def _backbone(cfg: RunConfig):
+    if BACKBONE_CACHE is None:
+        return create_backbone(cfg.model, cfg.pretrained, cfg.device)
+    key = (cfg.model, cfg.pretrained, cfg.device)
+    if key not in BACKBONE_CACHE:
+        BACKBONE_CACHE[key] = create_backbone(*key)
+    return BACKBONE_CACHE[key]
 
 
 def _remote_box(cfg: RunConfig, classnames: list[str], meter: QueryMeter):
