@@ -394,13 +394,14 @@ def sweep_(file: str = typer.Argument(..., help="A sweep TOML: methods, datasets
            out: Optional[str] = typer.Option(None, help="Output folder (default: the file's `out`, else runs/sweep)."),
            workers: int = typer.Option(1, help="Local worker processes (1: in this process)."),
            ray: Optional[str] = typer.Option(None, help="Run on Ray: 'local' (start one here), 'auto' (join the "
-                                                         "running cluster) or a cluster address.")):
+                                                         "running cluster) or a cluster address."),
+           ray_cpus: Optional[int] = typer.Option(None, help="CPUs of a --ray local instance (default: all).")):
     """Run a grid of runs, each in a folder named by its configuration's hash; finished runs are
     skipped, unfinished ones resume."""
     from .sweep import load_sweep, sweep
 
     spec = load_sweep(file)
-    s = sweep(spec, out or spec.get("out", "runs/sweep"), workers=workers, ray=ray, log=_log)
+    s = sweep(spec, out or spec.get("out", "runs/sweep"), workers=workers, ray=ray, ray_cpus=ray_cpus, log=_log)
     skipped = sum(bool(r.get("skipped")) for r in s["runs"])
     typer.echo(f"{len(s['runs'])} runs ({skipped} already finished) in {s['wall_seconds']:.1f}s -> {s['out']}; "
                f"`bbpt report {s['out']}` summarises them")

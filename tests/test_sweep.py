@@ -1,0 +1,128 @@
+"""`bbpt sweep` and `bbpt report`: hash-named runs, skipping, resume after kill -9, Ray, intervals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bbpt.errors import BadInput
+from bbpt.report import interval, report, t975
+from bbpt.sweep import expand, load_sweep, sweep
+
+BBPT = [sys.executable, "-m", "bbpt.cli"]
+SPEC = """
+methods = ["zip", "bbt"]
+datasets = ["fashion-mnist"]
+seeds = [1, 2]
+[run]
+test_subset = 40
+eval_every = 20
+[options]
+budget = 60
+"""
+
+
+def write(tmp_path, text=SPEC, name="s.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_a_grid_expands_to_hash_named_folders(tmp_path):
+    spec = load_sweep(write(tmp_path, SPEC + "[grid]\nview_pool = [2, 4]\n[options.bbt]\npopsize = 10\n"))
+    runs = expand(spec, tmp_path / "out")
+    assert len(runs) == 2 * 2 * 2  # methods x seeds x grid
+    folders = [f for _, f in runs]
+    assert len(set(folders)) == 8 and all(len(f.name) == 12 and f.parent.name == "fashion-mnist" for f in folders)
+    bbt = [c for c, f in runs if c["method"] == "bbt"]
+    assert all(c["options"]["popsize"] == 10 and c["options"]["budget"] == 60 for c in bbt)
+    again = expand(spec, tmp_path / "out")
+    assert [f for _, f in again] == folders  # the hash is of the configuration alone
+    base = {f for _, f in expand(load_sweep(write(tmp_path)), tmp_path / "out")}
+    other = {f for _, f in expand(load_sweep(write(tmp_path, SPEC.replace("budget = 60", "budget = 70"), "t.toml")),
+                                  tmp_path / "out")}
+    assert len(base) == len(other) == 4 and not base & other  # a changed option never reuses a folder
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("datasets = ['mnist']\n", "needs methods = [...]"),
+    ("methods = 'zip'\ndatasets = ['mnist']\n", "methods must be a non-empty list"),
+    ("methods = ['zip']\ndatasets = ['mnist']\nbudget = 3\n", "unknown key 'budget'"),
+    ("methods = ['zip']\ndatasets = ['mnist']\n[grid]\nview_pool = 4\n", "grid.view_pool must be a non-empty list"),
+    ("methods = ['zip'\n", "is not valid TOML"),
+])
+def test_bad_sweep_files_are_one_line(tmp_path, text, needle):
+    with pytest.raises(BadInput, match=needle.replace("[", r"\[").replace("(", r"\(")):
+        load_sweep(write(tmp_path, text))
+    p = subprocess.run([*BBPT, "sweep", str(write(tmp_path, text))], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+
+
+def test_a_rerun_skips_every_finished_run_and_spends_nothing(tmp_path):
+    out = tmp_path / "out"
+    s1 = sweep(load_sweep(write(tmp_path)), out, log=lambda m: None)
+    assert len(s1["runs"]) == 4 and all(r["status"] == "finished" and not r.get("skipped") for r in s1["runs"])
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "sweep.json"
+              and p.name != "sweep_results.json"}
+    s2 = sweep(load_sweep(write(tmp_path)), out, log=lambda m: None)
+    assert all(r.get("skipped") for r in s2["runs"]) and [r["test"] for r in s2["runs"]] == [r["test"] for r in s1["runs"]]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no run touched
+    rep = report(out, ("bbt", "zip"))
+    assert "| bbt |" in rep["markdown"] and "Paired difference bbt − zip" in rep["markdown"]
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
+
+
+def _killed_then_resumed(tmp_path, extra: list[str]):
+    """Start `bbpt sweep`, kill -9 its whole process group once a run has checkpointed, rerun."""
+    spec = write(tmp_path, SPEC.replace("budget = 60", "budget = 400"))
+    out = tmp_path / "out"
+    p = subprocess.Popen([*BBPT, "sweep", str(spec), "--out", str(out), *extra], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(out.rglob("checkpoint.safetensors")):
+            time.sleep(0.2)
+        assert list(out.rglob("checkpoint.safetensors")), "no run checkpointed in time"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
+    unfinished = [f.parent for f in out.rglob("checkpoint.safetensors")]
+    assert unfinished
+    r = subprocess.run([*BBPT, "sweep", str(spec), "--out", str(out), *extra], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    done = json.loads((out / "sweep_results.json").read_text())["runs"]
+    assert len(done) == 4 and all(x["status"] == "finished" for x in done)
+    # every run equals the same run made without interruption
+    ref = sweep(load_sweep(spec), tmp_path / "ref", log=lambda m: None)
+    by_name = {Path(x["folder"]).name: x["test"] for x in ref["runs"]}
+    assert {Path(x["folder"]).name: x["test"] for x in done} == by_name
+    for f in unfinished:
+        a = (f / "prompt.safetensors").read_bytes()
+        b = (tmp_path / "ref" / f.relative_to(out) / "prompt.safetensors").read_bytes()
+        assert a == b
+    return done
+
+
+def test_a_sweep_killed_with_kill_9_restarts_where_it_stopped(tmp_path):
+    _killed_then_resumed(tmp_path, ["--workers", "2"])
+
+
+def test_a_ray_sweep_runs_the_same_grid_and_resumes_after_its_driver_is_killed(tmp_path):
+    """A local Ray instance (2 CPUs) started by the sweep itself; the driver and Ray's own
+    processes are killed together, then the sweep is rerun on a fresh instance."""
+    pytest.importorskip("ray")
+    done = _killed_then_resumed(tmp_path, ["--ray", "local", "--ray-cpus", "2"])
+    assert len({x["pid"] for x in done if x.get("pid")}) >= 1
+
+
+def test_intervals_are_students_t():
+    assert t975(1) == 12.706 and t975(4) == 2.776 and t975(100) == 1.96
+    iv = interval([60.0, 62.0, 64.0])
+    assert iv["mean"] == 62.0 and iv["std"] == 2.0
+    assert iv["ci95"] == pytest.approx([62 - 4.303 * 2 / 3**0.5, 62 + 4.303 * 2 / 3**0.5])
+    assert interval([5.0])["ci95"] is None
