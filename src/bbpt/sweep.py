@@ -108,10 +108,15 @@ def expand(spec: dict, out: str | Path) -> list[tuple[dict, Path]]:
     return runs
 
 
-def _run_one(fields: dict, folder: str) -> dict:
-    """One run in a worker (the backbone cache is the worker's own)."""
+def _run_one(fields: dict, folder: str, threads: int | None = None) -> dict:
+    """One run in a worker (the backbone cache is the worker's own). ``threads``: torch's
+    intra-op threads, so that parallel workers share the cores instead of oversubscribing."""
     from . import engine
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if engine.BACKBONE_CACHE is None:
         engine.BACKBONE_CACHE = {}
     cfg = engine.make_run_config(**fields)
@@ -168,7 +173,8 @@ def sweep(spec: dict, out: str | Path, workers: int = 1, ray: str | None = None,
         import multiprocessing
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for fut in as_completed([pool.submit(_run_one, f, d) for f, d in todo]):
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            for fut in as_completed([pool.submit(_run_one, f, d, threads) for f, d in todo]):
                 note(fut.result())
     summary = {"out": str(out), "runs": [results[str(f)] for _, f in runs], "wall_seconds": round(time.time() - t0, 2)}
     (out / "sweep_results.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -187,7 +193,7 @@ def _sweep_ray(todo: list, address: str, cpus: int | None, note: Callable[[dict]
         ray.init(address=None if local else address, num_cpus=cpus if local else None, include_dashboard=False,
                  log_to_driver=False)
     task = ray.remote(num_cpus=1, max_calls=0)(_run_one)  # workers live on: one backbone per worker process
-    pending = [task.remote(f, d) for f, d in todo]
+    pending = [task.remote(f, d, 1) for f, d in todo]  # one CPU per task, one thread
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         note(ray.get(ready[0]))
