@@ -87,6 +87,18 @@ class MethodConfig(BaseModel):
         return None
 
 
+class OnePassConfig(MethodConfig):
+    """Whole-set methods on CraFT's loaders (CraFT, SharpZO, BBT): one augmented pass, with
+    crops of at least half the image."""
+
+    augment: bool | None = Field(None, description="train on one augmented pass (random resized crop + flip), "
+                                                   "encoded once; none: unless the task's images are too small")
+    official_crop_min: ClassVar[float] = 0.5  # crop_min=None: CraFT's loaders, RandomResizedCrop(scale=(0.5, 1))
+
+    sources = {"crop_min": "official CraFT loaders (reused by SharpZO and CraFT's BBT baseline): "
+                           "RandomResizedCrop(scale=(0.5, 1)) + RandomHorizontalFlip"}
+
+
 class Budget:
     """How much of the run's budget is spent, as the engine tells each step (a live view:
     ``spent`` includes queries made earlier in the same step)."""

@@ -8,18 +8,17 @@ evaluations. The reported prompt is CMA-ES's best-so-far (lowest training loss).
 """
 from __future__ import annotations
 
-from typing import ClassVar
 
 from pydantic import Field
 
 from ..models.blackbox import SoftPrompt
 from ..optim import CMAES
 from ..params import RandomProjection
-from .base import MethodConfig, WholeSet, ZerothOrderMethod, register_method
+from .base import OnePassConfig, WholeSet, ZerothOrderMethod, register_method
 from .common import embedding_std, initial_context
 
 
-class BBTConfig(MethodConfig):
+class BBTConfig(OnePassConfig):
     budget: int | None = Field(8000, ge=1, description="prompt_evals (whole few-shot set per candidate)")
     n_ctx: int | None = Field(None, ge=1, le=75, description="context tokens; none: as many as the template's words")
     ctx_init: str = Field("template", min_length=1, description="'template', 'random' or a phrase")
@@ -30,14 +29,10 @@ class BBTConfig(MethodConfig):
     proj_std: float | None = Field(None, gt=0, description="a fixed std for A instead of BBT's formula")
     bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
 
-    augment: bool | None = Field(None, description="train on one augmented pass (random resized crop + flip), "
-                                                   "encoded once; none: unless the task's images are too small")
-    official_crop_min: ClassVar[float] = 0.5  # crop_min=None: CraFT's loaders, RandomResizedCrop(scale=(0.5, 1))
 
     sources = {
         "augment": "CraFT's BBT baseline (its prompt module without the head): CraFT's cached features of one "
                    "augmented pass; bbpt: off on the 28-32 px offline tasks",
-        "crop_min": "CraFT's loader: RandomResizedCrop(scale=(0.5, 1)) + flip",
 
         "budget": "BBT paper: 8000 API calls, one over the whole few-shot set each",
         "n_ctx": "CraFT's and SharpZO's BBT-for-CLIP baseline: the 'a photo of a' words",

@@ -21,7 +21,7 @@ per-dataset σ, bound, std(A), KL weight and KL horizon of craft_configs; the of
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from pydantic import Field
 from ..models.blackbox import SoftPrompt
 from ..optim import CMAES
 from ..params import RandomProjection
-from .base import MethodConfig, WholeSet, ZerothOrderMethod, register_method
+from .base import OnePassConfig, WholeSet, ZerothOrderMethod, register_method
 from .common import ce_per_candidate, initial_context, kl_per_candidate
 
 # craft_configs: sigma, bound, std(A), weight (λ), n (head KL active for budget / n queries)
@@ -43,7 +43,7 @@ PRESETS = {
 }
 
 
-class CraFTConfig(MethodConfig):
+class CraFTConfig(OnePassConfig):
     budget: int | None = Field(None, ge=1, description="prompt_evals; none: 8000 (8/16 shots), 4000 (2/4), 2000 (1)")
     batch_size: int = Field(256, ge=1, le=65536, description="head training batch")
     n_ctx: int | None = Field(None, ge=1, le=75, description="context tokens; none: as many as the template's words")
@@ -64,14 +64,10 @@ class CraFTConfig(MethodConfig):
                                                     "the mean of a fresh, untold es.ask(), the CMA-ES mean, or xbest")
     preset: str | None = Field(None, description="an official per-dataset config (craft_configs), e.g. 'dtd'")
 
-    augment: bool | None = Field(None, description="train on one augmented pass (random resized crop + flip), "
-                                                   "encoded once; none: unless the task's images are too small")
-    official_crop_min: ClassVar[float] = 0.5  # crop_min=None: CraFT's loaders, RandomResizedCrop(scale=(0.5, 1))
 
     sources = {
         "augment": "official main_craft.py: features cached from one augmented pass of train_loader_cache "
                    "(the head's epochs draw fresh views); bbpt: off on the 28-32 px offline tasks",
-        "crop_min": "official CraFT loader: RandomResizedCrop(scale=(0.5, 1)) + RandomHorizontalFlip",
 
         "budget": "paper: 8000 API calls; official main(): 8000 (8/16 shots), 4000 (2/4), 2000 (1)",
         "batch_size": "paper and official: 256",

@@ -18,7 +18,7 @@ paper). ``change_point=0`` with ``rho=0`` is plain ZO-SGD from the initial promp
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -26,11 +26,11 @@ from pydantic import Field
 from ..models.blackbox import SoftPrompt
 from ..optim import CGE, CMAES, RGE, Constant, ZOSGD
 from ..params import RandomProjection
-from .base import MethodConfig, WholeSet, ZerothOrderMethod, register_method
+from .base import OnePassConfig, WholeSet, ZerothOrderMethod, register_method
 from .common import ce_per_candidate, initial_context
 
 
-class SharpZOConfig(MethodConfig):
+class SharpZOConfig(OnePassConfig):
     budget: int | None = Field(20000, ge=1, description="prompt_evals")
     n_ctx: int | None = Field(None, ge=1, le=75, description="context tokens; none: as many as the template's words")
     ctx_init: str = Field("template", min_length=1, description="'template', 'random' or a phrase")
@@ -51,14 +51,10 @@ class SharpZOConfig(MethodConfig):
     mask_order: Literal["lowest", "highest"] = Field("lowest", description="which scores the sparse mask keeps")
     grad_accumulate_bug: bool = Field(False, description="the released code's never-reset gradient accumulator")
 
-    augment: bool | None = Field(None, description="train on one augmented pass (random resized crop + flip), "
-                                                   "encoded once; none: unless the task's images are too small")
-    official_crop_min: ClassVar[float] = 0.5  # crop_min=None: CraFT's loaders, RandomResizedCrop(scale=(0.5, 1))
 
     sources = {
         "augment": "official SharpZO (CraFT's loaders): cached features of one augmented pass; bbpt: off on the "
                    "28-32 px offline tasks",
-        "crop_min": "official SharpZO (CraFT's loaders): RandomResizedCrop(scale=(0.5, 1)) + flip",
 
         "budget": "bbpt: 20000 prompt_evals, so that both stages run on CPU (departure: the released script runs "
                   "change_point 100 and total_steps 200000, about 500k evaluations; the poster gives no budget)",
