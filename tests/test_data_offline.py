@@ -69,3 +69,39 @@ def test_unprepared_task_says_how_to_prepare(tmp_path, monkeypatch):
 def test_unknown_dataset_suggests():
     with pytest.raises(UnknownName, match="did you mean 'mnist'"):
         load_task("mnsit")
+
+
+def test_union_is_the_four_tasks_as_forty_classes():
+    """The papers' class-count regime: 40 classes, each part's images under its own labels + 10 k."""
+    from bbpt.data.core import _array_to_pixels
+    from bbpt.data.offline import UNION_PARTS
+
+    u = load_task("union")
+    assert u.num_classes == 40 and u.templates == ["a photo of a {}."] and u.flip is False
+    assert u.classnames == [n for p in UNION_PARTS for n in TASKS.get(p).classnames]
+    assert np.bincount(u.test.labels).tolist() == [200] * 40
+    assert np.bincount(np.concatenate([u.train.labels, u.val.labels])).tolist() == [500] * 40
+    assert u.test.array.shape[1:] == (32, 32, 3) and u.test.array.dtype == np.uint8
+    # each union image is an image of its part, resized as a model input is
+    for k, name in enumerate(UNION_PARTS):
+        part = load_task(name)
+        first = np.flatnonzero(u.test.labels == 10 * k)[0]
+        want = u.test.pixels([first], size=32)
+        dist = [(part.test.pixels(list(range(i, i + 500)), size=32) - want).abs().amax((1, 2, 3)).min().item()
+                for i in range(0, len(part.test), 500)]
+        assert min(dist) <= 0.5 / 255 + 1e-6, name
+    # prepared once, the same arrays again
+    a, b = TASKS.get("union").fetch(), TASKS.get("union").fetch()
+    assert np.array_equal(a["train"][0], b["train"][0]) and np.array_equal(a["test"][1], b["test"][1])
+    assert _array_to_pixels(a["test"][0][:1], 32).shape == (1, 3, 32, 32)
+
+
+def test_union_whole_set_candidate_costs_five_api_calls(tmp_path):
+    """16 shots x 40 classes = 640 images: ceil(640 / 128) = 5 api_calls per whole-set candidate."""
+    from bbpt.engine import make_run_config, run
+
+    cfg = make_run_config(method="bbt", dataset="union", shots=16, seed=1,
+                          options={"budget": 100, "budget_unit": "api_calls"})
+    r = run(cfg, out=tmp_path / "u", progress=False)
+    spent = r["queries"]
+    assert spent["api_calls"] == 5 * spent["prompt_evals"] == 100

