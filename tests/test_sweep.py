@@ -1,5 +1,6 @@
 """`bbpt sweep` and `bbpt report`: hash-named runs, skipping, resume after kill -9, Ray, intervals."""
 import json
+import statistics
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bbpt.errors import BadInput
-from bbpt.report import interval, report, t975
+from bbpt.report import build, holds, interval, markdown, report, t975
 from bbpt.sweep import expand, load_sweep, sweep
 
 BBPT = [sys.executable, "-m", "bbpt.cli"]
@@ -48,6 +49,24 @@ def test_a_grid_expands_to_hash_named_folders(tmp_path):
     assert len(base) == len(other) == 4 and not base & other  # a changed option never reuses a folder
 
 
+def test_retrained_weights_never_reuse_a_folder(tmp_path):
+    """The hash holds the weights file's SHA-256: other weights under the same name, other folders."""
+    from bbpt.models.backbone import WEIGHTS_DIR
+
+    shipped = WEIGHTS_DIR / "mini.safetensors"
+    w = tmp_path / "w.safetensors"
+
+    def folders():
+        text = SPEC.replace("[run]\n", f"[run]\npretrained = '{w}'\n")
+        return {f for _, f in expand(load_sweep(write(tmp_path, text, "w.toml")), tmp_path / "out")}
+
+    w.write_bytes(shipped.read_bytes())
+    first = folders()
+    assert folders() == first  # the same bytes: the same runs
+    w.write_bytes(shipped.read_bytes()[:-1] + b"x")  # retrained in place, same path
+    assert len(folders()) == len(first) and not folders() & first
+
+
 @pytest.mark.parametrize("text,needle", [
     ("datasets = ['mnist']\n", "needs methods = [...]"),
     ("methods = 'zip'\ndatasets = ['mnist']\n", "methods must be a non-empty list"),
@@ -72,7 +91,7 @@ def test_a_rerun_skips_every_finished_run_and_spends_nothing(tmp_path):
     assert all(r.get("skipped") for r in s2["runs"]) and [r["test"] for r in s2["runs"]] == [r["test"] for r in s1["runs"]]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no run touched
     rep = report(out, ("bbt", "zip"))
-    assert "| bbt |" in rep["markdown"] and "Paired difference bbt − zip" in rep["markdown"]
+    assert "| bbt |" in rep["markdown"] and "| bbt − zip | fashion-mnist | 1,2 |" in rep["markdown"]
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
 
 
@@ -126,3 +145,72 @@ def test_intervals_are_students_t():
     assert iv["mean"] == 62.0 and iv["std"] == 2.0
     assert iv["ci95"] == pytest.approx([62 - 4.303 * 2 / 3**0.5, 62 + 4.303 * 2 / 3**0.5])
     assert interval([5.0])["ci95"] is None
+
+
+def _fake_run(root: Path, method: str, dataset: str, seed: int, test: float, curve: list[tuple[int, float]],
+              b2n: tuple[float, float] | None = None) -> None:
+    """A finished run's result.json as the engine writes it (the fields a report reads)."""
+    r = {"method": method, "dataset": dataset, "shots": 16, "seed": seed, "status": "finished",
+         "accuracy": {"test": test, "val": curve[-1][1]}, "queries": {"api_calls": curve[-1][0]},
+         "curve": [{"api_calls": x, "val_accuracy": y} for x, y in curve], "config": {"options": {"budget": 9}}}
+    if b2n:
+        from bbpt.protocols import harmonic_mean
+
+        r["base_to_new"] = {"base": b2n[0], "new": b2n[1], "H": harmonic_mean(*b2n)}
+    d = root / method / dataset / f"s{seed}"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps(r))
+
+
+def test_report_pairs_averages_and_queries_to_reach(tmp_path):
+    """Paired differences per dataset and on average over seeds, '*' pairs, and where A's mean
+    validation curve first reaches B's final one, against hand computation."""
+    acc = {("a", "d1"): [0.70, 0.72, 0.74], ("b", "d1"): [0.60, 0.66, 0.66],
+           ("a", "d2"): [0.50, 0.50, 0.56], ("b", "d2"): [0.52, 0.54, 0.50], ("z", "d1"): [0.5] * 3, ("z", "d2"): [0.4] * 3}
+    curves = {"a": [(100, 0.3), (200, 0.6), (300, 0.8)], "b": [(500, 0.5), (1000, 0.6)], "z": [(0, 0.1)]}
+    for (m, d), xs in acc.items():
+        for seed, x in enumerate(xs, 1):
+            _fake_run(tmp_path, m, d, seed, x, curves[m])
+    rep = build(tmp_path, [("a", "b"), ("*", "z")])
+    assert [(p["a"], p["b"]) for p in rep["paired"]] == [("a", "b"), ("a", "z"), ("b", "z")]
+    ab = rep["paired"][0]
+    d1 = next(q for q in ab["datasets"] if q["dataset"] == "d1")
+    assert d1["diff"]["mean"] == pytest.approx(8.0)
+    assert d1["diff"]["ci95"] == pytest.approx(list(interval([10.0, 6.0, 8.0])["ci95"]))
+    assert ab["average"]["diff"]["mean"] == pytest.approx(statistics.mean([(10 - 2) / 2, (6 - 4) / 2, (8 + 6) / 2]))
+    assert d1["reach"] == {"at": 200, "b_spent": 1000, "target": pytest.approx(60.0)}  # a reaches 60 % at 200 calls
+    assert holds(interval([8.0, 4.0, 8.0])) == "yes" and holds(interval([-1.0, 1.0])) == "unclear"
+    md = markdown(rep)
+    assert "| a − b | d1 | 1,2,3 |" in md and "| yes | 200 (1000) |" in md and "| a − b | average | 1,2,3 |" in md
+    assert "| a | 72.0 ± 2.0" in md and "| 62.0 |" in md  # the average column: (72 + 52) / 2 for a
+
+
+def test_report_base_to_new_pairs_on_h(tmp_path):
+    for seed in (1, 2):
+        _fake_run(tmp_path, "a", "d", seed, 0.9, [(10, 0.9)], b2n=(0.9, 0.6 + 0.1 * seed))
+        _fake_run(tmp_path, "b", "d", seed, 0.8, [(10, 0.8)], b2n=(0.8, 0.6))
+    rep = build(tmp_path, [("a", "b")])
+    assert rep["metric"] == "H"
+    from bbpt.protocols import harmonic_mean
+
+    want = [100 * (harmonic_mean(0.9, 0.6 + 0.1 * s) - harmonic_mean(0.8, 0.6)) for s in (1, 2)]
+    assert rep["paired"][0]["datasets"][0]["diff"]["mean"] == pytest.approx(statistics.mean(want))
+    assert "Base-to-new: base / new / H" in markdown(rep)
+
+
+def test_a_base_to_new_sweep_equals_the_protocol(tmp_path):
+    """protocol = "base_to_new": trained on the base half, the new half tested after, H in
+    result.json, and the same numbers as `bbpt protocol base-to-new` gives."""
+    from bbpt.protocols import base_to_new
+
+    spec = write(tmp_path, 'protocol = "base_to_new"\n'
+                 + SPEC.replace('methods = ["zip", "bbt"]', 'methods = ["zip"]').replace("seeds = [1, 2]", "seeds = [1]"))
+    s = sweep(load_sweep(spec), tmp_path / "out", log=lambda m: None)
+    r = json.loads((Path(s["runs"][0]["folder"]) / "result.json").read_text())
+    assert r["config"]["classes"] == "base" and set(r["base_to_new"]) == {"base", "new", "H", "targets"}
+    ref = base_to_new("zip", "fashion-mnist", seeds=(1,), options={"budget": 60}, out=tmp_path / "ref", progress=False,
+                      test_subset=40, eval_every=20)
+    assert r["base_to_new"]["new"] == ref["rows"][0]["new"] and r["base_to_new"]["H"] == ref["rows"][0]["H"]
+    again = sweep(load_sweep(spec), tmp_path / "out", log=lambda m: None)
+    assert again["runs"][0].get("skipped")
+    assert "Base-to-new" in report(tmp_path / "out")["markdown"]

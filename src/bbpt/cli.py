@@ -409,19 +409,22 @@ def sweep_(file: str = typer.Argument(..., help="A sweep TOML: methods, datasets
 
 @app.command("report")
 def report_(root: str = typer.Argument(..., help="A folder of runs (a sweep's --out)."),
-            compare: Optional[str] = typer.Option(None, help="Two methods A,B: their paired difference per dataset."),
+            compare: Optional[List[str]] = typer.Option(None, help="Methods A,B: their paired difference per dataset "
+                                                                   "and on average; repeat for more pairs; * is every "
+                                                                   "other method (e.g. '*,zeroshot'). Default: the "
+                                                                   "sweep file's [report] compare."),
             out: Optional[str] = typer.Option(None, help="Where report.md / report.html go (default: ROOT).")):
     """Mean ± std and 95 % intervals over seeds per method x dataset, curves with seed bands,
-    paired differences; report.md and a self-contained report.html."""
+    base-to-new H, paired differences; report.md and a self-contained report.html."""
     from .report import report
 
-    pair = None
-    if compare:
-        names = _names(compare, "compare")
+    pairs = None
+    for c in compare or []:
+        names = [x.strip() for x in c.split(",") if x.strip()]
         if len(names) != 2:
-            raise BadInput(f"--compare {compare!r}: give two methods, e.g. --compare zip,bbt")
-        pair = (names[0], names[1])
-    rep = report(root, pair, out)
+            raise BadInput(f"--compare {c!r}: give two methods, e.g. --compare zip,bbt")
+        pairs = (pairs or []) + [(names[0], names[1])]
+    rep = report(root, pairs, out)
     typer.echo(rep["markdown"])
     typer.echo(f"report: {rep['out']}/report.md, {rep['out']}/report.html")
 

@@ -26,7 +26,7 @@ from .data.core import ImageSet, Task
 from .data.shift import SHIFTS, shift_task
 from .errors import BadInput
 from .methods import METHODS
-from .models import BlackBox, QueryMeter, create_backbone
+from .models import BlackBox, QueryMeter
 from .results import load_prompt
 from .state import atomic_write_text
 
@@ -45,8 +45,8 @@ class _Evaluator:
 
     def __call__(self, run_dir: Path, name: str, classnames: list[str], images: ImageSet, progress: bool) -> dict:
         cfg = self.cfg
-        if self.backbone is None:
-            self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.device)
+        if self.backbone is None:  # a sweep worker's cached backbone where there is one
+            self.backbone = engine._backbone(cfg)
         if name not in self.boxes:
             self.boxes[name] = BlackBox(self.backbone, classnames, QueryMeter(), precision=cfg.precision)
         box = self.boxes[name].for_classes(classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
@@ -136,6 +136,23 @@ def base_to_new(method: str, dataset: str, shots: int = 16, seeds: Sequence[int]
                                  out, progress, **run_kw)
     summary["new_classes"] = new.classnames
     return _finish(summary, {"base": "base", "new": "new", "H": "H"}, out)
+
+
+def add_new_classes(cfg: engine.RunConfig, run_dir: Path, result: dict, evaluator: "_Evaluator | None" = None) -> dict:
+    """Base-to-new for one finished run trained on the base classes (a sweep's run): tests its
+    saved prompt on the new half and writes base, new and H to its result.json under
+    ``base_to_new`` (kept when already there). Evaluation queries are not charged."""
+    if "base_to_new" in result:
+        return result
+    if cfg.classes != "base":
+        raise BadInput(f"base-to-new needs a run trained on the base classes (classes=base), not {cfg.classes!r}")
+    new = subsample_classes(load_task(cfg.dataset), "new")
+    ev = evaluator or _Evaluator(cfg)
+    evals = {"new": ev(run_dir, "new", new.classnames, new.test, False)}
+    base, n = result["accuracy"]["test"], evals["new"]["accuracy"]
+    result["base_to_new"] = {"base": base, "new": n, "H": harmonic_mean(base, n), "targets": evals}
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def _transfer(protocol: str, method: str, source: str, targets: dict[str, Task], out, **kw) -> dict:

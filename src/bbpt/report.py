@@ -2,8 +2,10 @@
 
 Per method × dataset (× shots): mean ± std over seeds and a 95 % confidence interval
 (Student's t, n − 1 degrees of freedom); accuracy-vs-api_calls curves with a band of ±1 std
-over seeds; and, with ``compare=("a", "b")``, the paired difference a − b per dataset over
-the seeds both have, with its interval. Written as ``report.md`` and one self-contained
+over seeds; base / new / H for base-to-new runs; and for each ``compare`` pair ("a", "b"),
+the paired difference a − b per dataset and on average over the seeds both have, with its
+interval, and the api_calls at which a's mean validation curve first reaches b's final
+mean validation accuracy. Written as ``report.md`` and one self-contained
 ``report.html`` (plots inline as PNG data URIs).
 """
 from __future__ import annotations
@@ -71,37 +73,107 @@ def _fmt(iv: dict) -> str:
     return f"{iv['mean']:.1f} ± {iv['std']:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
-def build(root: str | Path, compare: tuple[str, str] | None = None) -> dict:
+def _pairs(compare, methods: list[str]) -> list[tuple[str, str]]:
+    """("a", "b") pairs; "*" on one side stands for every other method (e.g. "*,zeroshot")."""
+    out = []
+    for a, b in compare or []:
+        for x in (methods if a == "*" else [a]):
+            for y in (methods if b == "*" else [b]):
+                if x != y and (x, y) not in out:
+                    out.append((x, y))
+    return out
+
+
+def _mean_curve(row: dict) -> tuple[list[float], list[float]]:
+    curves = [c["curve"] for c in row["runs"] if c.get("curve")]
+    if not curves:
+        return [], []
+    n = min(len(c) for c in curves)
+    return ([curves[0][i]["api_calls"] for i in range(n)],
+            [statistics.mean(100 * c[i]["val_accuracy"] for c in curves) for i in range(n)])
+
+
+def reach(a: dict, b: dict) -> dict | None:
+    """Where a's mean validation curve first reaches b's final mean validation accuracy:
+    {"at": api_calls or None (never), "b_spent": b's api_calls}."""
+    xa, ya = _mean_curve(a)
+    xb, yb = _mean_curve(b)
+    if not ya or not yb:
+        return None
+    at = next((x for x, y in zip(xa, ya) if y >= yb[-1]), None)
+    return {"at": at, "b_spent": xb[-1], "target": yb[-1]}
+
+
+def _paired(ra: dict, rb: dict, metric) -> dict | None:
+    sa = {x["seed"]: metric(x) for x in ra["runs"]}
+    sb = {x["seed"]: metric(x) for x in rb["runs"]}
+    common = sorted(set(sa) & set(sb))
+    return {"seeds": common, "diff": interval([sa[s] - sb[s] for s in common])} if common else None
+
+
+def _test(r: dict) -> float:
+    return 100 * r["accuracy"]["test"]
+
+
+def _h(r: dict) -> float:
+    return 100 * r["base_to_new"]["H"]
+
+
+def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | None = None) -> dict:
     results = collect(root)
+    if compare and isinstance(compare[0], str):
+        compare = [tuple(compare)]
     groups = group(results)
     variants: dict[tuple, int] = {}
     rows = []
     for (method, dataset, shots, opts), rs in sorted(groups.items()):
         k = (method, dataset, shots)
         variants[k] = variants.get(k, 0) + 1
-        accs = [100 * r["accuracy"]["test"] for r in rs]
-        rows.append({"method": method, "dataset": dataset, "shots": shots, "options": json.loads(opts),
-                     "seeds": sorted(r["seed"] for r in rs), "test": interval(accs),
-                     "api_calls": statistics.mean(r["queries"]["api_calls"] for r in rs), "runs": rs})
+        row = {"method": method, "dataset": dataset, "shots": shots, "options": json.loads(opts),
+               "seeds": sorted(r["seed"] for r in rs), "test": interval([_test(r) for r in rs]),
+               "api_calls": statistics.mean(r["queries"]["api_calls"] for r in rs), "runs": rs}
+        if all("base_to_new" in r for r in rs):
+            row["b2n"] = {k: interval([100 * r["base_to_new"][k] for r in rs]) for k in ("base", "new", "H")}
+        rows.append(row)
     for row in rows:  # a method run with several option sets is labelled by what differs
         if variants[(row["method"], row["dataset"], row["shots"])] > 1:
             row["label"] = row["method"] + " " + _diff_label(row, rows)
         else:
             row["label"] = row["method"]
+    datasets = sorted({r["dataset"] for r in rows})
+    b2n = all("b2n" in r for r in rows)
+    metric = _h if b2n else _test
     paired = []
-    if compare:
-        a, b = compare
-        for dataset in sorted({r["dataset"] for r in rows}):
+    for a, b in _pairs(compare, list(dict.fromkeys(r["method"] for r in rows))):
+        per, by_seed = [], {}
+        for dataset in datasets:
             ra = [r for r in rows if r["method"] == a and r["dataset"] == dataset]
             rb = [r for r in rows if r["method"] == b and r["dataset"] == dataset]
             if len(ra) != 1 or len(rb) != 1:
                 continue
-            sa = {x["seed"]: 100 * x["accuracy"]["test"] for x in ra[0]["runs"]}
-            sb = {x["seed"]: 100 * x["accuracy"]["test"] for x in rb[0]["runs"]}
-            common = sorted(set(sa) & set(sb))
-            if common:
-                paired.append({"dataset": dataset, "seeds": common, "diff": interval([sa[s] - sb[s] for s in common])})
-    return {"root": str(root), "rows": rows, "compare": list(compare) if compare else None, "paired": paired}
+            p = _paired(ra[0], rb[0], metric)
+            if p is None:
+                continue
+            per.append({"dataset": dataset, **p, "reach": reach(ra[0], rb[0])})
+            for x in ra[0]["runs"]:
+                y = next((y for y in rb[0]["runs"] if y["seed"] == x["seed"]), None)
+                if y is not None:
+                    by_seed.setdefault(x["seed"], {})[dataset] = metric(x) - metric(y)
+        if not per:
+            continue
+        full = [s for s, d in sorted(by_seed.items()) if len(d) == len(datasets)]
+        average = ({"dataset": "average", "seeds": full, "diff": interval([statistics.mean(by_seed[s].values()) for s in full])}
+                   if len(datasets) > 1 and full and len(per) == len(datasets) else None)
+        paired.append({"a": a, "b": b, "datasets": per, "average": average})
+    return {"root": str(root), "rows": rows, "datasets": datasets, "compare": [list(p) for p in compare or []],
+            "paired": paired, "metric": "H" if b2n else "test"}
+
+
+def holds(iv: dict) -> str:
+    """At 95 %: "yes" (interval above 0), "no" (below), "unclear" (covers 0), "-" (one seed)."""
+    if iv["ci95"] is None:
+        return "-"
+    return "yes" if iv["ci95"][0] > 0 else "no" if iv["ci95"][1] < 0 else "unclear"
 
 
 def _diff_label(row: dict, rows: list[dict]) -> str:
@@ -110,28 +182,44 @@ def _diff_label(row: dict, rows: list[dict]) -> str:
     return "(" + ", ".join(f"{k}={row['options'][k]}" for k in keys) + ")"
 
 
-def markdown(rep: dict) -> str:
-    rows = rep["rows"]
-    datasets = sorted({r["dataset"] for r in rows})
+def _table(rep: dict, cell, avg_of, title: str, extra: str | None = None) -> list[str]:
+    rows, datasets = rep["rows"], rep["datasets"]
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    lines = [f"Test accuracy (%), mean ± std over seeds [95 % CI, Student t]; runs under {rep['root']}.", "",
-             "| method | " + " | ".join(datasets) + " | api_calls |", "|---|" + "---|" * (len(datasets) + 1)]
+    head = "| method | " + " | ".join(datasets) + (" | average" if len(datasets) > 1 else "") + " | api_calls |"
+    lines = [title, "", head, "|---|" + "---|" * (len(datasets) + 1 + (len(datasets) > 1))]
     for lab in labels:
-        cells, calls = [], []
-        for d in datasets:
-            r = next((r for r in rows if r["label"] == lab and r["dataset"] == d), None)
-            cells.append(_fmt(r["test"]) if r else "-")
-            if r:
-                calls.append(r["api_calls"])
-        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {statistics.mean(calls):.0f} |")
+        mine = {r["dataset"]: r for r in rows if r["label"] == lab}
+        cells = [cell(mine[d]) if d in mine else "-" for d in datasets]
+        if len(datasets) > 1:
+            cells.append(f"{statistics.mean(avg_of(mine[d]) for d in datasets):.1f}" if len(mine) == len(datasets) else "-")
+        calls = statistics.mean(r["api_calls"] for r in mine.values())
+        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {calls:.0f} |")
+    return lines + ([""] + [extra] if extra else [])
+
+
+def markdown(rep: dict) -> str:
+    lines = _table(rep, lambda r: _fmt(r["test"]), lambda r: r["test"]["mean"],
+                   f"Test accuracy (%), mean ± std over seeds [95 % CI, Student t]; runs under {rep['root']}."
+                   + (" Base-to-new runs: the base classes." if rep["metric"] == "H" else ""))
+    if rep["metric"] == "H":
+        def b2n(r):
+            b, n, hm = (r["b2n"][k] for k in ("base", "new", "H"))
+            return f"{b['mean']:.1f} / {n['mean']:.1f} / **{_fmt(hm)}**"
+        lines += [""] + _table(rep, b2n, lambda r: r["b2n"]["H"]["mean"],
+                               "Base-to-new: base / new / H (%), mean over seeds; H ± std [95 % CI]; average: mean H.")
     if rep["paired"]:
-        a, b = rep["compare"]
-        lines += ["", f"Paired difference {a} − {b} (points, over the seeds both have):", "",
-                  "| dataset | seeds | difference [95 % CI] | holds |", "|---|---|---|---|"]
+        m = "H" if rep["metric"] == "H" else "test accuracy"
+        lines += ["", f"Paired differences A − B in {m} (points, over the seeds both have), with where A's mean "
+                  "validation curve first reaches B's final mean validation accuracy:", "",
+                  "| A − B | dataset | seeds | difference [95 % CI] | holds | A reaches B's final val at (B spent) |",
+                  "|---|---|---|---|---|---|"]
         for p in rep["paired"]:
-            iv = p["diff"]
-            holds = "-" if iv["ci95"] is None else ("yes" if iv["ci95"][0] > 0 else "no" if iv["ci95"][1] < 0 else "unclear")
-            lines.append(f"| {p['dataset']} | {','.join(map(str, p['seeds']))} | {_fmt(iv)} | {holds} |")
+            for q in p["datasets"] + ([p["average"]] if p["average"] else []):
+                r = q.get("reach")
+                at = "-" if r is None else (f"{r['at']:.0f} ({r['b_spent']:.0f})" if r["at"] is not None
+                                              else f"never ({r['b_spent']:.0f})")
+                lines.append(f"| {p['a']} − {p['b']} | {q['dataset']} | {','.join(map(str, q['seeds']))} | "
+                             f"{_fmt(q['diff'])} | {holds(q['diff'])} | {at} |")
     return "\n".join(lines) + "\n"
 
 
@@ -175,7 +263,15 @@ def html(rep: dict, md: str) -> str:
         "</body></html>\n"
 
 
-def report(root: str | Path, compare: tuple[str, str] | None = None, out: str | Path | None = None) -> dict:
+def report(root: str | Path, compare=None, out: str | Path | None = None) -> dict:
+    """compare: ("a", "b") or a list of pairs; None takes the sweep file's [report] compare
+    (from ROOT/sweep.json) where there is one."""
+    if compare is None:
+        try:
+            spec = json.loads((Path(root) / "sweep.json").read_text())["spec"]
+            compare = [tuple(x.split(",")) for x in spec.get("report", {}).get("compare", [])] or None
+        except (OSError, ValueError, KeyError):
+            compare = None
     rep = build(root, compare)
     md = markdown(rep)
     out = Path(out) if out is not None else Path(root)

@@ -19,9 +19,14 @@ A sweep file names the grid; every list is one axis, and the grid is their produ
     [grid]                              # option axes: every value, for every method
     view_pool = [4, 16]
 
+    protocol = "base_to_new"            # optional: train on the base classes, add the new-class test
+    [report]                            # what `bbpt report OUT` adds by default
+    compare = ["zip,bar", "craft,bbt"]  # paired differences A - B
+
 A run's folder is ``OUT/<method>/<dataset>/<hash>``, the hash of its full resolved
-configuration (run fields and every method option, defaults included), so a changed option
-never reuses a stale result. Rerun, a finished run is skipped without building anything, an
+configuration (run fields, every method option with defaults included, and the SHA-256 of
+the weights file where a file holds them), so a changed option or retrained weights never
+reuse a stale result. Rerun, a finished run is skipped without building anything, an
 unfinished one resumes from its checkpoint (a sweep killed with kill -9 restarts where it
 stopped), and the rest run. ``OUT/sweep.json`` lists every run with its folder.
 
@@ -43,6 +48,7 @@ from typing import Callable
 from .errors import BadInput
 
 AXES = {"methods": None, "datasets": None, "shots": [16], "seeds": [1, 2, 3]}
+PROTOCOLS = ("base_to_new",)  # a protocol sweep adds its evaluations to each run's result.json
 
 
 def load_sweep(path: str | Path) -> dict:
@@ -55,7 +61,7 @@ def load_sweep(path: str | Path) -> dict:
         spec = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"sweep file {p} is not valid TOML: {str(e).splitlines()[0]}") from None
-    known = set(AXES) | {"out", "run", "options", "grid"}
+    known = set(AXES) | {"out", "run", "options", "grid", "protocol", "report"}
     extra = sorted(set(spec) - known)
     if extra:
         raise BadInput(f"sweep file {p}: unknown key {extra[0]!r}; its keys: {', '.join(sorted(known))}")
@@ -67,18 +73,59 @@ def load_sweep(path: str | Path) -> dict:
         if not isinstance(v, list) or not v:
             raise BadInput(f"sweep file {p}: {axis} must be a non-empty list, got {v!r}")
         spec[axis] = v
-    for key in ("run", "options", "grid"):
+    for key in ("run", "options", "grid", "report"):
         if not isinstance(spec.get(key, {}), dict):
             raise BadInput(f"sweep file {p}: [{key}] must be a table")
     for k, v in spec.get("grid", {}).items():
         if not isinstance(v, list) or not v:
             raise BadInput(f"sweep file {p}: grid.{k} must be a non-empty list of values, got {v!r}")
+    proto = spec.get("protocol")
+    if proto is not None and proto not in PROTOCOLS:
+        raise BadInput(f"sweep file {p}: protocol {proto!r} is not one of {', '.join(PROTOCOLS)} "
+                       "(cross-dataset and shift runs: `bbpt protocol`)")
+    if proto and spec.get("run", {}).get("classes", "base") != "base":
+        raise BadInput(f"sweep file {p}: protocol base_to_new trains on the base classes; drop run.classes")
+    rep = spec.get("report", {})
+    extra = sorted(set(rep) - {"compare"})
+    if extra:
+        raise BadInput(f"sweep file {p}: unknown key report.{extra[0]}; [report] takes compare = [\"A,B\", ...]")
+    pairs = rep.get("compare", [])
+    if not isinstance(pairs, list) or not all(isinstance(x, str) and len(x.split(",")) == 2 for x in pairs):
+        raise BadInput(f"sweep file {p}: report.compare must be a list of \"A,B\" method pairs, got {pairs!r}")
     return spec
 
 
 def config_hash(config: dict) -> str:
     """12 hex digits of the SHA-256 of a resolved configuration (canonical JSON)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def weights_fingerprint(model: str, pretrained: str | None) -> str | None:
+    """12 hex digits of the SHA-256 of the weights file a run would load, where a file names
+    them (the shipped ``mini`` weights, a local checkpoint); None for a tag, a hub id or
+    ``random``, whose name is their identity. Part of each run's hash, so retrained weights
+    never reuse a stale result."""
+    from .models.backbone import WEIGHTS_DIR, embedded_models
+
+    path = None
+    if pretrained not in (None, "random") and Path(pretrained).is_file():
+        path = Path(pretrained)
+    elif pretrained is None and model in embedded_models():
+        path = WEIGHTS_DIR / f"{model}.safetensors"
+    if path is None or not path.is_file():
+        return None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FINGERPRINTS[key] = h.hexdigest()[:12]
+    return _FINGERPRINTS[key]
 
 
 def expand(spec: dict, out: str | Path) -> list[tuple[dict, Path]]:
@@ -97,9 +144,11 @@ def expand(spec: dict, out: str | Path) -> list[tuple[dict, Path]]:
         cls = METHODS.get(method)
         per = spec.get("options", {}).get(method, {})
         options = {**opts_all, **(per if isinstance(per, dict) else {}), **dict(zip(names, combo))}
-        cfg = make_run_config(**{**spec.get("run", {}), "method": method, "dataset": dataset, "shots": shots,
-                                 "seed": seed, "options": options})
-        resolved = {**cfg.model_dump(), "options": cls.resolve_config(make_config(cls, cfg.options), shots).model_dump()}
+        run = {**spec.get("run", {}), **({"classes": "base"} if spec.get("protocol") == "base_to_new" else {})}
+        cfg = make_run_config(**{**run, "method": method, "dataset": dataset, "shots": shots, "seed": seed,
+                                 "options": options})
+        resolved = {**cfg.model_dump(), "options": cls.resolve_config(make_config(cls, cfg.options), shots).model_dump(),
+                    "weights": weights_fingerprint(cfg.model, cfg.pretrained)}
         h = config_hash(resolved)
         if h in seen:
             continue
@@ -108,7 +157,7 @@ def expand(spec: dict, out: str | Path) -> list[tuple[dict, Path]]:
     return runs
 
 
-def _run_one(fields: dict, folder: str, threads: int | None = None) -> dict:
+def _run_one(fields: dict, folder: str, threads: int | None = None, protocol: str | None = None) -> dict:
     """One run in a worker (the backbone cache is the worker's own). ``threads``: torch's
     intra-op threads, so that parallel workers share the cores instead of oversubscribing."""
     from . import engine
@@ -121,16 +170,21 @@ def _run_one(fields: dict, folder: str, threads: int | None = None) -> dict:
         engine.BACKBONE_CACHE = {}
     cfg = engine.make_run_config(**fields)
     r = engine.run(cfg, out=folder, progress=False, keep_finished=True, log=lambda m: None)
+    if protocol == "base_to_new":
+        from .protocols import add_new_classes
+
+        r = add_new_classes(cfg, Path(folder), r)
     return {"folder": folder, "status": r["status"], "test": r["accuracy"]["test"], "queries": r["queries"],
             "wall_seconds": r["wall_seconds"], "pid": os.getpid()}
 
 
-def _finished(folder: Path) -> dict | None:
+def _finished(folder: Path, protocol: str | None = None) -> dict | None:
+    """A finished run's outcome (with its protocol's evaluations, when the sweep has one)."""
     try:
         r = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    if r.get("status") != "finished":
+    if r.get("status") != "finished" or (protocol and protocol not in r):
         return None
     return {"folder": str(folder), "status": "finished", "test": r["accuracy"]["test"], "queries": r["queries"],
             "wall_seconds": r["wall_seconds"], "pid": None, "skipped": True}
@@ -150,7 +204,7 @@ def sweep(spec: dict, out: str | Path, workers: int = 1, ray: str | None = None,
     results: dict[str, dict] = {}
     todo = []
     for fields, folder in runs:  # a finished run is skipped here: nothing built, nothing spent
-        done = _finished(folder)
+        done = _finished(folder, spec.get("protocol"))
         if done is not None:
             results[str(folder)] = done
         else:
@@ -164,24 +218,25 @@ def sweep(spec: dict, out: str | Path, workers: int = 1, ray: str | None = None,
         log(f"  [{len(results)}/{len(runs)}] {r['status']:9s} test {100 * (r['test'] or 0):5.1f}%  "
             f"{r['wall_seconds']:6.1f}s  {r['folder']}")
 
+    proto = spec.get("protocol")
     if todo and ray:
-        _sweep_ray(todo, ray, ray_cpus, note)
+        _sweep_ray(todo, ray, ray_cpus, note, proto)
     elif todo and workers == 1:
         for fields, folder in todo:
-            note(_run_one(fields, folder))
+            note(_run_one(fields, folder, None, proto))
     elif todo:
         import multiprocessing
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            for fut in as_completed([pool.submit(_run_one, f, d, threads) for f, d in todo]):
+            for fut in as_completed([pool.submit(_run_one, f, d, threads, proto) for f, d in todo]):
                 note(fut.result())
     summary = {"out": str(out), "runs": [results[str(f)] for _, f in runs], "wall_seconds": round(time.time() - t0, 2)}
     (out / "sweep_results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def _sweep_ray(todo: list, address: str, cpus: int | None, note: Callable[[dict], None]) -> None:
+def _sweep_ray(todo: list, address: str, cpus: int | None, note: Callable[[dict], None], protocol: str | None) -> None:
     """``address``: "local" starts a Ray instance here (``cpus`` CPUs), "auto" joins the running
     cluster, anything else is a cluster address."""
     try:
@@ -193,7 +248,7 @@ def _sweep_ray(todo: list, address: str, cpus: int | None, note: Callable[[dict]
         ray.init(address=None if local else address, num_cpus=cpus if local else None, include_dashboard=False,
                  log_to_driver=False)
     task = ray.remote(num_cpus=1, max_calls=0)(_run_one)  # workers live on: one backbone per worker process
-    pending = [task.remote(f, d, 1) for f, d in todo]  # one CPU per task, one thread
+    pending = [task.remote(f, d, 1, protocol) for f, d in todo]  # one CPU per task, one thread
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         note(ray.get(ready[0]))
