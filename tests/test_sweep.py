@@ -214,3 +214,14 @@ def test_a_base_to_new_sweep_equals_the_protocol(tmp_path):
     again = sweep(load_sweep(spec), tmp_path / "out", log=lambda m: None)
     assert again["runs"][0].get("skipped")
     assert "Base-to-new" in report(tmp_path / "out")["markdown"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "bench" / "sweeps").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_the_repos_sweep_files_expand(path, monkeypatch):
+    """Every sweep file behind a README table loads and expands, its runs under bench/results."""
+    monkeypatch.chdir(path.parent.parent.parent)  # paths in the files are relative to the repository
+    spec = load_sweep(path)
+    runs = expand(spec, spec["out"])
+    assert spec["out"].startswith("bench/results/sweeps/") and len(runs) == len({f for _, f in runs}) > 0
+    assert len(runs) == len(spec["methods"]) * len(spec["datasets"]) * len(spec["shots"]) * len(spec["seeds"])
