@@ -1,6 +1,7 @@
 """How far a k-shot classifier on the embedded model's image features gets, next to zero-shot.
 
     python bench/linear_probe.py [--shots 16] [--seed 1]
+    python bench/linear_probe.py --pretrained bench/weights/mini-v1.safetensors,default   # side by side
 
 For each offline task: zero-shot test accuracy, and a k-shot linear probe (logistic
 regression on the L2-normalised image features, Adam, weight decay 1e-3, 300 steps) - the
@@ -42,12 +43,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--pretrained", default="default",
+                    help="comma-separated mini weights files; 'default' is the shipped file")
     args = ap.parse_args(argv)
-    bb = create_backbone("mini")
-    print(f"| task | chance | zero-shot | {args.shots}-shot linear probe |\n|---|---|---|---|")
+    names = args.pretrained.split(",")
+    bbs = [create_backbone("mini", None if p == "default" else p) for p in names]
+    head = " | ".join(f"zero-shot / {args.shots}-shot probe ({p}, scale {bb.logit_scale:.2f})" for p, bb in zip(names, bbs))
+    print(f"| task | chance | {head} |\n|---|---|" + "---|" * len(bbs))
     for name in TASKS:
         n = len(TASKS.get(name).classnames)
-        print(f"| {name} | {100 / n:.1f} | {100 * zero_shot(bb, name):.1f} | {100 * probe(bb, name, args.shots, args.seed):.1f} |", flush=True)
+        cells = [f"{100 * zero_shot(bb, name):.1f} / {100 * probe(bb, name, args.shots, args.seed):.1f}" for bb in bbs]
+        print(f"| {name} | {100 / n:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ def test_zero_shot_leaves_room_for_tuning(mini, name):
 def test_pretraining_is_reproducible():
     args = argparse.Namespace(steps=2, batch=16, lr=1e-3, wd=0.1, warmup=1, images_per_class=2, scenes=40,
                               ssl_per_class=2, ssl_batch=8, ssl_weight=1.0, caption_invert=0.5,
-                              seed=5, threads=2)
+                              seed=5, threads=2, init_logit_scale=100.0, max_logit_scale=100.0)
     a = train(args)["model"].state_dict()
+    assert a["logit_scale"].exp().item() <= 100.0 + 1e-3  # clamped at CLIP's cap after every step
     b = train(args)["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     args.seed = 6
