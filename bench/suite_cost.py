@@ -78,7 +78,7 @@ def measure(methods: list[str], task: str) -> list[str]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--measure", action="store_true")
-    ap.add_argument("--slice", default="zosgd,zip,bbt,craft,bar,blackvip,bptvlm,coop")
+    ap.add_argument("--slice", default="zip,bbt,craft,bar")
     ap.add_argument("--task", default="mnist")
     args = ap.parse_args(argv)
     lines = tally(sorted((ROOT / "bench/sweeps").glob("*.toml")))
