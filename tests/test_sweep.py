@@ -93,6 +93,7 @@ def test_a_rerun_skips_every_finished_run_and_spends_nothing(tmp_path):
     rep = report(out, ("bbt", "zip"))
     assert "| bbt |" in rep["markdown"] and "| bbt − zip | fashion-mnist | 1,2 |" in rep["markdown"]
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
+    assert (out / "curve_fashion-mnist.png").read_bytes().startswith(b"\x89PNG")  # the same plot as a file
 
 
 def _killed_then_resumed(tmp_path, extra: list[str]):

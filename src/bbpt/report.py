@@ -6,7 +6,7 @@ over seeds; base / new / H for base-to-new runs; and for each ``compare`` pair (
 the paired difference a − b per dataset and on average over the seeds both have, with its
 interval, and the api_calls at which a's mean validation curve first reaches b's final
 mean validation accuracy. Written as ``report.md`` and one self-contained
-``report.html`` (plots inline as PNG data URIs).
+``report.html`` (plots inline as PNG data URIs), with each plot also as ``curve_<dataset>.png``.
 """
 from __future__ import annotations
 
@@ -252,12 +252,12 @@ def curve_png(rows: list[dict], dataset: str) -> bytes:
     return buf.getvalue()
 
 
-def html(rep: dict, md: str) -> str:
+def html(rep: dict, md: str, pngs: dict[str, bytes]) -> str:
     import html as h
 
     parts = [f"<h1>bbpt report</h1><pre>{h.escape(md)}</pre>"]
-    for d in sorted({r["dataset"] for r in rep["rows"]}):
-        b64 = base64.b64encode(curve_png(rep["rows"], d)).decode()
+    for d, png in pngs.items():
+        b64 = base64.b64encode(png).decode()
         parts.append(f"<h2>{h.escape(d)}</h2><img alt='curve {h.escape(d)}' src='data:image/png;base64,{b64}'>")
     return "<!doctype html><html><head><meta charset='utf-8'><title>bbpt report</title></head><body>" + "".join(parts) + \
         "</body></html>\n"
@@ -277,6 +277,9 @@ def report(root: str | Path, compare=None, out: str | Path | None = None) -> dic
     out = Path(out) if out is not None else Path(root)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(html(rep, md))
+    pngs = {d: curve_png(rep["rows"], d) for d in rep["datasets"]}
+    for d, png in pngs.items():  # also as files, for pages that link images (a README)
+        (out / f"curve_{d.replace('/', '_')}.png").write_bytes(png)
+    (out / "report.html").write_text(html(rep, md, pngs))
     rep["markdown"], rep["out"] = md, str(out)
     return rep
