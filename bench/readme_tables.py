@@ -9,7 +9,7 @@ README.md marks a generated block as
     ... (replaced by bench/results/sweeps/seed_methods/report.md) ...
     <!-- /report -->
 
-and the report itself comes from `bbpt report bench/results/sweeps/NAME/grid --out
+and the report itself comes from `bbpt report bench/sweeps/NAME.toml --out
 bench/results/sweeps/NAME` (see each sweep file's header).
 """
 from __future__ import annotations

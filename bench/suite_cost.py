@@ -27,33 +27,57 @@ from bbpt.sweep import expand, load_sweep, sweep
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _key(cfg: dict) -> tuple:
+    return cfg["method"], cfg["dataset"], json.dumps([cfg.get("options", {}), cfg.get("classes")], sort_keys=True)
+
+
 def tally(files: list[Path]) -> list[str]:
-    lines = ["| sweep | runs finished | CPU-seconds of runs (at 1 thread) | slowest method: mean s per run |",
-             "|---|---|---|---|"]
+    """Finished runs' recorded seconds; each unfinished run estimated from finished runs of the
+    same method, dataset and options in any sweep, else of the same method and options on any
+    dataset (an underestimate for `union`), else of the same method; "none" where no run of the
+    method has finished (counted as 0 s)."""
+    specs = [(f, load_sweep(f)) for f in files]
+    grids = [(f, [(c, json.loads((d / "result.json").read_text()) if (d / "result.json").is_file() else None)
+                  for c, d in expand(spec, ROOT / spec["out"])]) for f, spec in specs]
+    exact, loose, method_only = {}, {}, {}
+    for _, runs in grids:
+        for c, r in runs:
+            if r and r.get("status") == "finished":
+                exact.setdefault(_key(c), []).append(r["wall_seconds"])
+                loose.setdefault((c["method"], _key(c)[2]), []).append(r["wall_seconds"])
+                method_only.setdefault(c["method"], []).append(r["wall_seconds"])
+    lines = ["| sweep | runs finished | CPU-s of finished runs | estimated CPU-s of the rest (how) | "
+             "whole sweep, wall min at 2 workers | slowest method: mean s per run |", "|---|---|---|---|---|---|"]
     per_method: dict[str, list[float]] = {}
-    total = 0.0
-    for f in files:
-        spec = load_sweep(f)
-        runs = expand(spec, ROOT / spec["out"])
-        secs, done, mine = 0.0, 0, {}
-        for _, folder in runs:
-            try:
-                r = json.loads((folder / "result.json").read_text())
-            except (OSError, ValueError):
+    total = est_total = 0.0
+    for f, runs in grids:
+        secs, done, mine, est, how = 0.0, 0, {}, 0.0, {"same": 0, "other dataset": 0, "method only": 0, "none": 0}
+        for c, r in runs:
+            if r and r.get("status") == "finished":
+                done += 1
+                secs += r["wall_seconds"]
+                mine.setdefault(r["method"], []).append(r["wall_seconds"])
+                per_method.setdefault(r["method"], []).append(r["wall_seconds"])
                 continue
-            if r.get("status") != "finished":
-                continue
-            done += 1
-            secs += r["wall_seconds"]
-            mine.setdefault(r["method"], []).append(r["wall_seconds"])
-            per_method.setdefault(r["method"], []).append(r["wall_seconds"])
+            for name, table, k in (("same", exact, _key(c)), ("other dataset", loose, (c["method"], _key(c)[2])),
+                                   ("method only", method_only, c["method"])):
+                if k in table:
+                    est += statistics.mean(table[k])
+                    how[name] += 1
+                    break
+            else:
+                how["none"] += 1
         total += secs
+        est_total += est
         slow = max(mine, key=lambda m: statistics.mean(mine[m])) if mine else "-"
         slow_s = f"{slow}: {statistics.mean(mine[slow]):.0f}" if mine else "-"
-        lines.append(f"| {f.stem} | {done} / {len(runs)} | {secs:.0f} | {slow_s} |")
-    lines += ["", f"All finished runs: {total:.0f} CPU-seconds = {total / 60:.1f} min at 1 worker-thread, "
-                  f"{total / 120:.1f} min of wall time at 2 workers on 2 cores (full pool).", "",
-              "| method | runs | mean s | max s | share of the suite |", "|---|---|---|---|---|"]
+        how_s = ", ".join(f"{n} {k}" for k, n in how.items() if n) or "-"
+        lines.append(f"| {f.stem} | {done} / {len(runs)} | {secs:.0f} | {est:.0f} ({how_s}) | "
+                     f"{(secs + est) / 120:.0f} | {slow_s} |")
+    lines += ["", f"Finished runs: {total:.0f} CPU-seconds = {total / 120:.1f} min of wall time at 2 workers on 2 "
+                  f"cores (full pool); with the estimated rest, the whole suite is about {(total + est_total) / 3600:.1f} "
+                  f"CPU-hours = {(total + est_total) / 7200:.1f} h at 2 workers.", "",
+              "| method (finished runs) | runs | mean s | max s | share of the finished runs' time |", "|---|---|---|---|---|"]
     for m, xs in sorted(per_method.items(), key=lambda kv: -sum(kv[1])):
         lines.append(f"| {m} | {len(xs)} | {statistics.mean(xs):.1f} | {max(xs):.1f} | "
                      f"{100 * sum(xs) / max(total, 1e-9):.0f} % |")

@@ -94,6 +94,14 @@ def test_a_rerun_skips_every_finished_run_and_spends_nothing(tmp_path):
     assert "| bbt |" in rep["markdown"] and "| bbt − zip | fashion-mnist | 1,2 |" in rep["markdown"]
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
     assert (out / "curve_fashion-mnist.png").read_bytes().startswith(b"\x89PNG")  # the same plot as a file
+    # a sweep file as the report's root: exactly its grid's runs (not a stray run beside them),
+    # rows in the file's order, its [report] compare, and how many of its runs are finished
+    _fake_run(out, "zeroshot", "fashion-mnist", 1, 0.5, [(0, 0.5)])
+    f = write(tmp_path, f'out = "{out}"\n' + SPEC + '[report]\ncompare = ["zip,bbt"]\n', name="f.toml")
+    md = report(f, out=tmp_path / "rep")["markdown"]
+    assert "(4 of the sweep's 4 runs finished)" in md and "zeroshot" not in md
+    assert md.index("| zip |") < md.index("| bbt |") and "| zip − bbt | fashion-mnist | 1,2 |" in md
+    assert "| zeroshot |" in report(out, out=tmp_path / "rep2")["markdown"]  # a folder: every run under it
 
 
 def _killed_then_resumed(tmp_path, extra: list[str]):

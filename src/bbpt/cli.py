@@ -408,7 +408,8 @@ def sweep_(file: str = typer.Argument(..., help="A sweep TOML: methods, datasets
 
 
 @app.command("report")
-def report_(root: str = typer.Argument(..., help="A folder of runs (a sweep's --out)."),
+def report_(root: str = typer.Argument(..., help="A folder of runs (a sweep's --out), or a sweep file FILE.toml "
+                                                 "(exactly its grid's runs, in its order, read from its out)."),
             compare: Optional[List[str]] = typer.Option(None, help="Methods A,B: their paired difference per dataset "
                                                                    "and on average; repeat for more pairs; * is every "
                                                                    "other method (e.g. '*,zeroshot'). Default: the "

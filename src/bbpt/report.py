@@ -38,12 +38,14 @@ def interval(xs: list[float]) -> dict:
     return {"n": n, "mean": m, "std": sd, "ci95": [m - h, m + h]}
 
 
-def collect(root: str | Path) -> list[dict]:
+def collect(root: str | Path, folders: list[Path] | None = None) -> list[dict]:
+    """Finished runs under root; with folders, only those runs' result.json (a sweep file's grid)."""
     root = Path(root)
     if not root.is_dir():
         raise BadInput(f"report folder {root} does not exist; pass the --out of a sweep or of bench runs")
     out = []
-    for f in sorted(root.rglob("result.json")):
+    files = sorted(root.rglob("result.json")) if folders is None else [Path(f) / "result.json" for f in folders]
+    for f in files:
         try:
             r = json.loads(f.read_text())
         except (OSError, ValueError):
@@ -119,14 +121,25 @@ def _h(r: dict) -> float:
     return 100 * r["base_to_new"]["H"]
 
 
-def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | None = None) -> dict:
-    results = collect(root)
+def _rank(order: list[str] | None):
+    """Sort key: the sweep file's order first (methods as listed), the rest alphabetically."""
+    pos = {x: i for i, x in enumerate(order or [])}
+    return lambda x: (pos.get(x, len(pos)), x)
+
+
+def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | None = None,
+          methods: list[str] | None = None, datasets: list[str] | None = None,
+          folders: list[Path] | None = None) -> dict:
+    """methods / datasets: the order of rows and columns (a sweep file's lists); others follow,
+    sorted. folders: read only these runs (a sweep file's grid), not every result.json under root."""
+    results = collect(root, folders)
     if compare and isinstance(compare[0], str):
         compare = [tuple(compare)]
     groups = group(results)
     variants: dict[tuple, int] = {}
     rows = []
-    for (method, dataset, shots, opts), rs in sorted(groups.items()):
+    mkey, dkey = _rank(methods), _rank(datasets)
+    for (method, dataset, shots, opts), rs in sorted(groups.items(), key=lambda kv: (mkey(kv[0][0]), kv[0][1:])):
         k = (method, dataset, shots)
         variants[k] = variants.get(k, 0) + 1
         row = {"method": method, "dataset": dataset, "shots": shots, "options": json.loads(opts),
@@ -140,7 +153,7 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
             row["label"] = row["method"] + " " + _diff_label(row, rows)
         else:
             row["label"] = row["method"]
-    datasets = sorted({r["dataset"] for r in rows})
+    datasets = sorted({r["dataset"] for r in rows}, key=dkey)
     b2n = all("b2n" in r for r in rows)
     metric = _h if b2n else _test
     paired = []
@@ -166,7 +179,8 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
                    if len(datasets) > 1 and full and len(per) == len(datasets) else None)
         paired.append({"a": a, "b": b, "datasets": per, "average": average})
     return {"root": str(root), "rows": rows, "datasets": datasets, "compare": [list(p) for p in compare or []],
-            "paired": paired, "metric": "H" if b2n else "test"}
+            "paired": paired, "metric": "H" if b2n else "test", "finished": len(results),
+            "planned": None if folders is None else len(folders)}
 
 
 def holds(iv: dict) -> str:
@@ -199,7 +213,8 @@ def _table(rep: dict, cell, avg_of, title: str, extra: str | None = None) -> lis
 
 def markdown(rep: dict) -> str:
     lines = _table(rep, lambda r: _fmt(r["test"]), lambda r: r["test"]["mean"],
-                   f"Test accuracy (%), mean ± std over seeds [95 % CI, Student t]; runs under {rep['root']}."
+                   f"Test accuracy (%), mean ± std over seeds [95 % CI, Student t]; runs under {rep['root']}"
+                   + (f" ({rep['finished']} of the sweep's {rep['planned']} runs finished)." if rep["planned"] else ".")
                    + (" Base-to-new runs: the base classes." if rep["metric"] == "H" else ""))
     if rep["metric"] == "H":
         def b2n(r):
@@ -264,15 +279,26 @@ def html(rep: dict, md: str, pngs: dict[str, bytes]) -> str:
 
 
 def report(root: str | Path, compare=None, out: str | Path | None = None) -> dict:
-    """compare: ("a", "b") or a list of pairs; None takes the sweep file's [report] compare
-    (from ROOT/sweep.json) where there is one."""
-    if compare is None:
+    """root: a folder of runs, or a sweep file (FILE.toml: exactly its grid's runs, read from its
+    `out`, in its order). compare: ("a", "b") or a list of pairs; None takes the sweep file's
+    [report] compare (for a folder, from ROOT/sweep.json, which `bbpt sweep` writes)."""
+    folders = None
+    if str(root).endswith(".toml"):
+        from .sweep import expand, load_sweep
+
+        spec = load_sweep(root)
+        if "out" not in spec:
+            raise BadInput(f"sweep file {root} has no out = \"...\"; pass the sweep's --out folder instead")
+        root = spec["out"]
+        folders = [f for _, f in expand(spec, root)]
+    else:
         try:
             spec = json.loads((Path(root) / "sweep.json").read_text())["spec"]
-            compare = [tuple(x.split(",")) for x in spec.get("report", {}).get("compare", [])] or None
         except (OSError, ValueError, KeyError):
-            compare = None
-    rep = build(root, compare)
+            spec = {}
+    if compare is None:
+        compare = [tuple(x.split(",")) for x in spec.get("report", {}).get("compare", [])] or None
+    rep = build(root, compare, spec.get("methods"), spec.get("datasets"), folders)
     md = markdown(rep)
     out = Path(out) if out is not None else Path(root)
     out.mkdir(parents=True, exist_ok=True)
