@@ -2,6 +2,7 @@
 
     python bench/suite_cost.py              # tally the committed grids of bench/sweeps/*.toml
     python bench/suite_cost.py --measure    # and one slice run at --workers 1 and 2, side by side
+    python bench/suite_cost.py --measure --budget 1000   # a shorter slice
 
 Tally: per sweep file, how many of its runs are finished (committed result.json), and their
 recorded wall seconds summed per method. Sweep runs record the seconds of a worker holding
@@ -84,9 +85,11 @@ def tally(files: list[Path]) -> list[str]:
     return lines
 
 
-def measure(methods: list[str], task: str) -> list[str]:
+def measure(methods: list[str], task: str, budget: int | None = None) -> list[str]:
     zc = load_sweep(ROOT / "bench/sweeps/zip_comparison.toml")
     spec = {**zc, "methods": methods, "datasets": [task], "seeds": [1], "report": {}}
+    if budget is not None:  # a shorter slice: every method's budget (in its sweep unit) set to N
+        spec["options"] = {m: {**o, "budget": budget} for m, o in zc["options"].items()}
     walls = {}
     for w in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +98,9 @@ def measure(methods: list[str], task: str) -> list[str]:
             walls[w] = (time.time() - t0, sum(r["wall_seconds"] for r in s["runs"]))
     return ["| workers | wall s | sum of run s |", "|---|---|---|",
             *(f"| {w} | {a:.0f} | {b:.0f} |" for w, (a, b) in walls.items()), "",
-            f"slice: {', '.join(methods)} on {task}, seed 1; --workers 2 takes {walls[2][0] / walls[1][0]:.2f}x "
-            "the wall time of --workers 1"]
+            f"slice: {', '.join(methods)} on {task}, seed 1"
+            + (f", budget {budget}" if budget is not None else ", ZIP's comparison budgets")
+            + f"; --workers 2 takes {walls[2][0] / walls[1][0]:.2f}x the wall time of --workers 1"]
 
 
 def main(argv=None) -> None:
@@ -104,10 +108,11 @@ def main(argv=None) -> None:
     ap.add_argument("--measure", action="store_true")
     ap.add_argument("--slice", default="zip,bbt,craft,bar")
     ap.add_argument("--task", default="mnist")
+    ap.add_argument("--budget", type=int, default=None, help="each slice method's budget (default: the sweep's 5000)")
     args = ap.parse_args(argv)
     lines = tally(sorted((ROOT / "bench/sweeps").glob("*.toml")))
     if args.measure:
-        lines += [""] + measure(args.slice.split(","), args.task)
+        lines += [""] + measure(args.slice.split(","), args.task, args.budget)
     print("\n".join(lines))
 
 

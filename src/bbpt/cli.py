@@ -404,7 +404,7 @@ def sweep_(file: str = typer.Argument(..., help="A sweep TOML: methods, datasets
     s = sweep(spec, out or spec.get("out", "runs/sweep"), workers=workers, ray=ray, ray_cpus=ray_cpus, log=_log)
     skipped = sum(bool(r.get("skipped")) for r in s["runs"])
     typer.echo(f"{len(s['runs'])} runs ({skipped} already finished) in {s['wall_seconds']:.1f}s -> {s['out']}; "
-               f"`bbpt report {s['out']}` summarises them")
+               f"`bbpt report {file if out is None else s['out']}` summarises them")
 
 
 @app.command("report")

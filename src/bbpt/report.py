@@ -199,15 +199,16 @@ def _diff_label(row: dict, rows: list[dict]) -> str:
 def _table(rep: dict, cell, avg_of, title: str, extra: str | None = None) -> list[str]:
     rows, datasets = rep["rows"], rep["datasets"]
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    head = "| method | " + " | ".join(datasets) + (" | average" if len(datasets) > 1 else "") + " | api_calls |"
+    head = "| method | " + " | ".join(datasets) + (" | average" if len(datasets) > 1 else "") + " | api_calls spent |"
     lines = [title, "", head, "|---|" + "---|" * (len(datasets) + 1 + (len(datasets) > 1))]
     for lab in labels:
         mine = {r["dataset"]: r for r in rows if r["label"] == lab}
         cells = [cell(mine[d]) if d in mine else "-" for d in datasets]
         if len(datasets) > 1:
             cells.append(f"{statistics.mean(avg_of(mine[d]) for d in datasets):.1f}" if len(mine) == len(datasets) else "-")
-        calls = statistics.mean(r["api_calls"] for r in mine.values())
-        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {calls:.0f} |")
+        spent = sorted({round(r["api_calls"]) for r in mine.values()})  # per dataset, mean over seeds
+        calls = f"{spent[0]}" if len(spent) == 1 else f"{spent[0]}-{spent[-1]}"
+        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {calls} |")
     return lines + ([""] + [extra] if extra else [])
 
 
@@ -252,11 +253,15 @@ def curve_png(rows: list[dict], dataset: str) -> bytes:
         x = np.array([curves[0][i]["api_calls"] for i in range(n)])
         y = np.array([[100 * c[i]["val_accuracy"] for i in range(n)] for c in curves])
         m = y.mean(0)
+        if n == 1:  # no training curve (zero-shot): its accuracy as a level across the plot
+            ax.axhline(m[0], ls="--", lw=1, color="grey", label=r["label"])
+            continue
         ax.plot(x, m, label=r["label"])
         if len(curves) > 1:
             sd = y.std(0, ddof=1)
             ax.fill_between(x, m - sd, m + sd, alpha=0.2)
-    ax.set_xlabel("api_calls")
+    ax.set_xscale("symlog", linthresh=100)  # budgets span 10^3-10^5 api_calls; 0 stays on the axis
+    ax.set_xlabel("api_calls (log beyond 100)")
     ax.set_ylabel("val accuracy (%)")
     ax.set_title(f"{dataset}: mean over seeds, band ±1 std")
     ax.legend(fontsize=7)
