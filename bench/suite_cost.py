@@ -29,7 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _key(cfg: dict) -> tuple:
-    return cfg["method"], cfg["dataset"], json.dumps([cfg.get("options", {}), cfg.get("classes")], sort_keys=True)
+    """(method, dataset, the rest of the configuration but the seed and the weights file)."""
+    rest = {k: v for k, v in cfg.items() if k not in ("method", "dataset", "seed", "pretrained")}
+    return cfg["method"], cfg["dataset"], json.dumps(rest, sort_keys=True, default=str)
+
+
+def _result(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def tally(files: list[Path]) -> list[str]:
@@ -38,8 +47,7 @@ def tally(files: list[Path]) -> list[str]:
     dataset (an underestimate for `union`), else of the same method; "none" where no run of the
     method has finished (counted as 0 s)."""
     specs = [(f, load_sweep(f)) for f in files]
-    grids = [(f, [(c, json.loads((d / "result.json").read_text()) if (d / "result.json").is_file() else None)
-                  for c, d in expand(spec, ROOT / spec["out"])]) for f, spec in specs]
+    grids = [(f, [(c, _result(d)) for c, d in expand(spec, ROOT / spec["out"])]) for f, spec in specs]
     exact, loose, method_only = {}, {}, {}
     for _, runs in grids:
         for c, r in runs:
@@ -89,7 +97,9 @@ def measure(methods: list[str], task: str, budget: int | None = None) -> list[st
     zc = load_sweep(ROOT / "bench/sweeps/zip_comparison.toml")
     spec = {**zc, "methods": methods, "datasets": [task], "seeds": [1], "report": {}}
     if budget is not None:  # a shorter slice: every method's budget (in its sweep unit) set to N
-        spec["options"] = {m: {**o, "budget": budget} for m, o in zc["options"].items()}
+        per = {m: o for m, o in zc.get("options", {}).items() if isinstance(o, dict)}
+        spec["options"] = {**{m: o for m, o in zc.get("options", {}).items() if not isinstance(o, dict)},
+                           **{m: {**per.get(m, {}), "budget": budget} for m in methods}}
     walls = {}
     for w in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:

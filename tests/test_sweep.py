@@ -97,7 +97,7 @@ def test_a_rerun_skips_every_finished_run_and_spends_nothing(tmp_path):
     # a sweep file as the report's root: exactly its grid's runs (not a stray run beside them),
     # rows in the file's order, its [report] compare, and how many of its runs are finished
     _fake_run(out, "zeroshot", "fashion-mnist", 1, 0.5, [(0, 0.5)])
-    f = write(tmp_path, f'out = "{out}"\n' + SPEC + '[report]\ncompare = ["zip,bbt"]\n', name="f.toml")
+    f = write(tmp_path, f"out = '{out}'\n" + SPEC + '[report]\ncompare = ["zip,bbt"]\n', name="f.toml")
     md = report(f, out=tmp_path / "rep")["markdown"]
     assert "(4 of the sweep's 4 runs finished)" in md and "zeroshot" not in md
     assert md.index("| zip |") < md.index("| bbt |") and "| zip − bbt | fashion-mnist | 1,2 |" in md
@@ -234,3 +234,19 @@ def test_the_repos_sweep_files_expand(path, monkeypatch):
     runs = expand(spec, spec["out"])
     assert spec["out"].startswith("bench/results/sweeps/") and len(runs) == len({f for _, f in runs}) > 0
     assert len(runs) == len(spec["methods"]) * len(spec["datasets"]) * len(spec["shots"]) * len(spec["seeds"])
+
+
+def test_a_sweep_files_order_holds_for_renamed_tasks_and_an_unswept_file_is_one_line(tmp_path):
+    """Columns follow the file's datasets even where a run records another task name
+    (classes = "base" records mnist-base); a sweep file not yet swept is a one-line error."""
+    for d in ("zz", "aa"):
+        _fake_run(tmp_path, "m", d + "-base", 1, 0.5, [(10, 0.5)])
+        f = next((tmp_path / "m" / (d + "-base")).glob("*/result.json"))
+        r = json.loads(f.read_text())
+        r["config"]["dataset"] = d
+        f.write_text(json.dumps(r))
+    assert build(tmp_path, datasets=["zz", "aa"])["datasets"] == ["zz-base", "aa-base"]
+    assert build(tmp_path)["datasets"] == ["aa-base", "zz-base"]
+    f = write(tmp_path, f"out = '{tmp_path / 'never'}'\n" + SPEC, name="n.toml")
+    with pytest.raises(BadInput, match=r"does not exist; run `bbpt sweep .*n\.toml` first"):
+        report(f)

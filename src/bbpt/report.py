@@ -153,7 +153,9 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
             row["label"] = row["method"] + " " + _diff_label(row, rows)
         else:
             row["label"] = row["method"]
-    datasets = sorted({r["dataset"] for r in rows}, key=dkey)
+    # columns ranked by the name the sweep file gives (a run records its task's name: mnist-base, a folder's basename)
+    given = {r["dataset"]: (r.get("config") or {}).get("dataset", r["dataset"]) for r in results}
+    datasets = sorted({r["dataset"] for r in rows}, key=lambda d: dkey(given.get(d, d)))
     b2n = all("b2n" in r for r in rows)
     metric = _h if b2n else _test
     paired = []
@@ -249,14 +251,16 @@ def curve_png(rows: list[dict], dataset: str) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     for r in (r for r in rows if r["dataset"] == dataset):
         curves = [c["curve"] for c in r["runs"] if c.get("curve")]
+        if not curves:
+            continue
         n = min(len(c) for c in curves)
         x = np.array([curves[0][i]["api_calls"] for i in range(n)])
         y = np.array([[100 * c[i]["val_accuracy"] for i in range(n)] for c in curves])
         m = y.mean(0)
-        if n == 1:  # no training curve (zero-shot): its accuracy as a level across the plot
+        if r["api_calls"] == 0:  # no training (zero-shot): its accuracy as a level across the plot
             ax.axhline(m[0], ls="--", lw=1, color="grey", label=r["label"])
             continue
-        ax.plot(x, m, label=r["label"])
+        ax.plot(x, m, label=r["label"], marker="o" if n == 1 else None)
         if len(curves) > 1:
             sd = y.std(0, ddof=1)
             ax.fill_between(x, m - sd, m + sd, alpha=0.2)
@@ -292,9 +296,10 @@ def report(root: str | Path, compare=None, out: str | Path | None = None) -> dic
         from .sweep import expand, load_sweep
 
         spec = load_sweep(root)
-        if "out" not in spec:
-            raise BadInput(f"sweep file {root} has no out = \"...\"; pass the sweep's --out folder instead")
-        root = spec["out"]
+        file, root = root, spec.get("out", "runs/sweep")  # where `bbpt sweep FILE` puts it
+        if not Path(root).is_dir():
+            raise BadInput(f"sweep file {file}: its out folder {root} does not exist; run `bbpt sweep {file}` first "
+                           "(or pass the --out folder you swept into)")
         folders = [f for _, f in expand(spec, root)]
     else:
         try:
