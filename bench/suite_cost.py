@@ -44,23 +44,26 @@ def _result(folder: Path) -> dict | None:
 def tally(files: list[Path]) -> list[str]:
     """Finished runs' recorded seconds; each unfinished run estimated from finished runs of the
     same method, dataset and options in any sweep, else of the same method and options on any
-    dataset (an underestimate for `union`), else of the same method; "none" where no run of the
+    dataset (an underestimate for `union`), else of the same method and dataset with other
+    options (budget, classes), else of the same method; "none" where no run of the
     method has finished (counted as 0 s)."""
     specs = [(f, load_sweep(f)) for f in files]
     grids = [(f, [(c, _result(d)) for c, d in expand(spec, ROOT / spec["out"])]) for f, spec in specs]
-    exact, loose, method_only = {}, {}, {}
+    exact, loose, near, method_only = {}, {}, {}, {}
     for _, runs in grids:
         for c, r in runs:
             if r and r.get("status") == "finished":
                 exact.setdefault(_key(c), []).append(r["wall_seconds"])
                 loose.setdefault((c["method"], _key(c)[2]), []).append(r["wall_seconds"])
+                near.setdefault((c["method"], c["dataset"]), []).append(r["wall_seconds"])
                 method_only.setdefault(c["method"], []).append(r["wall_seconds"])
     lines = ["| sweep | runs finished | CPU-s of finished runs | estimated CPU-s of the rest (how) | "
              "whole sweep, wall min at 2 workers | slowest method: mean s per run |", "|---|---|---|---|---|---|"]
     per_method: dict[str, list[float]] = {}
     total = est_total = 0.0
     for f, runs in grids:
-        secs, done, mine, est, how = 0.0, 0, {}, 0.0, {"same": 0, "other dataset": 0, "method only": 0, "none": 0}
+        secs, done, mine, est, how = 0.0, 0, {}, 0.0, {"same": 0, "other dataset": 0, "other options": 0, "method only": 0,
+                                                    "none": 0}
         for c, r in runs:
             if r and r.get("status") == "finished":
                 done += 1
@@ -69,6 +72,7 @@ def tally(files: list[Path]) -> list[str]:
                 per_method.setdefault(r["method"], []).append(r["wall_seconds"])
                 continue
             for name, table, k in (("same", exact, _key(c)), ("other dataset", loose, (c["method"], _key(c)[2])),
+                                   ("other options", near, (c["method"], c["dataset"])),
                                    ("method only", method_only, c["method"])):
                 if k in table:
                     est += statistics.mean(table[k])
