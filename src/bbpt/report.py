@@ -248,7 +248,7 @@ def curve_png(rows: list[dict], dataset: str) -> bytes:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=110)
     for r in (r for r in rows if r["dataset"] == dataset):
         curves = [c["curve"] for c in r["runs"] if c.get("curve")]
         if not curves:
@@ -258,7 +258,7 @@ def curve_png(rows: list[dict], dataset: str) -> bytes:
         y = np.array([[100 * c[i]["val_accuracy"] for i in range(n)] for c in curves])
         m = y.mean(0)
         if r["api_calls"] == 0:  # no training (zero-shot): its accuracy as a level across the plot
-            ax.axhline(m[0], ls="--", lw=1, color="grey", label=r["label"])
+            ax.axhline(m[0], ls="--", lw=1, color="black", label=r["label"])
             continue
         ax.plot(x, m, label=r["label"], marker="o" if n == 1 else None)
         if len(curves) > 1:
@@ -268,7 +268,7 @@ def curve_png(rows: list[dict], dataset: str) -> bytes:
     ax.set_xlabel("api_calls (log beyond 100)")
     ax.set_ylabel("val accuracy (%)")
     ax.set_title(f"{dataset}: mean over seeds, band ±1 std")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, not over them
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
