@@ -398,10 +398,10 @@ def sweep_(file: str = typer.Argument(..., help="A sweep TOML: methods, datasets
            ray_cpus: Optional[int] = typer.Option(None, help="CPUs of a --ray local instance (default: all).")):
     """Run a grid of runs, each in a folder named by its configuration's hash; finished runs are
     skipped, unfinished ones resume."""
-    from .sweep import load_sweep, sweep
+    from .sweep import DEFAULT_OUT, load_sweep, sweep
 
     spec = load_sweep(file)
-    s = sweep(spec, out or spec.get("out", "runs/sweep"), workers=workers, ray=ray, ray_cpus=ray_cpus, log=_log)
+    s = sweep(spec, out or spec.get("out", DEFAULT_OUT), workers=workers, ray=ray, ray_cpus=ray_cpus, log=_log)
     skipped = sum(bool(r.get("skipped")) for r in s["runs"])
     typer.echo(f"{len(s['runs'])} runs ({skipped} already finished) in {s['wall_seconds']:.1f}s -> {s['out']}; "
                f"`bbpt report {file if out is None else s['out']}` summarises them")

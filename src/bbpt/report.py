@@ -293,10 +293,10 @@ def report(root: str | Path, compare=None, out: str | Path | None = None) -> dic
     [report] compare (for a folder, from ROOT/sweep.json, which `bbpt sweep` writes)."""
     folders = None
     if str(root).endswith(".toml"):
-        from .sweep import expand, load_sweep
+        from .sweep import DEFAULT_OUT, expand, load_sweep
 
         spec = load_sweep(root)
-        file, root = root, spec.get("out", "runs/sweep")  # where `bbpt sweep FILE` puts it
+        file, root = root, spec.get("out", DEFAULT_OUT)  # where `bbpt sweep FILE` puts it
         if not Path(root).is_dir():
             raise BadInput(f"sweep file {file}: its out folder {root} does not exist; run `bbpt sweep {file}` first "
                            "(or pass the --out folder you swept into)")

@@ -51,6 +51,9 @@ AXES = {"methods": None, "datasets": None, "shots": [16], "seeds": [1, 2, 3]}
 PROTOCOLS = ("base_to_new",)  # a protocol sweep adds its evaluations to each run's result.json
 
 
+DEFAULT_OUT = "runs/sweep"  # a sweep file without out = "..."
+
+
 def load_sweep(path: str | Path) -> dict:
     import tomllib
 
