@@ -104,20 +104,39 @@ def test_a_rerun_skips_every_finished_run_and_spends_nothing(tmp_path):
     assert "| zeroshot |" in report(out, out=tmp_path / "rep2")["markdown"]  # a folder: every run under it
 
 
-def _killed_then_resumed(tmp_path, extra: list[str]):
-    """Start `bbpt sweep`, kill -9 its whole process group once a run has checkpointed, rerun."""
+def _killed_then_resumed(tmp_path, extra: list[str], ctrl_c: bool = False):
+    """Start `bbpt sweep`; once a run has checkpointed, kill -9 its whole process group (or,
+    ``ctrl_c``, send its process one SIGINT and check the stop); rerun."""
     spec = write(tmp_path, SPEC.replace("budget = 60", "budget = 400"))
     out = tmp_path / "out"
-    p = subprocess.Popen([*BBPT, "sweep", str(spec), "--out", str(out), *extra], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as f:
+        p = subprocess.Popen([*BBPT, "sweep", str(spec), "--out", str(out), *extra], stdout=subprocess.DEVNULL,
+                             stderr=f, start_new_session=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not list(out.rglob("checkpoint.safetensors")):
             time.sleep(0.2)
         assert list(out.rglob("checkpoint.safetensors")), "no run checkpointed in time"
+        if ctrl_c:
+            os.kill(p.pid, signal.SIGINT)
+            assert p.wait(timeout=180) == 130, err.read_text()[-2000:]
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
+    if ctrl_c:  # every running run checkpointed and said so; the queued ones never started
+        last = err.read_text().strip().splitlines()[-1]
+        assert last.startswith("interrupted (SIGINT): ") and f"resume with: bbpt sweep {spec}" in last, last
+        runs = json.loads((out / "sweep_results.json").read_text())["runs"]
+        assert {r["status"] for r in runs} <= {"finished", "interrupted", "not started"}
+        assert sum(r["status"] != "finished" for r in runs) >= 2 and any(r["status"] == "interrupted" for r in runs)
+        assert all(not Path(r["folder"]).exists() for r in runs if r["status"] == "not started")
+        for r in runs:
+            if r["status"] == "interrupted":
+                assert json.loads((Path(r["folder"]) / "result.json").read_text())["status"] == "interrupted"
+                with pytest.raises(ProcessLookupError):  # the worker is gone with the sweep
+                    os.kill(r["pid"], 0)
     unfinished = [f.parent for f in out.rglob("checkpoint.safetensors")]
     assert unfinished
     r = subprocess.run([*BBPT, "sweep", str(spec), "--out", str(out), *extra], capture_output=True, text=True,
@@ -138,6 +157,10 @@ def _killed_then_resumed(tmp_path, extra: list[str]):
 
 def test_a_sweep_killed_with_kill_9_restarts_where_it_stopped(tmp_path):
     _killed_then_resumed(tmp_path, ["--workers", "2"])
+
+
+def test_ctrl_c_stops_a_pool_sweep_after_each_runs_current_step_and_a_rerun_resumes(tmp_path):
+    _killed_then_resumed(tmp_path, ["--workers", "2"], ctrl_c=True)
 
 
 def test_a_ray_sweep_runs_the_same_grid_and_resumes_after_its_driver_is_killed(tmp_path):

@@ -524,6 +524,7 @@ def _usage_line(e) -> str:
 def main() -> None:
     """Entry point: every user mistake is one line ``error: ...`` and exit code 2."""
     from .engine import RunInterrupted
+    from .sweep import SweepInterrupted
 
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit(code)'s code here instead of raising
@@ -541,6 +542,13 @@ def main() -> None:
         done = e.result["queries"]
         where = f"saved in {e.out}; resume with: {cmd}" if e.out else "nothing saved (no --out)"
         typer.echo(f"interrupted ({signal.Signals(e.signum).name}) after {done['api_calls']} api_calls: {where}", err=True)
+        sys.exit(e.exit_code)
+    except SweepInterrupted as e:
+        cmd = " ".join(shlex.quote(a) for a in ["bbpt", *sys.argv[1:]])
+        n = {k: sum(r["status"] == k for r in e.summary["runs"]) for k in ("finished", "interrupted", "not started")}
+        typer.echo(f"interrupted ({signal.Signals(e.signum).name}): {n['finished']} of {len(e.summary['runs'])} runs "
+                   f"finished, {n['interrupted']} checkpointed mid-run, {n['not started']} not started; "
+                   f"resume with: {cmd}", err=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)

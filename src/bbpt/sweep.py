@@ -32,6 +32,12 @@ stopped), and the rest run. ``OUT/sweep.json`` lists every run with its folder.
 
 Runs go to a local process pool (``workers``; 1: in this process) or, with ``ray``, to Ray
 tasks; either way each worker process builds a backbone once and reuses it across its runs.
+
+Ctrl-C / SIGTERM to a local sweep stop it as they stop one run: every running run checkpoints
+after its current step, no further run starts, and :class:`SweepInterrupted` says how far it
+got (a second signal exits at once). Pool workers live in their own process group, so a
+terminal's Ctrl-C reaches them once, forwarded by the sweep, and they exit when the sweep's
+process dies (kill -9), so a rerun never races an orphan.
 """
 from __future__ import annotations
 
@@ -39,13 +45,23 @@ import hashlib
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
 from .errors import BadInput
+
+
+class SweepInterrupted(Exception):
+    """A sweep stopped by SIGINT / SIGTERM; ``summary`` is every run's outcome so far."""
+
+    def __init__(self, signum: int, summary: dict):
+        self.signum, self.summary, self.exit_code = signum, summary, 128 + signum
+        super().__init__(f"sweep interrupted by {signal.Signals(signum).name}")
 
 AXES = {"methods": None, "datasets": None, "shots": [16], "seeds": [1, 2, 3]}
 PROTOCOLS = ("base_to_new",)  # a protocol sweep adds its evaluations to each run's result.json
@@ -160,11 +176,36 @@ def expand(spec: dict, out: str | Path) -> list[tuple[dict, Path]]:
     return runs
 
 
+_STOP = None  # a pool worker's view of the sweep's stop flag (a multiprocessing Event)
+_MISSED: list[int] = []  # a forwarded signal that came while no run's handler was installed
+
+
+def _worker_init(parent: int, stop, pids) -> None:
+    """A pool worker: its own process group (the sweep forwards signals, once each), a signal
+    between runs or during a run's set-up kept for that run (see ``_run_one``), and an exit
+    when the sweep dies."""
+    global _STOP
+    _STOP = stop
+    os.setpgrp()
+    signal.signal(signal.SIGINT, lambda signum, frame: _MISSED.append(signum))
+    pids.put(os.getpid())
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)  # the sweep was killed: the last checkpoint is on disk; its rerun resumes it
+
+    threading.Thread(target=orphaned, daemon=True, name="bbpt-orphan-watch").start()
+
+
 def _run_one(fields: dict, folder: str, threads: int | None = None, protocol: str | None = None) -> dict:
     """One run in a worker (the backbone cache is the worker's own). ``threads``: torch's
     intra-op threads, so that parallel workers share the cores instead of oversubscribing."""
     from . import engine
 
+    if _STOP is not None and _STOP.is_set():  # queued before the sweep was stopped
+        return {"folder": folder, "status": "not started", "test": None, "queries": None, "wall_seconds": 0.0,
+                "pid": os.getpid()}
     if threads:
         import torch
 
@@ -172,7 +213,16 @@ def _run_one(fields: dict, folder: str, threads: int | None = None, protocol: st
     if engine.BACKBONE_CACHE is None:
         engine.BACKBONE_CACHE = {}
     cfg = engine.make_run_config(**fields)
-    r = engine.run(cfg, out=folder, progress=False, keep_finished=True, log=lambda m: None)
+
+    def redeliver(steps: int, stats: dict) -> None:  # the run's handler is installed by its first step
+        if _MISSED:
+            os.kill(os.getpid(), _MISSED.pop())
+
+    try:
+        r = engine.run(cfg, out=folder, progress=False, keep_finished=True, log=lambda m: None, on_step=redeliver)
+    except engine.RunInterrupted as e:  # checkpointed; a rerun of the sweep resumes it
+        return {"folder": folder, "status": "interrupted", "signal": e.signum, "test": None,
+                "queries": e.result["queries"], "wall_seconds": e.result["wall_seconds"], "pid": os.getpid()}
     if protocol == "base_to_new":
         from .protocols import add_new_classes
 
@@ -218,25 +268,75 @@ def sweep(spec: dict, out: str | Path, workers: int = 1, ray: str | None = None,
 
     def note(r: dict) -> None:
         results[r["folder"]] = r
-        log(f"  [{len(results)}/{len(runs)}] {r['status']:9s} test {100 * (r['test'] or 0):5.1f}%  "
+        test = "     -" if r["test"] is None else f"{100 * r['test']:5.1f}%"
+        log(f"  [{len(results)}/{len(runs)}] {r['status']:11s} test {test}  "
             f"{r['wall_seconds']:6.1f}s  {r['folder']}")
 
     proto = spec.get("protocol")
+    stopped = None
     if todo and ray:
         _sweep_ray(todo, ray, ray_cpus, note, proto)
     elif todo and workers == 1:
         for fields, folder in todo:
-            note(_run_one(fields, folder, None, proto))
+            note(r := _run_one(fields, folder, None, proto))
+            if r["status"] == "interrupted":  # the run's own handler caught the signal
+                stopped = r["signal"]
+                break
     elif todo:
-        import multiprocessing
-
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            for fut in as_completed([pool.submit(_run_one, f, d, threads, proto) for f, d in todo]):
-                note(fut.result())
-    summary = {"out": str(out), "runs": [results[str(f)] for _, f in runs], "wall_seconds": round(time.time() - t0, 2)}
+        stopped = _sweep_pool(todo, workers, note, proto, log)
+    not_started = {"status": "not started", "test": None, "queries": None, "wall_seconds": 0.0, "pid": None}
+    summary = {"out": str(out), "runs": [results.get(str(f), {"folder": str(f), **not_started}) for _, f in runs],
+               "wall_seconds": round(time.time() - t0, 2)}
     (out / "sweep_results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if stopped is not None:
+        raise SweepInterrupted(stopped, summary)
     return summary
+
+
+def _sweep_pool(todo: list, workers: int, note: Callable[[dict], None], protocol: str | None,
+                log: Callable[[str], None]) -> int | None:
+    """``todo`` on a pool of spawned workers; returns the signal that stopped it, if any."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    stop, pids, known, signals = ctx.Event(), ctx.SimpleQueue(), set(), []
+
+    def forward(signum, frame) -> None:  # the main thread, between its polls
+        signals.append(signum)
+        stop.set()
+        while not pids.empty():
+            known.add(pids.get())
+        for pid in known:  # SIGINT: a run's handler treats it as SIGTERM's equal
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        name = signal.Signals(signum).name
+        if len(signals) == 1:
+            log(f"\n{name}: stopping the sweep; running runs checkpoint after their current step, no new run "
+                f"starts (again to exit at once)")
+        else:
+            log(f"\n{name} again: exiting now; every run's last checkpoint is on disk, rerun the sweep to resume")
+            os._exit(128 + signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(os.getpid(), stop, pids)) as pool:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            pending = {pool.submit(_run_one, f, d, threads, protocol) for f, d in todo}
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    if not fut.cancelled() and (r := fut.result())["status"] != "not started":
+                        note(r)
+                if signals:
+                    for fut in pending:
+                        fut.cancel()  # not yet handed to a worker; a handed-on one sees `stop`
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return signals[0] if signals else None
 
 
 def _sweep_ray(todo: list, address: str, cpus: int | None, note: Callable[[dict], None], protocol: str | None) -> None:
