@@ -63,6 +63,10 @@ def serve_with_ray(cfg: ServeConfig, host: str, port: int, replicas: int, cpus_p
     except ImportError:
         raise BadInput("--ray needs Ray Serve: pip install 'ray[serve]'") from None
     started_here = not ray.is_initialized()
+    # Serve kills a proxy that is not ready within 5 s and gives up after 60 s in all; on a
+    # busy small machine the proxy's start alone can take longer (measured: 2 cores, 4 busy
+    # processes). A longer ready check reaches the processes of a Ray instance started here.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     if started_here:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                  logging_level="warning")
