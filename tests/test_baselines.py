@@ -136,9 +136,10 @@ def test_same_seed_same_result(name):
     assert a["curve"] == b["curve"] and a["accuracy"] == b["accuracy"]
 
 
-BAR_MISSES = pytest.mark.xfail(strict=True, reason="measured (seed 1, mini): BAR at its default 5000 api_calls does "
-                               "not beat zero-shot on any offline task (71.9/57.4/53.3/47.2 vs 72.6/57.4/57.7/49.2); "
-                               "it needs more queries: see test_bar_beats_zero_shot_with_more_queries")
+BAR_MISSES = pytest.mark.xfail(strict=True, reason="measured (seed 1, the zip_comparison sweep's runs, the same config): "
+                               "BAR at its default 5000 api_calls does not beat zero-shot on any offline task, on the "
+                               "shipped mini (62.4/48.5/52.0/46.1 vs 73.8/55.0/53.1/49.5) as on v1 "
+                               "(71.9/57.4/53.3/47.2 vs 72.6/57.4/57.7/49.2)")
 BLACKVIP_MISSES = pytest.mark.xfail(
     strict=True, reason="measured on the shipped mini (seed 1, the zip_comparison sweep's runs, the same config): "
     "BlackVIP at its default 5000 api_calls is below zero-shot on every offline task (40.9/17.2/18.0/28.3 vs "
@@ -166,7 +167,9 @@ def test_beats_zero_shot_on_a_task_at_default_budget(name):
 def test_bar_beats_zero_shot_with_more_queries():
     """BAR's frame does learn what zero-shot lacks, given queries: at 12000 api_calls (2000 RGF
     steps, paper settings otherwise) it is above zero-shot on mnist and fashion-mnist (measured
-    73.8 vs 72.6 and 59.4 vs 57.4, seed 1), where its default 5000 calls are not enough."""
+    on mini v1: 73.8 vs 72.6 and 59.4 vs 57.4, seed 1), where its default 5000 calls are not
+    enough. Not yet rerun on the shipped (retrained) mini, where BAR at 5000 calls is 11 and 6
+    points below zero-shot on these tasks."""
     for task in ("mnist", "fashion-mnist"):
         zs = run(make_run_config(method="zeroshot", dataset=task, shots=16, seed=1), progress=False)
         r = run(make_run_config(method="bar", dataset=task, shots=16, seed=1, options={"budget": 12000}), progress=False)
