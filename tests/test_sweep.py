@@ -104,6 +104,41 @@ def test_a_rerun_skips_every_finished_run_and_spends_nothing(tmp_path):
     assert "| zeroshot |" in report(out, out=tmp_path / "rep2")["markdown"]  # a folder: every run under it
 
 
+def test_bbpt_errors_survive_pickling_whatever_their_init_takes():
+    """A worker's error crosses a process boundary by pickle; BudgetExhausted's three-argument
+    __init__ once broke the whole pool on the way back (BrokenProcessPool)."""
+    import pickle
+
+    from bbpt.errors import BudgetExhausted, UnknownName
+
+    e = BudgetExhausted({"api_calls": 0, "prompt_evals": 0}, {"api_calls": 5000, "prompt_evals": None},
+                        {"api_calls": 5120, "prompt_evals": 1024})
+    u = UnknownName("dataset", "mnsit", ["mnist", "shapes"])
+    for x in (e, u):
+        y = pickle.loads(pickle.dumps(x))
+        assert type(y) is type(x) and str(y) == str(x) and y.__dict__ == x.__dict__
+
+
+def test_a_run_whose_first_step_does_not_fit_is_recorded_as_failed_and_the_pool_goes_on(tmp_path):
+    """SharpZO's first step (a CGE of 2 x 512 whole-set candidates) needs 1024 prompt_evals: at
+    60 it is refused, uncharged. The refusal comes back from a pool worker as the run's outcome,
+    the other runs finish, the sweep exits 1 naming it, and a rerun retries only it."""
+    f = write(tmp_path, SPEC.replace('["zip", "bbt"]', '["zip", "sharpzo"]').replace("seeds = [1, 2]", "seeds = [1]"))
+    out = tmp_path / "out"
+    cmd = BBPT + ["sweep", str(f), "--out", str(out), "--workers", "2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1, p.stderr
+    assert "1 failed" in p.stdout and "failed: 1 run(s) could not run" in p.stderr and "BudgetExhausted" in p.stderr
+    zip_run, = (out / "zip").rglob("result.json")
+    sz, = (out / "sharpzo").rglob("result.json")
+    assert json.loads(zip_run.read_text())["status"] == "finished"
+    rec = json.loads(sz.read_text())
+    assert rec["status"] == "failed" and "prompt_evals=1024" in rec["error"] and rec["seed"] == 1
+    assert rec["config"]["options"]["budget"] == 60  # resolved options, as a finished run stores them
+    p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p2.returncode == 1 and "1 already finished, 1 failed" in p2.stdout and "no run.json" not in p2.stderr
+
+
 def _killed_then_resumed(tmp_path, extra: list[str], ctrl_c: bool = False):
     """Start `bbpt sweep`; once a run has checkpointed, kill -9 its whole process group (or,
     ``ctrl_c``, send its process one SIGINT and check the stop); rerun."""

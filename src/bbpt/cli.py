@@ -403,8 +403,14 @@ def sweep_(file: str = typer.Argument(..., help="A sweep TOML: methods, datasets
     spec = load_sweep(file)
     s = sweep(spec, out or spec.get("out", DEFAULT_OUT), workers=workers, ray=ray, ray_cpus=ray_cpus, log=_log)
     skipped = sum(bool(r.get("skipped")) for r in s["runs"])
-    typer.echo(f"{len(s['runs'])} runs ({skipped} already finished) in {s['wall_seconds']:.1f}s -> {s['out']}; "
+    failed = [r for r in s["runs"] if r["status"] == "failed"]
+    typer.echo(f"{len(s['runs'])} runs ({skipped} already finished"
+               + (f", {len(failed)} failed" if failed else "") + f") in {s['wall_seconds']:.1f}s -> {s['out']}; "
                f"`bbpt report {file if out is None else s['out']}` summarises them")
+    if failed:  # refused runs: nothing charged; each folder's result.json holds the reason
+        typer.echo(f"failed: {len(failed)} run(s) could not run, e.g. {failed[0]['folder']}: {failed[0]['error']}",
+                   err=True)
+        raise typer.Exit(1)
 
 
 @app.command("report")

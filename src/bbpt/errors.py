@@ -13,6 +13,16 @@ from typing import Iterable
 class BBPTError(Exception):
     """Base class: a problem with the user's input or environment, not a bug in bbpt."""
 
+    def __reduce__(self):  # picklable whatever the subclass's __init__ takes (a sweep's workers send them back)
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> BBPTError:
+    e = Exception.__new__(cls)
+    e.args = args
+    e.__dict__.update(state)
+    return e
+
 
 class BadInput(BBPTError, ValueError):
     """A value, file or folder the user gave is unusable."""

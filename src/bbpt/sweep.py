@@ -53,7 +53,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadInput
+from .errors import BadInput, BBPTError
 
 
 class SweepInterrupted(Exception):
@@ -218,17 +218,44 @@ def _run_one(fields: dict, folder: str, threads: int | None = None, protocol: st
         if _MISSED:
             os.kill(os.getpid(), _MISSED.pop())
 
+    failed = Path(folder) / "result.json"
+    try:  # an earlier attempt's failure record: the sweep's own, so the run starts from what was there before
+        if json.loads(failed.read_text()).get("status") == "failed":
+            failed.unlink()
+    except (OSError, ValueError):
+        pass
     try:
         r = engine.run(cfg, out=folder, progress=False, keep_finished=True, log=lambda m: None, on_step=redeliver)
     except engine.RunInterrupted as e:  # checkpointed; a rerun of the sweep resumes it
         return {"folder": folder, "status": "interrupted", "signal": e.signum, "test": None,
                 "queries": e.result["queries"], "wall_seconds": e.result["wall_seconds"], "pid": os.getpid()}
+    except BBPTError as e:  # this configuration cannot run (e.g. its first step does not fit the budget)
+        return _failed(cfg, Path(folder), e)
     if protocol == "base_to_new":
         from .protocols import add_new_classes
 
         r = add_new_classes(cfg, Path(folder), r)
     return {"folder": folder, "status": r["status"], "test": r["accuracy"]["test"], "queries": r["queries"],
             "wall_seconds": r["wall_seconds"], "pid": os.getpid()}
+
+
+def _failed(cfg, folder: Path, e: BBPTError) -> dict:
+    """Record a run that bbpt refused (one-line reason in result.json, status "failed") so that
+    the sweep goes on, and its folder says why. Nothing was charged:
+    a refused query is never counted. A rerun of the sweep tries the run again."""
+    from .methods import METHODS, make_config
+
+    try:  # the options as a finished run's result.json stores them (resolved), so the report groups them alike
+        cls = METHODS.get(cfg.method)
+        options = cls.resolve_config(make_config(cls, cfg.options), cfg.shots).model_dump()
+    except (BBPTError, KeyError):
+        options = dict(cfg.options)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"method": cfg.method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed, "status": "failed",
+              "error": f"{type(e).__name__}: {e}", "config": {**cfg.model_dump(), "options": options}}
+    (folder / "result.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return {"folder": str(folder), "status": "failed", "error": record["error"], "test": None, "queries": None,
+            "wall_seconds": 0.0, "pid": os.getpid()}
 
 
 def _finished(folder: Path, protocol: str | None = None) -> dict | None:
@@ -271,6 +298,8 @@ def sweep(spec: dict, out: str | Path, workers: int = 1, ray: str | None = None,
         test = "     -" if r["test"] is None else f"{100 * r['test']:5.1f}%"
         log(f"  [{len(results)}/{len(runs)}] {r['status']:11s} test {test}  "
             f"{r['wall_seconds']:6.1f}s  {r['folder']}")
+        if r.get("error"):
+            log(f"      {r['error']}")
 
     proto = spec.get("protocol")
     stopped = None
