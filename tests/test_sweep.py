@@ -104,6 +104,22 @@ def test_a_rerun_skips_every_finished_run_and_spends_nothing(tmp_path):
     assert "| zeroshot |" in report(out, out=tmp_path / "rep2")["markdown"]  # a folder: every run under it
 
 
+def test_an_unfinished_record_without_its_checkpoint_is_run_afresh(tmp_path):
+    """A clone carries only each run's committed result.json: one that says "interrupted" has no
+    run.json or checkpoint beside it, so the sweep starts that run over (the same result)."""
+    spec = load_sweep(write(tmp_path, SPEC.replace('["zip", "bbt"]', '["zip"]').replace("seeds = [1, 2]", "seeds = [1]")))
+    out = tmp_path / "out"
+    first = sweep(spec, out, log=lambda m: None)["runs"][0]
+    folder = Path(first["folder"])
+    rec = json.loads((folder / "result.json").read_text())
+    for p in folder.iterdir():
+        p.unlink()
+    (folder / "result.json").write_text(json.dumps({**rec, "status": "interrupted"}))
+    again = sweep(spec, out, log=lambda m: None)["runs"][0]
+    assert again["status"] == "finished" and not again.get("skipped") and again["test"] == first["test"]
+    assert (folder / "run.json").is_file()
+
+
 def test_bbpt_errors_survive_pickling_whatever_their_init_takes():
     """A worker's error crosses a process boundary by pickle; BudgetExhausted's three-argument
     __init__ once broke the whole pool on the way back (BrokenProcessPool)."""
@@ -135,6 +151,9 @@ def test_a_run_whose_first_step_does_not_fit_is_recorded_as_failed_and_the_pool_
     rec = json.loads(sz.read_text())
     assert rec["status"] == "failed" and "prompt_evals=1024" in rec["error"] and rec["seed"] == 1
     assert rec["config"]["options"]["budget"] == 60  # resolved options, as a finished run stores them
+    md = report(out, out=tmp_path / "rep")["markdown"]  # the report says which cell failed, and why
+    assert "| sharpzo | failed | - |" in md and "| zip | " in md
+    assert f"- sharpzo on fashion-mnist, seed 1: {rec['error']}" in md
     p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p2.returncode == 1 and "1 already finished, 1 failed" in p2.stdout and "no run.json" not in p2.stderr
 

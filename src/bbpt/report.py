@@ -5,7 +5,8 @@ Per method × dataset (× shots): mean ± std over seeds and a 95 % confidence i
 over seeds; base / new / H for base-to-new runs; and for each ``compare`` pair ("a", "b"),
 the paired difference a − b per dataset and on average over the seeds both have, with its
 interval, and the api_calls at which a's mean validation curve first reaches b's final
-mean validation accuracy. Written as ``report.md`` and one self-contained
+mean validation accuracy. A run bbpt refused (status "failed") shows as "failed" in its cell,
+with its one-line error listed under the table. Written as ``report.md`` and one self-contained
 ``report.html`` (plots inline as PNG data URIs), with each plot also as ``curve_<dataset>.png``.
 """
 from __future__ import annotations
@@ -38,8 +39,9 @@ def interval(xs: list[float]) -> dict:
     return {"n": n, "mean": m, "std": sd, "ci95": [m - h, m + h]}
 
 
-def collect(root: str | Path, folders: list[Path] | None = None) -> list[dict]:
-    """Finished runs under root; with folders, only those runs' result.json (a sweep file's grid)."""
+def collect(root: str | Path, folders: list[Path] | None = None, failed: list[dict] | None = None) -> list[dict]:
+    """Finished runs under root; with folders, only those runs' result.json (a sweep file's grid).
+    failed: a list that receives the runs bbpt refused (status "failed", with their one-line error)."""
     root = Path(root)
     if not root.is_dir():
         raise BadInput(f"report folder {root} does not exist; pass the --out of a sweep or of bench runs")
@@ -50,12 +52,28 @@ def collect(root: str | Path, folders: list[Path] | None = None) -> list[dict]:
             r = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
+        r["_folder"] = str(f.parent)
         if r.get("status") == "finished" and (r.get("accuracy") or {}).get("test") is not None:
-            r["_folder"] = str(f.parent)
             out.append(r)
+        elif r.get("status") == "failed" and failed is not None:
+            failed.append(r)
     if not out:
         raise BadInput(f"no finished runs (result.json with status finished) under {root}")
     return out
+
+
+def _failures(failed: list[dict], given: dict[str, str]) -> list[dict]:
+    """Failed runs grouped by (method, column, error): {"method", "dataset", "seeds", "error"}.
+    given maps a finished run's task name to the sweep's (mnist-base -> mnist); a failed run
+    records the sweep's name, so it is put in the column of the runs that did finish there."""
+    column = {v: k for k, v in given.items()}
+    out: dict[tuple, dict] = {}
+    for r in failed:
+        d = column.get(r["dataset"], r["dataset"])
+        g = out.setdefault((r["method"], d, r.get("error", "")), {"method": r["method"], "dataset": d, "seeds": [],
+                                                                  "error": r.get("error", "")})
+        g["seeds"].append(r.get("seed"))
+    return [{**g, "seeds": sorted(g["seeds"])} for g in out.values()]
 
 
 def group(results: list[dict]) -> dict[tuple, list[dict]]:
@@ -132,7 +150,8 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
           folders: list[Path] | None = None) -> dict:
     """methods / datasets: the order of rows and columns (a sweep file's lists); others follow,
     sorted. folders: read only these runs (a sweep file's grid), not every result.json under root."""
-    results = collect(root, folders)
+    failed: list[dict] = []
+    results = collect(root, folders, failed)
     if compare and isinstance(compare[0], str):
         compare = [tuple(compare)]
     groups = group(results)
@@ -155,7 +174,8 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
             row["label"] = row["method"]
     # columns ranked by the name the sweep file gives (a run records its task's name: mnist-base, a folder's basename)
     given = {r["dataset"]: (r.get("config") or {}).get("dataset", r["dataset"]) for r in results}
-    datasets = sorted({r["dataset"] for r in rows}, key=lambda d: dkey(given.get(d, d)))
+    failures = _failures(failed, given)
+    datasets = sorted({r["dataset"] for r in rows} | {f["dataset"] for f in failures}, key=lambda d: dkey(given.get(d, d)))
     b2n = all("b2n" in r for r in rows)
     metric = _h if b2n else _test
     paired = []
@@ -181,7 +201,7 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
                    if len(datasets) > 1 and full and len(per) == len(datasets) else None)
         paired.append({"a": a, "b": b, "datasets": per, "average": average})
     return {"root": str(root), "rows": rows, "datasets": datasets, "compare": [list(p) for p in compare or []],
-            "paired": paired, "metric": "H" if b2n else "test", "finished": len(results),
+            "paired": paired, "metric": "H" if b2n else "test", "finished": len(results), "failed": failures,
             "planned": None if folders is None else len(folders)}
 
 
@@ -200,16 +220,18 @@ def _diff_label(row: dict, rows: list[dict]) -> str:
 
 def _table(rep: dict, cell, avg_of, title: str, extra: str | None = None) -> list[str]:
     rows, datasets = rep["rows"], rep["datasets"]
-    labels = list(dict.fromkeys(r["label"] for r in rows))
+    failed = {(f["method"], f["dataset"]) for f in rep.get("failed", [])}
+    labels = list(dict.fromkeys([r["label"] for r in rows] + [f["method"] for f in rep.get("failed", [])]))
     head = "| method | " + " | ".join(datasets) + (" | average" if len(datasets) > 1 else "") + " | api_calls spent |"
     lines = [title, "", head, "|---|" + "---|" * (len(datasets) + 1 + (len(datasets) > 1))]
     for lab in labels:
         mine = {r["dataset"]: r for r in rows if r["label"] == lab}
-        cells = [cell(mine[d]) if d in mine else "-" for d in datasets]
+        method = next((r["method"] for r in mine.values()), lab)
+        cells = [cell(mine[d]) if d in mine else "failed" if (method, d) in failed else "-" for d in datasets]
         if len(datasets) > 1:
             cells.append(f"{statistics.mean(avg_of(mine[d]) for d in datasets):.1f}" if len(mine) == len(datasets) else "-")
         spent = sorted({round(r["api_calls"]) for r in mine.values()})  # per dataset, mean over seeds
-        calls = f"{spent[0]}" if len(spent) == 1 else f"{spent[0]}-{spent[-1]}"
+        calls = "-" if not spent else f"{spent[0]}" if len(spent) == 1 else f"{spent[0]}-{spent[-1]}"
         lines.append(f"| {lab} | " + " | ".join(cells) + f" | {calls} |")
     return lines + ([""] + [extra] if extra else [])
 
@@ -217,8 +239,15 @@ def _table(rep: dict, cell, avg_of, title: str, extra: str | None = None) -> lis
 def markdown(rep: dict) -> str:
     lines = _table(rep, lambda r: _fmt(r["test"]), lambda r: r["test"]["mean"],
                    f"Test accuracy (%), mean ± std over seeds [95 % CI, Student t]; runs under {rep['root']}"
-                   + (f" ({rep['finished']} of the sweep's {rep['planned']} runs finished)." if rep["planned"] else ".")
+                   + (f" ({rep['finished']} of the sweep's {rep['planned']} runs finished"
+                      + (f", {sum(len(f['seeds']) for f in rep['failed'])} failed" if rep.get("failed") else "") + ")."
+                      if rep["planned"] else ".")
                    + (" Base-to-new runs: the base classes." if rep["metric"] == "H" else ""))
+    if rep.get("failed"):  # why a cell says "failed": the run's one-line refusal
+        lines += ["", "Failed runs (`failed` in a cell: bbpt refused the run with this error, and the refused query was "
+                  "not charged):", ""]
+        lines += [f"- {f['method']} on {f['dataset']}, seed{'s' if len(f['seeds']) > 1 else ''} "
+                  f"{','.join(map(str, f['seeds']))}: {f['error']}" for f in rep["failed"]]
     if rep["metric"] == "H":
         def b2n(r):
             b, n, hm = (r["b2n"][k] for k in ("base", "new", "H"))

@@ -218,14 +218,19 @@ def _run_one(fields: dict, folder: str, threads: int | None = None, protocol: st
         if _MISSED:
             os.kill(os.getpid(), _MISSED.pop())
 
-    failed = Path(folder) / "result.json"
-    try:  # an earlier attempt's failure record: the sweep's own, so the run starts from what was there before
-        if json.loads(failed.read_text()).get("status") == "failed":
-            failed.unlink()
-    except (OSError, ValueError):
-        pass
+    record = Path(folder) / "result.json"
     try:
-        r = engine.run(cfg, out=folder, progress=False, keep_finished=True, log=lambda m: None, on_step=redeliver)
+        status = json.loads(record.read_text()).get("status")
+    except (OSError, ValueError):
+        status = None
+    if status == "failed":  # an earlier attempt's failure record: the sweep's own, so the run starts from what was there before
+        record.unlink()
+    # an unfinished run's record without its run.json and checkpoint (a clone carries only the
+    # committed result.json): nothing to resume, so the sweep, which owns the hash-named folder, starts it afresh
+    stale = status not in (None, "failed", "finished") and not (Path(folder) / "run.json").exists()
+    try:
+        r = engine.run(cfg, out=folder, progress=False, force=stale, keep_finished=True, log=lambda m: None,
+                       on_step=redeliver)
     except engine.RunInterrupted as e:  # checkpointed; a rerun of the sweep resumes it
         return {"folder": folder, "status": "interrupted", "signal": e.signum, "test": None,
                 "queries": e.result["queries"], "wall_seconds": e.result["wall_seconds"], "pid": os.getpid()}
