@@ -271,6 +271,31 @@ def test_report_pairs_averages_and_queries_to_reach(tmp_path):
     assert "| a | 72.0 ± 2.0" in md and "| 62.0 |" in md  # the average column: (72 + 52) / 2 for a
 
 
+def test_report_against_a_baseline_sweep_pairs_each_run_with_its_twin(tmp_path):
+    """[report] baseline: each method x task against the same method, task and seeds in another
+    sweep (e.g. the same grid without training views), against hand computation."""
+    from bbpt.report import against
+
+    now = {("a", "d1"): [0.70, 0.74], ("a", "d2"): [0.50, 0.60], ("b", "d1"): [0.8, 0.8]}
+    was = {("a", "d1"): [0.60, 0.70, 0.9], ("a", "d2"): [0.55, 0.55], ("z", "d1"): [0.5, 0.5]}
+    for root, acc in (("now", now), ("was", was)):
+        for (m, d), xs in acc.items():
+            for seed, x in enumerate(xs, 1):
+                _fake_run(tmp_path / root, m, d, seed, x, [(10, x)])
+    rep = build(tmp_path / "now")
+    a = against(rep, build(tmp_path / "was"), "was")
+    row, = [r for r in a["rows"] if r["label"] == "a"]
+    assert row["datasets"]["d1"]["seeds"] == [1, 2] and row["datasets"]["d1"]["diff"]["mean"] == pytest.approx(7.0)
+    assert row["datasets"]["d1"]["baseline"] == pytest.approx(65.0)  # seed 3 of the baseline has no twin
+    assert row["average"]["diff"]["mean"] == pytest.approx(statistics.mean([(10 - 5) / 2, (4 + 5) / 2]))
+    assert [r["label"] for r in a["rows"]] == ["a"]  # b has no twin in the baseline
+    rep["against"] = a
+    md = markdown(rep)
+    assert "Against was" in md and "| a | 65.0 → 72.0 (+7.0 [" in md
+    with pytest.raises(BadInput, match="report.baseline must be another sweep file"):
+        load_sweep(write(tmp_path, SPEC + "[report]\nbaseline = 3\n", "b.toml"))
+
+
 def test_report_base_to_new_pairs_on_h(tmp_path):
     for seed in (1, 2):
         _fake_run(tmp_path, "a", "d", seed, 0.9, [(10, 0.9)], b2n=(0.9, 0.6 + 0.1 * seed))

@@ -205,6 +205,38 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
             "planned": None if folders is None else len(folders)}
 
 
+def against(rep: dict, base: dict, name: str) -> dict:
+    """Each row of rep against the baseline sweep's row of the same method, task and shots:
+    the paired difference (this − baseline) in rep's metric over the seeds both have, per
+    task and, where every task has one, on average over tasks per seed."""
+    metric = _h if rep["metric"] == "H" else _test
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rep["rows"]):
+        mine = {r["dataset"]: r for r in rep["rows"] if r["label"] == label}
+        cells, by_seed = {}, {}
+        for d, r in mine.items():
+            other = [b for b in base["rows"] if (b["method"], b["dataset"], b["shots"]) == (r["method"], d, r["shots"])]
+            p = _paired(r, other[0], metric) if len(other) == 1 else None
+            if p is None:
+                continue
+            was = statistics.mean(metric(x) for x in other[0]["runs"] if x["seed"] in p["seeds"])
+            cells[d] = {**p, "baseline": was, "now": was + p["diff"]["mean"]}
+            for x in r["runs"]:
+                y = next((y for y in other[0]["runs"] if y["seed"] == x["seed"]), None)
+                if y is not None:
+                    by_seed.setdefault(x["seed"], {})[d] = (metric(y), metric(x))
+        if not cells:
+            continue
+        full = [s for s, v in sorted(by_seed.items()) if len(v) == len(rep["datasets"]) == len(cells)]
+        avg = None
+        if full and len(rep["datasets"]) > 1:
+            diffs = [statistics.mean(n - b for b, n in by_seed[s].values()) for s in full]
+            was = statistics.mean(statistics.mean(b for b, _ in by_seed[s].values()) for s in full)
+            avg = {"seeds": full, "diff": interval(diffs), "baseline": was, "now": was + statistics.mean(diffs)}
+        out.append({"label": label, "datasets": cells, "average": avg})
+    return {"name": name, "rows": out}
+
+
 def holds(iv: dict) -> str:
     """At 95 %: "yes" (interval above 0), "no" (below), "unclear" (covers 0), "-" (one seed)."""
     if iv["ci95"] is None:
@@ -254,6 +286,23 @@ def markdown(rep: dict) -> str:
             return f"{b['mean']:.1f} / {n['mean']:.1f} / **{_fmt(hm)}**"
         lines += [""] + _table(rep, b2n, lambda r: r["b2n"]["H"]["mean"],
                                "Base-to-new: base / new / H (%), mean over seeds; H ± std [95 % CI]; average: mean H.")
+    if rep.get("against") and rep["against"]["rows"]:
+        a, ds = rep["against"], rep["datasets"]
+        m = "H" if rep["metric"] == "H" else "test accuracy"
+        lines += ["", f"Against {a['name']} (the same method, task and seeds there): {m}, baseline → this sweep "
+                  "(difference [95 % CI], paired over seeds):", "",
+                  "| method | " + " | ".join(ds) + (" | average" if len(ds) > 1 else "") + " |",
+                  "|---|" + "---|" * (len(ds) + (len(ds) > 1))]
+
+        def one(q):
+            if q is None:
+                return "-"
+            ci = q["diff"]["ci95"]
+            return (f"{q['baseline']:.1f} → {q['now']:.1f} ({q['diff']['mean']:+.1f}"
+                    + (f" [{ci[0]:.1f}, {ci[1]:.1f}])" if ci else ", n=1)"))
+        for r in a["rows"]:
+            cells = [one(r["datasets"].get(d)) for d in ds] + ([one(r["average"])] if len(ds) > 1 else [])
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     if rep["paired"]:
         m = "H" if rep["metric"] == "H" else "test accuracy"
         lines += ["", f"Paired differences A − B in {m} (points, over the seeds both have), with where A's mean "
@@ -338,6 +387,16 @@ def report(root: str | Path, compare=None, out: str | Path | None = None) -> dic
     if compare is None:
         compare = [tuple(x.split(",")) for x in spec.get("report", {}).get("compare", [])] or None
     rep = build(root, compare, spec.get("methods"), spec.get("datasets"), folders)
+    base = spec.get("report", {}).get("baseline")
+    if base:  # the same runs under another sweep's options (e.g. without training views)
+        from .sweep import DEFAULT_OUT, expand, load_sweep
+
+        bspec = load_sweep(base)  # a path as `out` is: relative to where bbpt runs (the repository)
+        bout = bspec.get("out", DEFAULT_OUT)
+        if not Path(bout).is_dir():
+            raise BadInput(f"report.baseline {base}: its out folder {bout} does not exist; run `bbpt sweep {base}` first")
+        brep = build(bout, None, bspec.get("methods"), bspec.get("datasets"), [f for _, f in expand(bspec, bout)])
+        rep["against"] = against(rep, brep, Path(base).stem)
     md = markdown(rep)
     out = Path(out) if out is not None else Path(root)
     out.mkdir(parents=True, exist_ok=True)

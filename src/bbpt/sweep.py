@@ -22,6 +22,7 @@ A sweep file names the grid; every list is one axis, and the grid is their produ
     protocol = "base_to_new"            # optional: train on the base classes, add the new-class test
     [report]                            # what `bbpt report OUT` adds by default
     compare = ["zip,bar", "craft,bbt"]  # paired differences A - B
+    baseline = "other.toml"             # optional: each run against the same method, task and seed there
 
 A run's folder is ``OUT/<method>/<dataset>/<hash>``, the hash of its full resolved
 configuration (run fields, every method option with defaults included, and the SHA-256 of
@@ -105,9 +106,13 @@ def load_sweep(path: str | Path) -> dict:
     if proto and spec.get("run", {}).get("classes", "base") != "base":
         raise BadInput(f"sweep file {p}: protocol base_to_new trains on the base classes; drop run.classes")
     rep = spec.get("report", {})
-    extra = sorted(set(rep) - {"compare"})
+    extra = sorted(set(rep) - {"compare", "baseline"})
     if extra:
-        raise BadInput(f"sweep file {p}: unknown key report.{extra[0]}; [report] takes compare = [\"A,B\", ...]")
+        raise BadInput(f"sweep file {p}: unknown key report.{extra[0]}; [report] takes compare = [\"A,B\", ...] "
+                       "and baseline = \"OTHER.toml\"")
+    base = rep.get("baseline")
+    if base is not None and not (isinstance(base, str) and base.endswith(".toml")):
+        raise BadInput(f"sweep file {p}: report.baseline must be another sweep file's path (\"....toml\"), got {base!r}")
     pairs = rep.get("compare", [])
     if not isinstance(pairs, list) or not all(isinstance(x, str) and len(x.split(",")) == 2 for x in pairs):
         raise BadInput(f"sweep file {p}: report.compare must be a list of \"A,B\" method pairs, got {pairs!r}")
