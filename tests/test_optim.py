@@ -203,6 +203,7 @@ def test_one_sided_rgf_formula_and_cost():
     from bbpt.optim import OneSidedRGF
 
     est, d = OneSidedRGF(q=5), 40
+    torch.manual_seed(0)  # w and a below: float32 rounding of (L(w + βu) - L(w)) / β depends on them
     g = torch.Generator().manual_seed(0)
     u = est.directions(d, g)
     assert u.shape == (5, d) and torch.allclose(u.norm(dim=1), torch.ones(5))
@@ -225,9 +226,11 @@ def test_poly_decay_schedule():
     from bbpt.optim import PolyDecay
 
     s = PolyDecay(lr0=10.0, lr_min=0.1, total=100, power=0.9, frac=0.9, beta=0.01)
-    assert s.a_k(1) == pytest.approx(10.0)
-    assert s.a_k(46) == pytest.approx(9.9 * (1 - 45 / 90) ** 0.9 + 0.1)
-    assert s.a_k(91) == pytest.approx(0.1) and s.a_k(500) == pytest.approx(0.1)
+    # the official trainers count the decay step before the step: the first step has t = 1
+    assert s.a_k(1) == pytest.approx(9.9 * (1 - 1 / 90) ** 0.9 + 0.1)
+    assert s.a_k(45) == pytest.approx(9.9 * (1 - 45 / 90) ** 0.9 + 0.1)
+    assert PolyDecay(total=10).a_k(1) == pytest.approx(9.9 * (1 - 1 / 9) ** 0.9 + 0.1)  # 17 % below t = 0's
+    assert s.a_k(90) == pytest.approx(0.1) and s.a_k(500) == pytest.approx(0.1)
     assert s.c_k(7) == 0.01
 
 
@@ -253,12 +256,33 @@ def test_cmaes_checkpoint_continues_the_same_samples(tmp_path):
     assert torch.equal(a.best, b.best)
 
 
-def test_cmaes_untold_sample_keeps_tpa_working():
-    """CraFT's re-asked bias at d = 512 (pycma's TPA step-size rule): generations go on."""
-    opt = CMAES(torch.zeros(512), 1.0, popsize=40, seed=0, bound=5.0)
-    for _ in range(3):
-        x = opt.ask()
-        opt.tell((x ** 2).sum(1))
-        s = opt.sample()
-        assert s.shape == (40, 512) and not torch.equal(s, x)
-    assert type(opt.es.adapt_sigma).__name__ == "CMAAdaptSigmaTPA"
+def test_cmaes_reask_is_an_untold_ask_on_the_live_strategy():
+    """CraFT's (and SharpZO's release's) re-ask: two in a row give two populations, each drawn
+    from the optimiser's own stream exactly as a plain ``es.ask()`` on pycma draws it, and the
+    next generation continues after them (the official loop's sequence ask, tell, ask, ask)."""
+    import cma
+
+    d, pop = 512, 40
+    opt = CMAES(torch.zeros(d), 1.0, popsize=pop, seed=3, bound=5.0)
+    ref = cma.CMAEvolutionStrategy(d * [0], 1.0, {"seed": 3, "popsize": pop, "verbose": -9, "bounds": [-5, 5],
+                                                  "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA})
+    for _ in range(2):
+        x, X = opt.ask(), ref.ask()
+        assert torch.allclose(x, torch.tensor(np.array(X)).float())
+        f = (x.double() ** 2).sum(1)
+        opt.tell(f)
+        ref.tell(X, f.tolist())
+        r1, r2 = opt.reask(), opt.reask()
+        R1, R2 = ref.ask(), ref.ask()
+        assert not torch.equal(r1, r2)
+        assert torch.allclose(r1, torch.tensor(np.array(R1)).float()) and torch.allclose(r2, torch.tensor(np.array(R2)).float())
+    assert torch.allclose(opt.ask(), torch.tensor(np.array(ref.ask())).float())
+    assert type(opt.es.adapt_sigma).__name__ == "CMAAdaptSigmaCSA"
+
+
+def test_cmaes_reask_under_tpa_is_refused_with_the_fix():
+    opt = CMAES(torch.zeros(512), 1.0, popsize=40, seed=0, step_size="pycma")
+    x = opt.ask()
+    opt.tell((x**2).sum(1))
+    with pytest.raises(BadInput, match="step_size='csa'"):
+        opt.reask()

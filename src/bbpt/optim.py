@@ -6,7 +6,8 @@ black box in one batched query, and is told their n losses (lower is better):
     z = opt.ask()            # (n, d)
     opt.tell(losses)         # (n,)
 
-- :class:`CMAES`: pycma's CMA-ES, its numpy RNG kept private so runs are reproducible.
+- :class:`CMAES`: pycma's CMA-ES (CSA step-size rule, as the official codes ran it), its numpy
+  RNG kept private so runs are reproducible.
 - :class:`ZOSGD`: zeroth-order SGD; the gradient estimate comes from a ``GradientEstimator``:
   :class:`SPSA` (Spall: (L+ - L-) / (2 c_k Δ), Δ Rademacher or segmented-uniform),
   :class:`RGE` (Gaussian directions, MeZO-style: directions regenerated from seeds),
@@ -65,8 +66,10 @@ class Constant:
 
 @dataclass(frozen=True)
 class PolyDecay:
-    """BAR's schedule: a_k = (lr0 - lr_min) · max(0, 1 - t / (frac·T))^power + lr_min, t = k - 1;
-    constant smoothing c_k = beta."""
+    """BAR's schedule: a_k = (lr0 - lr_min) · (1 - min(t, frac·T) / (frac·T))^power + lr_min with
+    t = k: the official trainers increment their decay step before the step
+    (BlackVIP ``trainers/reprogramming.py`` 174-175, ZIP ``trainers/bar.py`` 156-157), so the
+    first step already uses t = 1. Constant smoothing c_k = beta."""
 
     lr0: float = 10.0
     lr_min: float = 0.1
@@ -76,7 +79,8 @@ class PolyDecay:
     beta: float = 0.01
 
     def a_k(self, k: int) -> float:
-        return (self.lr0 - self.lr_min) * max(0.0, 1 - (k - 1) / (self.frac * self.total)) ** self.power + self.lr_min
+        horizon = self.frac * self.total
+        return (self.lr0 - self.lr_min) * (1 - min(k, horizon) / horizon) ** self.power + self.lr_min
 
     def c_k(self, k: int) -> float:
         return self.beta
@@ -279,23 +283,37 @@ _NUMPY_GLOBAL = {"numpy.random global RandomState": lambda: np.random.mtrand._ra
 class CMAES:
     """pycma's CMA-ES with an (n, d) tensor ask and an (n,) tensor tell.
 
-    pycma draws from numpy's global RNG; here that stream is private to the optimiser
-    (its state swapped in around each call), so other code cannot perturb it and the state
-    is explicit. The strategy itself is pickled for checkpoints with the global RNG kept
-    *out* of the pickle (a persistent reference, :func:`bbpt.state.pickle_own`): a pickled
-    copy of it would be a second, frozen stream, and a resumed strategy would draw other
-    samples than the uninterrupted one.
+    ``step_size``: "csa" (default), cumulative step-size adaptation, the rule every official
+    release ran: CraFT, BBT and BPT-VLM predate pycma 4.5 and SharpZO pins cma==4.0.0. pycma
+    4.5 switches to TPA at d >= 300 (``cma.evolution_strategy.TPA_dimension``), which also
+    puts two mean-shift samples into every population from the second generation on;
+    "pycma" takes that choice.
+
+    pycma seeds numpy's global RNG with ``seed`` (as the official scripts pass theirs: 1, 2,
+    3; seed 0, which pycma reads as "from the clock", becomes 2^32 - 1) and draws from it;
+    here that stream is private to the optimiser (its state swapped in around each call), so
+    other code cannot perturb it and the state is explicit. The strategy itself is pickled for
+    checkpoints with the global RNG kept *out* of the pickle (a persistent reference,
+    :func:`bbpt.state.pickle_own`): a pickled copy of it would be a second, frozen stream, and a
+    resumed strategy would draw other samples than the uninterrupted one.
     """
 
-    def __init__(self, x0: torch.Tensor, sigma0: float, popsize: int, seed: int = 0, bound: float = 0.0):
+    STEP_SIZE_RULES = ("csa", "pycma")
+
+    def __init__(self, x0: torch.Tensor, sigma0: float, popsize: int, seed: int = 0, bound: float = 0.0,
+                 step_size: str = "csa"):
         import cma
 
         if sigma0 <= 0:
             raise BadInput(f"CMA-ES sigma must be positive, got {sigma0}")
         if popsize < 2:
             raise BadInput(f"CMA-ES population must be at least 2, got {popsize}")
-        opts = {"popsize": popsize, "seed": seed + 1, "verbose": -9, "maxiter": 10**9, "tolfun": 0, "tolx": 0,
-                "tolfunhist": 0, "tolstagnation": 10**9, "tolflatfitness": 10**9}
+        if step_size not in self.STEP_SIZE_RULES:
+            raise BadInput(f"CMA-ES step_size {step_size!r} must be 'csa' (the official codes') or 'pycma'")
+        opts = {"popsize": popsize, "seed": seed if seed > 0 else 2**32 - 1, "verbose": -9, "maxiter": 10**9,
+                "tolfun": 0, "tolx": 0, "tolfunhist": 0, "tolstagnation": 10**9, "tolflatfitness": 10**9}
+        if step_size == "csa":
+            opts["AdaptSigma"] = cma.sigma_adaptation.CMAAdaptSigmaCSA
         if bound > 0:
             opts["bounds"] = [-bound, bound]
         outer = np.random.get_state()
@@ -318,37 +336,34 @@ class CMAES:
         self._asked = self._private(self.es.ask)
         return torch.from_numpy(np.stack(self._asked)).float()
 
-    def sample(self) -> torch.Tensor:
-        """A fresh generation that is *not* told back (CraFT's re-asked bias). Drawn from a copy
-        of the strategy (the same random stream), so the real one sees a plain ask -> tell
-        sequence: pycma's TPA step-size rule (its default above ~100 dimensions) injects
-        mean-shift samples into the next ask, which an extra, untold ask would consume."""
-        import copy
-        import warnings
-
-        es = copy.deepcopy(self.es)
-        with warnings.catch_warnings():  # pycma warns on an ask without a tell; here that is the point
-            warnings.simplefilter("ignore")
-            return torch.from_numpy(np.stack(self._private(es.ask))).float()
+    def reask(self) -> torch.Tensor:
+        """(n, d): ``es.ask()`` once more on the live strategy, never told back, as the official
+        CraFT (``main_craft.py`` update_context_prompt, 157-160) and SharpZO
+        (``main_sharpzo.py`` 374-379) loops do: it draws from, and advances, the optimiser's
+        own random stream, so two re-asks give two populations and the next ``ask`` continues
+        after them. Under CSA an untold ask changes nothing else; TPA's mean-shift samples
+        would be consumed by it, so the combination is refused."""
+        if getattr(self.es, "mean_shift_samples", False):
+            raise BadInput("an untold re-ask cannot run under pycma's TPA step-size rule (it takes the mean-shift "
+                           "samples the next generation needs): use step_size='csa', the official codes' rule")
+        return torch.from_numpy(np.stack(self._private(self.es.ask))).float()
 
     def current_loss(self, losses: torch.Tensor) -> float:
         return float(losses.min())  # the generation's best
 
     def tell(self, losses: torch.Tensor) -> None:
-        import warnings
-
-        from cma.evolution_strategy import InjectionWarning
-
         if self._asked is None:
             raise RuntimeError("tell() without ask()")
-        with warnings.catch_warnings():  # after sample(): its untold injected mean is expected
-            warnings.simplefilter("ignore", InjectionWarning)
-            self._private(lambda: self.es.tell(self._asked, [float(v) for v in losses]))
+        self._private(lambda: self.es.tell(self._asked, [float(v) for v in losses]))
         self._asked = None
 
     @property
     def mean(self) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.es.mean)).float()
+
+    @property
+    def sigma(self) -> float:
+        return float(self.es.sigma)
 
     @property
     def best(self) -> torch.Tensor:

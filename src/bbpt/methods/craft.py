@@ -162,7 +162,7 @@ class CraFT(ZerothOrderMethod):
         if self.cfg.bias == "mean":
             self.z_bias = self.opt.mean
         elif self.cfg.bias == "reask":
-            self.z_bias = self.opt.sample().mean(0)  # mean(A z_i) = A mean(z_i)
+            self.z_bias = self.opt.reask().mean(0)  # mean(A z_i) = A mean(z_i)
         else:
             self.z_bias = self.opt.best
         use_kl = budget.spent <= self.cfg.head_kl_fraction * (budget.total or 0)
