@@ -76,8 +76,9 @@ def test_a_plan_resolves_the_per_dataset_preset(tmp_path):
     from bbpt.methods import make_config
 
     resolved = cls.resolve_config(make_config(cls, c.options), c.shots)
-    sigma, bound, std, lam, n = PRESETS["dtd"]
-    assert (resolved.sigma, resolved.bound, resolved.proj_std, resolved.lam, resolved.beta) == (sigma, bound, std, lam, lam)
+    v = {k: val for k, (val, _) in PRESETS["dtd"].values.items()}
+    assert (resolved.sigma, resolved.bound, resolved.proj_std, resolved.lam, resolved.beta) == (0.02, 5, 1, 0.001, 0.001)
+    assert all(getattr(resolved, k) == val for k, val in v.items())
     assert resolved.budget == 8000
 
 

@@ -178,6 +178,12 @@ def methods(name: Optional[str] = typer.Argument(None, help="One method to descr
             typer.echo(f"  {k:18s} {shown:>12}  {option_range(f) or _kind(f.annotation):30s} {f.description or ''}")
             if sources:
                 typer.echo(f"  {'':18s} {'':>12}  {'':30s} default from {cls.Config.source(k)}")
+        if sources and cls.presets:
+            typer.echo(f"  presets (preset=NAME; an option set explicitly wins over its preset):")
+            for pname, p in cls.presets.items():
+                typer.echo(f"    {pname}: {p.source}")
+                for k, (v, where) in p.values.items():
+                    typer.echo(f"      {k} = {v!r}  ({where})")
 
 
 @data_app.command("prepare")

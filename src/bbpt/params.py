@@ -33,15 +33,24 @@ class Direct:
 
 
 class RandomProjection:
-    """ctx = ctx0 + reshape(A z); z = 0 is the initial prompt."""
+    """ctx = ctx0 + reshape(A z); z = 0 is the initial prompt.
 
-    def __init__(self, ctx0: torch.Tensor, dim: int, std: float, seed: int):
+    init: "normal", A ~ N(0, std²) (BBT, CraFT, SharpZO); "uniform", A ~ U(±1/√d), what
+    ``nn.Linear(d, m·D)`` holds at its default init (CraFT's ImageNet script; std unused).
+    """
+
+    def __init__(self, ctx0: torch.Tensor, dim: int, std: float, seed: int, init: str = "normal"):
         if dim < 1:
             raise BadInput(f"intrinsic dimension must be >= 1, got {dim}")
+        if init not in ("normal", "uniform"):
+            raise BadInput(f"projection init {init!r} must be 'normal' or 'uniform'")
         self.ctx0 = ctx0.float()  # (m, D)
         self.dim = dim
         g = torch.Generator().manual_seed(seed)
-        self.A = torch.randn(ctx0.numel(), dim, generator=g) * std  # (m·D, d)
+        if init == "normal":
+            self.A = torch.randn(ctx0.numel(), dim, generator=g) * std  # (m·D, d)
+        else:
+            self.A = (torch.rand(ctx0.numel(), dim, generator=g) * 2 - 1) / math.sqrt(dim)
 
     @staticmethod
     def bbt_std(embedding_std: float, dim: int, sigma: float, alpha: float = 1.0) -> float:

@@ -22,7 +22,7 @@ ask -> decode -> query -> loss -> tell.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -97,6 +97,29 @@ class OnePassConfig(MethodConfig):
 
     sources = {"crop_min": "official CraFT loaders (reused by SharpZO and CraFT's BBT baseline): "
                            "RandomResizedCrop(scale=(0.5, 1)) + RandomHorizontalFlip"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """An official per-dataset configuration: values for some options, each with where in the
+    ``source`` file it comes from. A run's explicit options always win over its preset."""
+
+    source: str  # the official file, e.g. "craft_configs/dtd.yaml @1a4c251"
+    values: dict[str, tuple[Any, str]]  # option -> (value, the official key or statement)
+
+
+def apply_preset(method: type, cfg: "MethodConfig") -> "MethodConfig":
+    """``cfg`` with its preset's values for every option the user did not set explicitly
+    (pydantic's ``model_fields_set``: what ``--set`` / a sweep's options named)."""
+    name = getattr(cfg, "preset", None)
+    if name is None:
+        return cfg
+    if name not in method.presets:
+        from ..errors import UnknownName
+
+        raise UnknownName(f"{method.name} preset", name, method.presets, hint="`bbpt methods NAME --sources` lists them.")
+    explicit = cfg.model_fields_set
+    return cfg.model_copy(update={k: v for k, (v, _) in method.presets[name].values.items() if k not in explicit})
 
 
 class Budget:
@@ -183,11 +206,13 @@ class FewShotData:
         for i in range(0, len(self), size):
             yield self.images(np.arange(i, min(i + size, len(self))))
 
-    def batches(self, batch_size: int, rng: np.random.Generator):
-        """One epoch of shuffled batches (Images, labels); the last partial batch is dropped
-        when there are at least ``batch_size`` images (Dassl's drop_last)."""
+    def batches(self, batch_size: int, rng: np.random.Generator, drop_last: bool = True):
+        """One epoch of shuffled batches (Images, labels). With ``drop_last`` the last partial
+        batch is dropped when there are at least ``batch_size`` images (Dassl's loaders);
+        without, it is kept (CraFT's, ``datasets/utils.py`` build_data_loader)."""
         order = rng.permutation(len(self))
-        for i in range(0, epoch_stop(len(self), batch_size), batch_size):
+        stop = epoch_stop(len(self), batch_size) if drop_last else len(self)
+        for i in range(0, stop, batch_size):
             idx = order[i : i + batch_size]
             yield self.images(idx, self.draw_views(rng, len(idx))), self.labels[idx]
 
@@ -278,6 +303,7 @@ class Method:
     # (False: prompted pixels or visual tokens, re-encoded every query; views are not uploaded)
     cached_images: ClassVar[bool] = True
     state: ClassVar[tuple[str, ...]] = ()  # attributes saved in checkpoints (see state_dict)
+    presets: ClassVar[dict[str, Preset]] = {}  # official per-dataset configs, chosen by a `preset` option
 
     def __init__(self, cfg: MethodConfig, env: Env):
         self.cfg, self.env = cfg, env
@@ -285,8 +311,9 @@ class Method:
 
     @classmethod
     def resolve_config(cls, cfg: MethodConfig, shots: int) -> MethodConfig:
-        """Fill defaults that depend on the run (e.g. a budget by shots)."""
-        return cfg
+        """Fill defaults that depend on the run: the preset's values under the explicit
+        options (subclasses add e.g. a budget by shots)."""
+        return apply_preset(cls, cfg)
 
     @classmethod
     def unit(cls, cfg: MethodConfig) -> str:

@@ -30,11 +30,14 @@ from ..errors import BadInput
 from ..models.blackbox import SoftPrompt, VisualPrompt
 from ..optim import CMAES
 from ..params import RandomProjection
-from .base import MethodConfig, Query, WholeSet, ZerothOrderMethod, register_method
-from .common import embedding_std
+from .base import MethodConfig, Preset, Query, WholeSet, ZerothOrderMethod, register_method
+from .common import embedding_std, step_size_field, STEP_SIZE_SOURCE
 
-PRESETS = {"zip": dict(n_text=5, n_visual=5, dim_text=2000, dim_visual=2000, popsize=15, budget=5000,
-                       budget_unit="api_calls")}
+_ZIP = "ZIP's re-implementation (LOG-postech/ZIP @2ba908b)"
+PRESETS = {"zip": Preset(f"{_ZIP}: scripts/few_shot/BPTVLM.sh and train.py extend_cfg", {
+    "n_text": (5, "TOKENS_L 5"), "n_visual": (5, "TOKENS_V 5"), "dim_text": (2000, "INTRINSIC_DIM_L 2000"),
+    "dim_visual": (2000, "INTRINSIC_DIM_V 2000"), "popsize": (15, "POP_SIZE 15"),
+    "budget": (5000, "MAX_API_CALLS 5000"), "budget_unit": ("api_calls", "ZIP counts one minibatch forward as a call")})}
 
 
 class BPTVLMConfig(MethodConfig):
@@ -46,6 +49,7 @@ class BPTVLMConfig(MethodConfig):
     popsize: int = Field(30, ge=2, le=10_000, description="CMA-ES population per generation")
     sigma: float = Field(1.0, gt=0, description="CMA-ES initial step size σ")
     bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
+    step_size: Literal["csa", "pycma"] = step_size_field()
     preset: Literal["zip"] | None = Field(None, description="'zip': ZIP's re-implementation settings")
 
     augment: bool = Field(False, description="train on random resized crops + flips; false: CLIP's test transform")
@@ -61,6 +65,7 @@ class BPTVLMConfig(MethodConfig):
         "popsize": "official: popsize 30",
         "sigma": "official: sigma 1",
         "bound": "official: bound 0",
+        "step_size": STEP_SIZE_SOURCE,
         "preset": "ZIP's re-implementation: TOKENS 5 + 5, INTRINSIC_DIM 2000 + 2000, POP_SIZE 15, 5000 api_calls",
     }
 
@@ -71,10 +76,7 @@ class BPTVLM(ZerothOrderMethod):
     cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BPTVLMConfig
     budget_unit = "prompt_evals"
-
-    @classmethod
-    def resolve_config(cls, cfg: BPTVLMConfig, shots: int) -> BPTVLMConfig:
-        return cfg if cfg.preset is None else cfg.model_copy(update=PRESETS[cfg.preset])
+    presets = PRESETS
 
     def __init__(self, cfg: BPTVLMConfig, env):
         super().__init__(cfg, env)
@@ -91,7 +93,7 @@ class BPTVLM(ZerothOrderMethod):
             std_v = RandomProjection.bbt_std(std_patch, cfg.dim_visual, cfg.sigma)
             self.visual = RandomProjection(torch.zeros(cfg.n_visual, W), cfg.dim_visual, std_v, seed + 1)
         dim = cfg.dim_text + (cfg.dim_visual if self.visual else 0)
-        self.opt = CMAES(torch.zeros(dim), cfg.sigma, cfg.popsize, seed, cfg.bound)
+        self.opt = CMAES(torch.zeros(dim), cfg.sigma, cfg.popsize, seed, cfg.bound, cfg.step_size)
         self.batches = WholeSet(data)  # images re-encoded through the prompted ViT every query
 
     def decode(self, z: torch.Tensor) -> tuple[SoftPrompt, VisualPrompt | None]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field
+
 from ..errors import BadInput
 from ..models.blackbox import BlackBoxAPI
 
@@ -53,3 +55,13 @@ def focal_per_candidate(logits: torch.Tensor, y: torch.Tensor, gamma: float = 2.
     """Focal loss mean_b (1 - p_t)^γ · (-log p_t) per candidate: (P, B, C), (B,) -> (P,)."""
     logp = F.log_softmax(logits, -1).gather(-1, y.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)  # (P, B)
     return ((1 - logp.exp()) ** gamma * -logp).mean(1)
+
+
+STEP_SIZE_SOURCE = ("official: CSA, pycma's step-size rule before 4.5, which every release ran (CraFT, BBT and "
+                    "BPT-VLM predate 4.5; SharpZO pins cma==4.0.0); tests/parity/optim_cmaes.json")
+
+
+def step_size_field():
+    """The CMA-ES methods' ``step_size`` option (see :class:`bbpt.optim.CMAES`)."""
+    return Field("csa", description="CMA-ES step-size rule: 'csa' (the releases' pycma) or 'pycma' (pycma 4.5's "
+                                    "own choice: TPA at d >= 300)")

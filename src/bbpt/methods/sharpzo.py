@@ -27,18 +27,20 @@ from ..models.blackbox import SoftPrompt
 from ..optim import CGE, CMAES, RGE, Constant, ZOSGD
 from ..params import RandomProjection
 from .base import OnePassConfig, WholeSet, ZerothOrderMethod, register_method
-from .common import ce_per_candidate, initial_context
+from .common import ce_per_candidate, initial_context, step_size_field, STEP_SIZE_SOURCE
 
 
 class SharpZOConfig(OnePassConfig):
     budget: int | None = Field(20000, ge=1, description="prompt_evals")
-    n_ctx: int | None = Field(None, ge=1, le=75, description="context tokens; none: as many as the template's words")
-    ctx_init: str = Field("template", min_length=1, description="'template', 'random' or a phrase")
+    n_ctx: int | None = Field(None, ge=1, le=75, description="context tokens; none: as many as ctx_init's words")
+    ctx_init: str = Field("a photo of a", min_length=1, description="a phrase, 'template' (the task template's "
+                          "words before '{}') or 'random'")
     intrinsic_dim: int = Field(512, ge=1, le=100_000, description="dimension d of the search space z")
     proj_std: float = Field(0.2, gt=0, description="std of the projection A")
     popsize: int = Field(40, ge=2, le=10_000, description="stage-1 CMA-ES population")
     sigma: float = Field(0.4, gt=0, description="stage-1 CMA-ES initial step size σ")
     bound: float = Field(0.0, ge=0, description="box constraint |z_i| <= bound (0: none)")
+    step_size: Literal["csa", "pycma"] = step_size_field()
     rho: float = Field(0.1, ge=0, description="sharpness radius ρ of ε = ρ g / ‖g‖ (0: plain CMA-ES)")
     eps_cge: float = Field(1e-3, gt=0, description="CGE finite-difference step μ")
     cge_every: int = Field(1, ge=1, le=10_000, description="recompute ε every this many generations (1: paper)")
@@ -59,12 +61,13 @@ class SharpZOConfig(OnePassConfig):
         "budget": "bbpt: 20000 prompt_evals, so that both stages run on CPU (departure: the released script runs "
                   "change_point 100 and total_steps 200000, about 500k evaluations; the poster gives no budget)",
         "n_ctx": "official (CraFT's loader): the 'a photo of a' words",
-        "ctx_init": "official: p0 = 'a photo of a'",
+        "ctx_init": "official main_sharpzo.py (CraFT's PromptLearner): ctx_init = 'a photo of a'",
         "intrinsic_dim": "official: 512",
         "proj_std": "official (CraFT's configs): std(A) 0.2",
         "popsize": "official: 40 (hard-coded)",
         "sigma": "official: --sigma 0.4",
         "bound": "bbpt: none (official: from CraFT's configs, ±5 or none)",
+        "step_size": STEP_SIZE_SOURCE,
         "rho": "official: rho 0.1",
         "eps_cge": "official released script: zo_eps_cge 1e-3",
         "cge_every": "paper: ε at every generation",
@@ -91,7 +94,7 @@ class SharpZO(ZerothOrderMethod):
         super().__init__(cfg, env)
         ctx0 = initial_context(self.box, cfg.ctx_init, cfg.n_ctx, self.task_info["templates"], self.seed)
         self.param = RandomProjection(ctx0, cfg.intrinsic_dim, cfg.proj_std, self.seed)
-        self.es = CMAES(self.param.init(), cfg.sigma, cfg.popsize, self.seed, cfg.bound)
+        self.es = CMAES(self.param.init(), cfg.sigma, cfg.popsize, self.seed, cfg.bound, cfg.step_size)
         # stage 2's optimiser; its start point and mask are set at the switch
         self.zo = ZOSGD(self.param.init(), RGE(cfg.n_perturb), Constant(a=cfg.lr, c=cfg.eps_rge), seed=self.seed)
         self.batches = WholeSet(self.data)
