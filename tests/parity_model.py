@@ -72,8 +72,8 @@ def toy_env(fx: dict, method_cls, *, seed: int, meter_budget: dict | None = None
 
     arrays, classnames = fx["inputs"]["model"], list(fx["inputs"]["classnames"])
     bb = ToyBackbone(arrays, classnames)
-    n = len(arrays["labels"])
-    images = ImageSet(labels=arrays["labels"], ids=np.array([f"img{i}" for i in range(n)]), array=arrays["pixels"])
+    n = int(fx["inputs"].get("n_train", len(arrays["labels"])))  # the training images come first
+    images = ImageSet(labels=arrays["labels"][:n], ids=np.array([f"img{i}" for i in range(n)]), array=arrays["pixels"][:n])
     box = BlackBox(bb, classnames, QueryMeter(meter_budget or {}))
     data = FewShotData(images, bb.image_size)
     task = {"name": "toy", "classnames": classnames, "templates": list(fx["inputs"].get("templates", ["a photo of a {}."]))}
