@@ -258,3 +258,21 @@ def test_every_numeric_option_has_a_range():
             plain = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in args]
             if any(a in (int, float) for a in plain):
                 assert any(sym in option_range(info) for sym in (">", "<")), (name, field, option_range(info))
+
+
+def test_an_explicit_option_wins_over_the_preset(tmp_path, capsys):
+    """`--set preset=dtd --set sigma=0.5` runs with σ 0.5; the preset's other values still apply."""
+    code, _, err = cli_run(["run", "--method", "craft", "--dataset", "shapes", "--shots", "1", "--set", "preset=dtd",
+                            "--set", "sigma=0.5", "--set", "intrinsic_dim=8", "--set", "popsize=4", "--budget", "8",
+                            "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 0, err
+    o = json.loads((tmp_path / "o" / "result.json").read_text())["config"]["options"]
+    assert o["sigma"] == 0.5 and o["preset"] == "dtd"
+    assert (o["proj_std"], o["lam"], o["beta"], o["head"], o["head_optim"]) == (1.0, 0.001, 0.001, "official", "adam")
+    from bbpt.methods import make_config
+
+    for method, explicit, preset in (("craft", {"sigma": 0.5, "preset": "dtd"}, {"proj_std": 1.0}),
+                                     ("bptvlm", {"popsize": 7, "preset": "zip"}, {"n_text": 5})):
+        cls = METHODS.get(method)
+        cfg = cls.resolve_config(make_config(cls, explicit), 16)
+        assert all(getattr(cfg, k) == v for k, v in {**explicit, **preset}.items())

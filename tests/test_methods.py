@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from bbpt.data import fewshot_split, load_task
 from bbpt.engine import evaluate, make_run_config, run
+from bbpt.errors import BadInput
 from bbpt.methods import METHODS, FewShotData, make_config
 from bbpt.methods.base import Budget, Env
 from bbpt.methods.common import ce_per_candidate, kl_per_candidate
@@ -112,6 +113,11 @@ def test_craft_budget_by_shots():
     for name in ("eurosat", "food101", "imagenet"):
         q = cls.resolve_config(make_config(cls, {"preset": name}), 16)
         assert q.beta == q.lam
+    imagenet = make_config(cls, {"preset": "imagenet"})  # main_craft_imagenet.py: 4000 at 2-16 shots, 2000 at 1
+    assert [cls.resolve_config(imagenet, k).budget for k in (1, 2, 16)] == [2000, 4000, 4000]
+    assert cls.resolve_config(make_config(cls, {"preset": "oxford_pets"}), 16).batch_size == 64
+    with pytest.raises(BadInput, match="unknown craft preset 'dtdd'; did you mean 'dtd'"):
+        cls.resolve_config(make_config(cls, {"preset": "dtdd"}), 16)
 
 
 def test_sharpzo_cge_cost_and_stage_switch(mini):

@@ -123,3 +123,27 @@ def test_bad_reproduce_requests_are_one_line(tmp_path, args, needle):
 def test_reproduce_lists_its_tables():
     p = subprocess.run([*BBPT, "reproduce", "--list"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and all(t.id in p.stdout for t in TABLES) and "source: CraFT (Wang et al., ICML 2024)" in p.stdout
+
+
+def test_craft_bbt_and_sharpzo_run_on_dtd_whose_template_has_no_words_before_the_class(tmp_path):
+    """DTD's template is '{} texture.': the three start from 'a photo of a' (the official CraFT
+    code's p0), so none refuses there (they did while they took the template's words)."""
+    root = make_coop_root(tmp_path / "DATA")
+    common = ["--root", str(root), "--pretrained", "random", "--shots", "2", "--seeds", "1", "--quiet",
+              "--set", "intrinsic_dim=16", "--set", "popsize=4"]
+    for method, budget in (("craft", 8), ("bbt", 8)):
+        out = tmp_path / method
+        p = subprocess.run([*BBPT, "reproduce", method, "--dataset", "dtd", "--model", "RN50", "--budget", str(budget),
+                            *common, "--out", str(out)], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert f"{method} on dtd: bbpt " in p.stdout and f"({'CraFT' if method == 'craft' else 'BBT'}, RN50)" in p.stdout
+        r = json.loads((out / "seed1" / "result.json").read_text())
+        assert r["status"] == "finished" and r["config"]["options"]["ctx_init"] == "a photo of a"
+        assert r["queries"]["prompt_evals"] == budget
+    out = tmp_path / "sharpzo"
+    p = subprocess.run([*BBPT, "run", "--method", "sharpzo", "--dataset", str(root / "dtd"), "--model", "RN50",
+                        "--pretrained", "random", "--shots", "2", "--budget", "80", "--set", "intrinsic_dim=16",
+                        "--set", "popsize=4", "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "finished" and r["queries"]["prompt_evals"] == 80
