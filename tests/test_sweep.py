@@ -352,3 +352,15 @@ def test_a_sweep_files_order_holds_for_renamed_tasks_and_an_unswept_file_is_one_
     f = write(tmp_path, f"out = '{tmp_path / 'never'}'\n" + SPEC, name="n.toml")
     with pytest.raises(BadInput, match=r"does not exist; run `bbpt sweep .*n\.toml` first"):
         report(f)
+
+
+def test_a_methods_revision_renames_only_its_runs(tmp_path, monkeypatch):
+    """A fidelity fix in a method's code bumps its ``revision``: its runs get new folders (a sweep
+    runs them again), every other method's keep theirs (their finished results stay valid)."""
+    from bbpt.methods import METHODS
+
+    spec = {"methods": ["zip", "bar"], "datasets": ["shapes"], "shots": [1], "seeds": [1]}
+    before = {Path(f).parent.parent.name: Path(f).name for _, f in expand(spec, tmp_path)}
+    monkeypatch.setattr(METHODS.get("bar"), "revision", METHODS.get("bar").revision + 1)
+    after = {Path(f).parent.parent.name: Path(f).name for _, f in expand(spec, tmp_path)}
+    assert after["zip"] == before["zip"] and after["bar"] != before["bar"]

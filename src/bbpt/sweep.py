@@ -26,8 +26,8 @@ A sweep file names the grid; every list is one axis, and the grid is their produ
 
 A run's folder is ``OUT/<method>/<dataset>/<hash>``, the hash of its full resolved
 configuration (run fields, every method option with defaults included, and the SHA-256 of
-the weights file where a file holds them), so a changed option or retrained weights never
-reuse a stale result. Rerun, a finished run is skipped without building anything, an
+the weights file where a file holds them, and the method's ``revision`` once a fix in its code
+bumped it), so a changed option, retrained weights or a fixed method never reuse a stale result. Rerun, a finished run is skipped without building anything, an
 unfinished one resumes from its checkpoint (a sweep killed with kill -9 restarts where it
 stopped), and the rest run. ``OUT/sweep.json`` lists every run with its folder.
 
@@ -172,7 +172,8 @@ def expand(spec: dict, out: str | Path) -> list[tuple[dict, Path]]:
         cfg = make_run_config(**{**run, "method": method, "dataset": dataset, "shots": shots, "seed": seed,
                                  "options": options})
         resolved = {**cfg.model_dump(), "options": cls.resolve_config(make_config(cls, cfg.options), shots).model_dump(),
-                    "weights": weights_fingerprint(cfg.model, cfg.pretrained)}
+                    "weights": weights_fingerprint(cfg.model, cfg.pretrained),
+                    **({"revision": cls.revision} if cls.revision else {})}
         h = config_hash(resolved)
         if h in seen:
             continue

@@ -75,6 +75,7 @@ class BAR(ZerothOrderMethod):
     name = "bar"
     cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BARConfig
+    revision = 1  # 1: the poly decay counts t = k, as the official trainers (was k - 1)
 
     def __init__(self, cfg: BARConfig, env):
         super().__init__(cfg, env)

@@ -304,6 +304,10 @@ class Method:
     cached_images: ClassVar[bool] = True
     state: ClassVar[tuple[str, ...]] = ()  # attributes saved in checkpoints (see state_dict)
     presets: ClassVar[dict[str, Preset]] = {}  # official per-dataset configs, chosen by a `preset` option
+    # Bumped when a fix changes what the method does for the same resolved config (a fidelity
+    # fix in code, not in options), so that sweeps, which name runs by that config's hash, run it
+    # again; part of the hash only when non-zero, so other methods' finished runs stay valid.
+    revision: ClassVar[int] = 0
 
     def __init__(self, cfg: MethodConfig, env: Env):
         self.cfg, self.env = cfg, env
