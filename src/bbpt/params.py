@@ -91,7 +91,11 @@ class Fastfood:
         self.B = torch.randint(0, 2, (m, self.LL), generator=g).float() * 2 - 1
         self.Pi = torch.stack([torch.randperm(self.LL, generator=g) for _ in range(m)])  # (m, LL)
         self.G = torch.randn(m, self.LL, generator=g)
-        self.scale = 1.0 / (torch.sqrt(self.LL * (self.G**2).sum(-1)) * math.sqrt(self.D / self.LL))  # (m,)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """(m,) 1 / (divisor · √(D/LL)), divisor = √(LL ΣG²): follows G (also when G is set)."""
+        return 1.0 / (torch.sqrt(self.LL * (self.G**2).sum(-1)) * math.sqrt(self.D / self.LL))
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         """(n, m, q) -> (n, m, D)."""
