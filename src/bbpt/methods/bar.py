@@ -30,7 +30,9 @@ class BARConfig(MethodConfig):
     lr0: float = Field(10.0, gt=0, description="initial learning rate of the poly decay")
     lr_min: float = Field(0.1, ge=0, description="final learning rate of the poly decay")
     power: float = Field(0.9, gt=0, description="power of the poly decay")
-    decay_steps: int | None = Field(None, ge=1, description="decay horizon in steps; none: the steps the budget allows")
+    decay_steps: int | None = Field(None, ge=1, description="T, steps of the decay (the official total_length = "
+                                    "batches per epoch x MAX_EPOCH): the rate reaches lr_min at 0.9·T; none: the "
+                                    "steps the budget allows")
     gamma: float = Field(2.0, ge=0, description="focal loss γ (0: cross-entropy)")
 
     sources = {
@@ -42,8 +44,9 @@ class BARConfig(MethodConfig):
         "lr0": "official (ZIP's scripts): LRS [10.0, 0.1]",
         "lr_min": "official (ZIP's scripts): LRS [10.0, 0.1]",
         "power": "official: DECAYING 0.9",
-        "decay_steps": "bbpt: the steps the budget allows (ZIP's code: 1000 epochs, so the rate barely decays; "
-                       "set decay_steps to follow it)",
+        "decay_steps": "bbpt: the steps the budget allows (ZIP's code, trainers/bar.py 103-105 and 151: "
+                       "total_length = batches per epoch x 1000 epochs, so the rate barely decays; set decay_steps "
+                       "to that to follow it; tests/parity/bar.json)",
         "gamma": "official: focal loss γ = 2",
     }
 
