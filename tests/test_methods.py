@@ -150,6 +150,65 @@ def test_sharpzo_perturbs_candidates_by_eps(mini):
     assert torch.allclose(population, asked[0] + m.eps)  # scored at z_i + ε, told as z_i
 
 
+def test_sharpzo_reask_follows_the_released_rows(mini):
+    """reask=True: the CGE at the rows' mean (first U[0, 1) rows, then each untold re-ask), ε of
+    radius ρ/√popsize, stage 2 and the prompt from the last re-ask's mean."""
+    m, box, _ = build("sharpzo", mini, intrinsic_dim=8, popsize=4, change_point=2, rho=0.5, reask=True, sparsity=1.0)
+    z0 = m.z_rows.clone()
+    assert torch.equal(z0, build("sharpzo", mini, intrinsic_dim=8, popsize=4, reask=True)[0].z_rows)  # from the seed
+    assert 0.2 < float(z0.mean()) < 0.8 and torch.equal(m.prompt().ctx, m.param.decode(z0))
+    scored, reasked = [], []
+    orig_decode, orig_reask = m.param.decode, m.es.reask
+    m.param.decode = lambda z: (scored.append(z.clone()), orig_decode(z))[1]
+    m.es.reask = lambda: (reasked.append(orig_reask()), reasked[-1])[1]
+    m.step()
+    assert torch.allclose(scored[0][0] - 1e-3 * torch.eye(8)[0], z0)  # the CGE around the rows' mean
+    assert float(m.eps.norm()) == pytest.approx(0.5 / 4**0.5, rel=1e-5)
+    assert torch.equal(m.z_rows, reasked[0].mean(0)) and not torch.equal(m.z_rows, m.es.mean)
+    m.step()
+    assert torch.allclose(scored[2][0] - 1e-3 * torch.eye(8)[0], reasked[0].mean(0))  # the previous re-ask's
+    start = m.z_rows.clone()
+    m.step()
+    assert m.stage == 2 and len(reasked) == 2
+    assert 0 < float((m.zo.w - start).abs().max()) < 1e-2  # one small step from the last re-ask's mean
+
+
+def test_sharpzo_reask_state_resumes_exactly(mini):
+    opts = dict(intrinsic_dim=8, popsize=4, change_point=3, reask=True)
+    a, _, _ = build("sharpzo", mini, **opts)
+    a.step()
+    b, _, _ = build("sharpzo", mini, **opts)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    a.step(), b.step()
+    assert torch.equal(a.z_rows, b.z_rows) and torch.equal(a.es.mean, b.es.mean)
+    old = {k: v for k, v in a.state_dict().items() if k != "z_rows"}  # a checkpoint from before the option
+    build("sharpzo", mini, intrinsic_dim=8, popsize=4)[0].load_state_dict(old)
+    with pytest.raises(ValueError, match="z_rows"):
+        build("sharpzo", mini, **opts)[0].load_state_dict(old)
+
+
+def test_sharpzo_presets_are_the_released_script_on_each_config():
+    from bbpt.errors import UnknownName
+
+    cls = METHODS.get("sharpzo")
+    assert set(cls.presets) == {"caltech101", "dtd", "eurosat", "fgvc", "food101", "imagenet", "oxford_flowers",
+                                "oxford_pets", "stanford_cars", "sun397", "ucf101"}
+    for name in cls.presets:
+        p = cls.resolve_config(make_config(cls, {"preset": name}), 16)
+        assert (p.sparsity, p.reask, p.grad_accumulate_bug, p.lr, p.eps_cge, p.sigma, p.popsize) == (
+            1.0, True, True, 1e-3, 1e-3, 0.4, 40)
+        assert (p.budget, p.change_point) == (20000, None)  # bbpt's budget and switch, not the script's schedule
+        for field, (value, where) in cls.presets[name].values.items():
+            assert getattr(p, field) == value and where
+    e = cls.resolve_config(make_config(cls, {"preset": "eurosat"}), 16)
+    f = cls.resolve_config(make_config(cls, {"preset": "fgvc"}), 16)
+    assert (e.proj_std, e.bound, f.proj_std, f.bound) == (1.0, 5.0, 0.2, 0.0)
+    mine = cls.resolve_config(make_config(cls, {"preset": "eurosat", "proj_std": 0.5, "reask": False}), 16)
+    assert (mine.proj_std, mine.reask, mine.bound) == (0.5, False, 5.0)  # explicit options win
+    with pytest.raises(UnknownName):
+        cls.resolve_config(make_config(cls, {"preset": "mnist"}), 16)
+
+
 @pytest.mark.parametrize("name", ["zip", "bbt", "craft", "sharpzo"])
 def test_same_seed_same_result(name):
     budgets = {"zip": 60, "bbt": 60, "craft": 80, "sharpzo": 200}
