@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "parity")
 
 from fixture import all_fixtures, load  # noqa: E402
 from toy import LOGIT_SCALE, ToyCLIP  # noqa: E402
+from toy import ToyViT  # noqa: E402
 
 from bbpt.models.backbone import Backbone, TextEncoder  # noqa: E402
 
@@ -51,6 +52,7 @@ class ToyBackbone(Backbone):
         self.name, self.image_size = "toy", self.toy.image_size
         self.text = ToyText(self.toy)
         self.model = torch.nn.Module()
+        self.vit = ToyViT(arrays) if "vit_conv1" in arrays else None  # visual prompt tokens (BPT-VLM)
         self._finish()
 
     @property
@@ -62,6 +64,21 @@ class ToyBackbone(Backbone):
 
     def encode_images(self, pixels):
         return self.toy.encode_image(self.normalize(pixels))
+
+    # visual prompt tokens: only a toy with a ViT (toy.generate_vit's arrays)
+    @property
+    def visual_width(self):
+        return None if self.vit is None else self.vit.width
+
+    def patch_tokens(self, pixels):
+        if self.vit is None:
+            raise self._no_visual_tokens()
+        return self.vit.patch_tokens(self.normalize(pixels))
+
+    def encode_tokens(self, x, prompt=None):
+        if self.vit is None:
+            raise self._no_visual_tokens()
+        return self.vit.encode_tokens(x, prompt)
 
 
 def toy_env(fx: dict, method_cls, *, seed: int, meter_budget: dict | None = None):

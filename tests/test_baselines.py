@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from bbpt.engine import make_run_config, run
+from bbpt.errors import BadInput
 from bbpt.methods.bar import frame_mask, inner_size, reprogram
 from bbpt.methods.common import ce_per_candidate, focal_per_candidate
 from test_methods import build
@@ -48,7 +49,7 @@ def test_blackvip_coordinator_and_spsa_gc_step(mini):
     m, box, _ = build("blackvip", mini, dataset="fashion-mnist", shots=16, encoder="conv")
     dec = m.decoder
     assert dec(torch.randn(4, 64)).shape == (4, 3, 32, 32)
-    assert dec.trigger.min() >= 0 and dec.trigger.max() <= 0.1 and dec.trigger.numel() == 32 * 4 * 4 - 64
+    assert dec.p_trigger.shape == (1, 32 * 4 * 4 - 64) and dec.p_trigger.min() >= 0 and dec.p_trigger.max() <= 0.1
     assert all(p.requires_grad is False for p in m.encoder.parameters())  # the encoder is frozen
     # one SPSA-GC step: w1 = w0 - a_1 (g + β m), m = g at step 1 -> w0 - a_1 (1 + β) g
     w0 = m.opt.w.clone()
@@ -64,6 +65,53 @@ def test_blackvip_coordinator_and_spsa_gc_step(mini):
     g2 = m.opt.m - 0.9 * m1
     a2 = 0.01 / (2 + 1.0) ** 0.4
     assert torch.allclose(m.opt.w, w1 - a2 * (g2 + 0.9 * m.opt.m), atol=1e-6)
+
+
+def test_blackvip_decoder_official_at_224_reduced_below():
+    """224 px, 768-d z: the official DecoderManual (5 stages from 7×7, 9,920 parameters; the
+    layer-by-layer parity is tests/test_parity_blackvip.py). 32 px: its last two blocks and the
+    RGB conv from a 4×4 source grid; 28 px: its last block from 7×7."""
+    from bbpt.methods.blackvip import Decoder
+
+    def layout(dec):
+        return [(type(l).__name__, getattr(l, "in_channels", None), getattr(l, "out_channels", None),
+                 getattr(l, "groups", None), getattr(l, "bias", None) is not None) for l in dec.body
+                if isinstance(l, torch.nn.ConvTranspose2d)]
+
+    d224 = Decoder(768, 224)
+    assert d224.s0 == 7 and d224.p_trigger.shape == (1, 800) and sum(p.numel() for p in d224.parameters()) == 9920
+    ct = "ConvTranspose2d"
+    assert layout(d224) == [(ct, 32, 64, 32, True), (ct, 64, 64, 1, False), (ct, 64, 64, 64, True), (ct, 64, 32, 1, False),
+                            (ct, 32, 32, 32, True), (ct, 32, 32, 1, False), (ct, 32, 32, 32, True), (ct, 32, 16, 1, False),
+                            (ct, 16, 3, 1, False)]
+    d32 = Decoder(128, 32)  # the embedded mini's encoder
+    assert d32.s0 == 4 and layout(d32) == layout(d224)[4:] and sum(p.numel() for p in d32.parameters()) == 2528
+    assert d32(torch.randn(2, 128)).shape == (2, 3, 32, 32)
+    d28 = Decoder(128, 28)
+    assert d28.s0 == 7 and layout(d28) == layout(d224)[6:] and d28(torch.randn(2, 128)).shape == (2, 3, 28, 28)
+    assert Decoder(768, 32).s0 == 8  # a 4×4 grid cannot hold 768 features: one stage fewer
+    with pytest.raises(BadInput, match="cannot write a 33 px prompt"):
+        Decoder(64, 33)
+
+
+def test_blackvip_old_saved_prompt_is_refused_clearly(mini):
+    from bbpt.errors import CorruptCheckpoint
+    from bbpt.methods.blackvip import BlackVIP
+
+    m, box, _ = build("blackvip", mini, dataset="fashion-mnist", shots=1, encoder="conv")
+    extra = m.extra_state()
+    assert "decoder.p_trigger" in extra and "decoder.body.0.weight" in extra
+    images = m.data.images([0, 1])
+    assert BlackVIP.apply(m.prompt(), extra, box, images).shape == (2, 10)
+    old = {k: v for k, v in extra.items() if not k.startswith("decoder.")}
+    old.update({"decoder.trigger": torch.zeros(448), "decoder.net.0.weight": torch.zeros(32, 1, 2, 2)})
+    with pytest.raises(CorruptCheckpoint, match="prompt was saved by an older bbpt"):
+        BlackVIP.apply(m.prompt(), old, box, images)
+    state = m.state_dict()
+    state["decoder"] = {"__state_dict__": {"trigger": torch.zeros(448), "net.0.weight": torch.zeros(32, 1, 2, 2)}}
+    with pytest.raises(CorruptCheckpoint, match="checkpoint was saved by an older bbpt"):
+        m.load_state_dict(state)
+    m.load_state_dict(m.state_dict())  # a current one loads
 
 
 def test_blackvip_prompted_image_is_clamped_and_scaled(mini):

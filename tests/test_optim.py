@@ -278,7 +278,7 @@ def test_cmaes_reask_is_an_untold_ask_on_the_live_strategy():
         assert not torch.equal(r1, r2)
         assert torch.allclose(r1, torch.tensor(np.array(R1)).float()) and torch.allclose(r2, torch.tensor(np.array(R2)).float())
     assert torch.allclose(opt.ask(), torch.tensor(np.array(ref.ask())).float())
-    assert type(opt.es.adapt_sigma).__name__ == "CMAAdaptSigmaCSA"
+    assert isinstance(opt.es.adapt_sigma, cma.sigma_adaptation.CMAAdaptSigmaCSA)
 
 
 def test_cmaes_reask_under_tpa_is_refused_with_the_fix():

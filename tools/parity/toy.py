@@ -105,3 +105,77 @@ class ToyCLIP:
         a = np.asarray(arrays["pixels"])
         a = a if idx is None else a[np.asarray(idx)]
         return torch.from_numpy(np.ascontiguousarray(a)).float().div(255.0).permute(0, 3, 1, 2).contiguous()
+
+
+# ---- a toy ViT image tower, for visual prompt tokens (BPT-VLM) -----------------------------------
+# Added after the rest so that the text tower, ``encode_image`` and every stored array above are
+# unchanged: a model whose arrays lack the ``vit_*`` keys has no visual tokens.
+#
+# - patch tokens: x = [CLS, conv(pixels)] + positions, (B, 1 + G, W), conv a patch-sized stride;
+# - prompt tokens (n, W) are appended after them, without positions (the caller does that);
+# - features: normalise(sum_t a_t tanh(x_t Wv) Wproj), with attention a = softmax over tokens
+#   of tanh(x_0 Wq) . tanh(x_t Wk) / sqrt(W) - log(1 + t): nonlinear, and the position prior
+#   -log(1 + t) makes where a token sits matter (so do the count and scale of prompt tokens).
+
+def generate_vit(seed: int, arrays: dict, *, width: int = 8, patch: int = 2) -> dict[str, np.ndarray]:
+    """A toy ViT's weights (float32) for the model ``arrays`` (its image size and feature width)."""
+    rng = np.random.default_rng(seed)
+    size = int(np.asarray(arrays["pixels"]).shape[1])
+    embed = int(np.asarray(arrays["w2"]).shape[1])
+    if size % patch:
+        raise ValueError(f"toy image size {size} is not a multiple of the patch {patch}")
+    grid = (size // patch) ** 2
+    f32 = lambda *s, scale=1.0: (rng.standard_normal(s) * scale).astype(np.float32)  # noqa: E731
+    return {
+        "vit_conv1": f32(width, 3, patch, patch, scale=1 / np.sqrt(3 * patch * patch)),  # (W, 3, p, p)
+        "vit_class": f32(width, scale=0.5),
+        "vit_positions": f32(1 + grid, width, scale=0.5),
+        "vit_q": f32(width, width, scale=1 / np.sqrt(width)),
+        "vit_k": f32(width, width, scale=1 / np.sqrt(width)),
+        "vit_v": f32(width, width, scale=1 / np.sqrt(width)),
+        "vit_proj": f32(width, embed, scale=1 / np.sqrt(width)),
+    }
+
+
+class ToyViT:
+    """The toy image tower with visual prompt tokens (weights from :func:`generate_vit`)."""
+
+    def __init__(self, arrays: dict):
+        t = lambda k: torch.as_tensor(np.asarray(arrays[k])).float()  # noqa: E731
+        self.conv1, self.cls, self.positions = t("vit_conv1"), t("vit_class"), t("vit_positions")
+        self.Wq, self.Wk, self.Wv, self.proj = t("vit_q"), t("vit_k"), t("vit_v"), t("vit_proj")
+        self.width, self.patch = self.conv1.shape[0], self.conv1.shape[-1]
+
+    def patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Model input (B, 3, S, S) -> [CLS, patches] + positions, (B, 1 + G, W)."""
+        x = torch.nn.functional.conv2d(pixels.float(), self.conv1, stride=self.patch)  # (B, W, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, G, W)
+        return torch.cat([self.cls.expand(len(x), 1, -1), x], dim=1) + self.positions
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (N, T, W) -> pooled (N, W), before the projection."""
+        T = x.shape[1]
+        s = (torch.tanh(x[:, :1] @ self.Wq) * torch.tanh(x @ self.Wk)).sum(-1) / self.width**0.5  # (N, T)
+        a = torch.softmax(s - torch.log1p(torch.arange(T, dtype=x.dtype)), dim=-1)
+        return (a[..., None] * torch.tanh(x @ self.Wv)).sum(1)
+
+    def encode_tokens(self, x: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens (N, 1 + G, W), prompt tokens (N, n, W) appended -> (N, E), unit length."""
+        if prompt is not None:
+            x = torch.cat([x, prompt.to(x.dtype)], dim=1)
+        return torch.nn.functional.normalize(self.pool(x.float()) @ self.proj, dim=-1)
+
+
+# ---- large images and a stub pretrained encoder (BlackVIP: its official decoder writes 224 px) -----
+# Added after the rest; nothing above changes. The toy's image features read pixels through
+# ``w_img`` at its own small size, so a larger image is first averaged over blocks down to it.
+
+def encode_image_pooled(toy: ToyCLIP, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S), S a multiple of the toy's size k -> mean over (S/k)² blocks -> encode_image."""
+    return toy.encode_image(torch.nn.functional.avg_pool2d(x.float(), x.shape[-1] // toy.image_size))
+
+
+def stub_encoder(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A frozen pretrained encoder's features (BlackVIP's MAE CLS token) as a stub:
+    (B, 3, S, S) model input -> tanh(2×2 block means (B, 12) @ w (12, Z)), (B, Z)."""
+    return torch.tanh(torch.nn.functional.avg_pool2d(x.float(), x.shape[-1] // 2).flatten(1) @ w)

@@ -2,17 +2,44 @@
 trained with SPSA-GC.
 
 Coordinator (client side): a frozen image encoder gives z (B, E) per image; a trainable
-decoder maps [z, trigger] (the trigger a learned vector, U(0, 0.1) at init) reshaped to
-(32, s0, s0) through up-sampling blocks (grouped 2×2 transposed conv with stride 2, 1×1
-transposed conv, BatchNorm, GELU) to an image-shaped prompt (3, S, S). The prompted image is
+decoder maps z to an image-shaped prompt (3, S, S). The prompted image is
 clamp(x + p_eps · prompt) in the model's normalised units, i.e. x + p_eps · std · prompt in
-[0, 1] pixels, clamped to [0, 1]. The text side is the task's fixed hand-crafted template.
+[0, 1] pixels, clamped to [0, 1] (the official ``clip_clipping``). The text side is the
+task's fixed hand-crafted template.
 
-SPSA-GC: SPSA (5 segmented-uniform perturbation pairs: 10 api_calls per 128-image step) with
-a_k = a/(k+o)^α, c_k = c/k^γ ([o, c, a, α, γ] = [1, 0.01, 0.01, 0.4, 0.1]) and the
-Nesterov-style correction m ← βm + ĝ, w ← w - a_k (ĝ + βm), β = 0.9. BatchNorm runs in train
-mode during SPSA (its running statistics update on every perturbed forward, as in the
-official code) and in eval mode for prediction.
+Decoder, following the official ``DecoderManual`` (``trainers/visual_prompters.py`` 158-217,
+arch 'vit-mae-base', lines 175-190, SRC_DIM 1568):
+
+- a learned trigger ``p_trigger`` (1, 32·s0² - E), ``uniform_(0, 0.1)`` at init, is
+  concatenated after z and the (B, 32·s0²) result reshaped to a (32, s0, s0) source cube;
+- up-sampling blocks, each a grouped 2×2 transposed conv with stride 2 (groups min(c_in, 64),
+  with bias), a 1×1 transposed conv without bias, BatchNorm and GELU, with widths
+  (64, 64), (64, 32), (32, 32), (32, 16) (after the grouped conv, after the 1×1);
+- a last 2×2 transposed conv with stride 2 to RGB, 16 -> 3, without bias.
+
+At 224 px with a 768-d z (the MAE CLS token) this is the official decoder layer for layer:
+s0 = 7, five stages (7 -> 224), 9,920 trainable parameters (800 trigger, the convs, the
+BatchNorm affine weights), with the same parameter names and order (``p_trigger``,
+``body.0.weight``, ..., ``body.16.weight``: an official state dict loads 1:1) and the same
+init: built after ``torch.manual_seed(s)`` it holds the weights ``DecoderManual`` gets after
+the same seed (the trigger first, then PyTorch's default init layer by layer).
+
+What bbpt adapts, for other image sizes and encoders (the official code fixes s0 = 7, i.e.
+224 px): the decoder takes the most stages n <= 5 that leave a whole source grid
+s0 = S / 2^n of at least 4×4 holding z (32·s0² > E). With fewer than five stages it keeps
+the official *last* n - 1 blocks and the RGB conv, the first kept block's grouped conv
+reading the 32-channel source cube (groups min(32, 64) = 32, as the official first block
+reads its own). At 32 px (bbpt's embedded ``mini``, E = 128) that is s0 = 4, blocks
+(32, 32), (32, 16) and the RGB conv: 2,528 parameters. A trigger is always kept (the
+official one is 800 values at SRC_DIM 1568 with a 768-d z).
+
+SPSA-GC (``trainers/blackvip.py`` 112-173): SPSA (5 segmented-uniform perturbation pairs:
+10 api_calls per 128-image step) with a_k = a/(k+o)^α, c_k = c/k^γ
+([o, c, a, α, γ] = [1, 0.01, 0.01, 0.4, 0.1]) and the Nesterov-style correction
+m ← βm + ĝ (m = ĝ at step 1), w ← w - a_k (ĝ + βm), β = 0.9. BatchNorm runs in train mode
+during SPSA (its running statistics update on every perturbed forward, w + c_kΔ_j then
+w - c_kΔ_j, as in the official code) and in eval mode for prediction. The decoder runs in
+float32 (the official step runs under CUDA autocast, i.e. in float16 on a GPU).
 
 The official frozen encoder is a pretrained MAE ViT-B/16 (z = the CLS token, 768-d), which
 cannot be had offline. ``encoder="mini"`` (default) uses the image tower of bbpt's embedded
@@ -33,12 +60,16 @@ from torch.func import functional_call
 
 from pydantic import Field
 
+from ..errors import BadInput, CorruptCheckpoint
 from ..models.blackbox import Images, TextPrompt
 from ..optim import SPSA, ZOSGD
 from .base import BatchStream, Query, ZerothOrderMethod, register_method
 from .zip import SPSAConfig
 
-CHANNELS = [64, 32, 32, 16, 3]  # the official decoder's 5 blocks (7 -> 224)
+# The official DecoderManual's up-sampling blocks (visual_prompters.py 175-189): widths after
+# the grouped 2×2 transposed conv and after the 1×1; then a 2×2 transposed conv to RGB (190).
+BLOCKS = [(64, 64), (64, 32), (32, 32), (32, 16)]
+SOURCE_CHANNELS = 32  # official SRC_DIM 1568 = 32 · 7 · 7
 ENCODERS = ("mini", "conv")
 
 
@@ -49,10 +80,19 @@ class BlackVIPConfig(SPSAConfig):
 
     sources = {
 
-        "encoder": "bbpt: the embedded model's image tower (official: facebook/vit-mae-base, not available offline)",
-        "p_eps": "official config default P_EPS 1.0 (per dataset 0.2-1 in docs/configuration.md)",
+        "encoder": "bbpt: the embedded model's image tower (official: facebook/vit-mae-base, not available offline); "
+                   "the decoder it feeds is the official DecoderManual (trainers/visual_prompters.py 158-217, "
+                   "'vit-mae-base' 175-190, SRC_DIM 1568), at 224 px with a 768-d z the same layers, parameter "
+                   "order and init (9,920 parameters); bbpt: below 224 px the most stages n <= 5 leaving a >= 4x4 "
+                   "source grid that holds z, keeping the official last n - 1 blocks and the RGB conv (2,528 "
+                   "parameters at 32 px with mini's 128-d z)",
+        "decoder": "see encoder (the coordinator's decoder; not an option)",
+        "p_eps": "official config default P_EPS 1.0 (per dataset 0.2-1 in docs/configuration.md); the prompted "
+                 "image clip_clipping(x + P_EPS · prompt) (trainers/blackvip.py 58, trainers/utils.py 102-112), "
+                 "clamped here in [0, 1] pixels: the same range",
         "perturbation": "official: SPSA-GC with segmented uniform Δ",
-        "momentum": "official config default MOMS 0.9",
+        "momentum": "official config default MOMS 0.9; SPSA-GC as trainers/blackvip.py 124-134 (m = ĝ at step 1, "
+                    "then m = β m + ĝ; w - a_k (ĝ + β m))",
     }
 
 
@@ -95,28 +135,48 @@ def make_encoder(kind: str) -> nn.Module:
     return MiniEncoder() if kind == "mini" else ConvEncoder()
 
 
+def stages(size: int, z_dim: int) -> int:
+    """Up-sampling stages n: the most (<= 5, the official count) leaving a whole source grid
+    s0 = size / 2^n of at least 4×4 whose 32·s0² values hold z and a trigger."""
+    for n in range(len(BLOCKS) + 1, 0, -1):
+        s0 = size // 2**n
+        if size % 2**n == 0 and s0 >= 4 and SOURCE_CHANNELS * s0 * s0 > z_dim:
+            return n
+    raise BadInput(f"BlackVIP's decoder cannot write a {size} px prompt from {z_dim} encoder features: it needs "
+                   f"size = s0 · 2^n with n >= 1, s0 >= 4 and 32·s0² > {z_dim}")
+
+
 class Decoder(nn.Module):
-    """[z (E), trigger] -> (32, s0, s0) -> n up-sampling blocks -> prompt (3, S), S = s0 · 2^n."""
+    """[z (E), p_trigger] -> (32, s0, s0) -> n - 1 up-sampling blocks -> RGB conv -> prompt
+    (3, S, S), S = s0 · 2^n; the official DecoderManual at 224 px (see the module docstring)."""
 
     def __init__(self, z_dim: int, size: int):
         super().__init__()
-        n = max(k for k in range(1, 6) if size % 2**k == 0 and size // 2**k >= 4 or k == 1)
+        n = stages(size, z_dim)
         self.s0, self.z_dim = size // 2**n, z_dim
-        src = 32 * self.s0**2
-        if src <= z_dim:
-            raise ValueError(f"decoder source ({src}) must exceed the encoder's {z_dim} features")
-        self.trigger = nn.Parameter(torch.rand(src - z_dim) * 0.1)  # U(0, 0.1)
-        chans = [32] + CHANNELS[-n:]
-        blocks = []
-        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
-            blocks += [nn.ConvTranspose2d(cin, cin, 2, stride=2, groups=cin), nn.ConvTranspose2d(cin, cout, 1)]
-            if i < n - 1:
-                blocks += [nn.BatchNorm2d(cout), nn.GELU()]
-        self.net = nn.Sequential(*blocks)
+        # official order: the trigger is made (and drawn) first, then the layers
+        self.p_trigger = nn.Parameter(torch.empty(1, SOURCE_CHANNELS * self.s0**2 - z_dim))
+        nn.init.uniform_(self.p_trigger, a=0.0, b=0.1)
+        body, c = [], SOURCE_CHANNELS
+        for mid, out in BLOCKS[len(BLOCKS) - (n - 1):]:  # the official last n - 1 blocks
+            body += [nn.ConvTranspose2d(c, mid, 2, 2, 0, groups=min(c, 64)),
+                     nn.ConvTranspose2d(mid, out, kernel_size=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
+            c = out
+        body += [nn.ConvTranspose2d(c, 3, 2, 2, 0, bias=False)]
+        self.body = nn.Sequential(*body)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([z, self.trigger.expand(len(z), -1)], dim=1)  # (B, 32·s0²)
-        return self.net(x.view(len(z), 32, self.s0, self.s0))  # (B, 3, S, S)
+        x = torch.cat([z, self.p_trigger.expand(len(z), -1)], dim=1)  # (B, 32·s0²)
+        return self.body(x.view(len(z), SOURCE_CHANNELS, self.s0, self.s0))  # (B, 3, S, S)
+
+
+def old_decoder(state: dict, what: str) -> None:
+    """Refuse a decoder state saved before the decoder became the official one (its keys were
+    ``trigger`` and ``net.*``; now ``p_trigger`` and ``body.*``)."""
+    if "trigger" in state or any(k.startswith("net.") for k in state):
+        raise CorruptCheckpoint(f"this BlackVIP {what} was saved by an older bbpt, whose coordinator decoder was not "
+                                f"the official one (decoder.trigger / decoder.net.*): it cannot be loaded; run the "
+                                f"method again")
 
 
 def prompted(pixels: torch.Tensor, prompt: torch.Tensor, p_eps: float, std: tuple) -> torch.Tensor:
@@ -129,6 +189,7 @@ class BlackVIP(ZerothOrderMethod):
     name = "blackvip"
     cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BlackVIPConfig
+    revision = 1  # 1: the official DecoderManual (grouped 32->64 first block, bias-free 1x1 convs, one 16->3 last)
     state = ("opt", "batches", "decoder")  # the decoder's BatchNorm statistics; its weights are opt.w
 
     def __init__(self, cfg: BlackVIPConfig, env):
@@ -184,13 +245,20 @@ class BlackVIP(ZerothOrderMethod):
                 "encoder": torch.tensor(ENCODERS.index(self.cfg.encoder)),
                 "pixel_std": torch.tensor(self.box.pixel_std)}
 
+    def load_state_dict(self, state: dict) -> None:
+        old_decoder(state.get("decoder", {}).get("__state_dict__", {}), "checkpoint")
+        super().load_state_dict(state)
+
     @classmethod
     @torch.no_grad()
     def apply(cls, prompt, extra, box, images) -> torch.Tensor:
+        state = {k[len("decoder."):]: v for k, v in extra.items() if k.startswith("decoder.")}
+        old_decoder(state, "prompt")
         enc = make_encoder(ENCODERS[int(extra["encoder"])])
         z = enc(images.pixels)
-        dec = Decoder(z.shape[1], box.image_size)
-        dec.load_state_dict({k[len("decoder."):]: v for k, v in extra.items() if k.startswith("decoder.")})
+        with torch.random.fork_rng(devices=[]):  # the init is overwritten: leave the global RNG alone
+            dec = Decoder(z.shape[1], box.image_size)
+        dec.load_state_dict(state)
         std = tuple(extra["pixel_std"].tolist())
         px = prompted(images.pixels, dec.eval()(z), float(extra["p_eps"]), std)
         return box.query(prompt, Images(px))[0]
