@@ -297,3 +297,14 @@ def test_every_option_says_where_its_default_comes_from(name):
     for field in C.model_fields:
         src = C.source(field)
         assert src and src.startswith(ORIGINS) and len(src) > 8, (field, src)
+
+
+def test_blackvip_and_bar_presets_are_the_releases_per_dataset_table():
+    """docs/configuration.md of the BlackVIP release: BlackVIP's moms, gamma, spsa_c, p_eps and
+    BAR's init_lr, min_lr per dataset; an explicit option wins."""
+    vip, bar = METHODS.get("blackvip"), METHODS.get("bar")
+    r = vip.resolve_config(make_config(vip, {"preset": "dtd", "c": 0.02}), 16)
+    assert (r.momentum, r.gamma, r.c, r.p_eps) == (0.7, 0.2, 0.02, 0.3)
+    r = bar.resolve_config(make_config(bar, {"preset": "eurosat"}), 16)
+    assert (r.lr0, r.lr_min) == (5.0, 0.01)
+    assert set(vip.presets) == set(bar.presets) and len(vip.presets) == 14

@@ -18,8 +18,20 @@ from pydantic import Field
 
 from ..models.blackbox import Images, TextPrompt
 from ..optim import ZOSGD, OneSidedRGF, PolyDecay
-from .base import BatchStream, MethodConfig, Query, ZerothOrderMethod, register_method
+from .base import BatchStream, MethodConfig, Preset, Query, register_method, ZerothOrderMethod
 from .common import focal_per_candidate
+
+
+DOCS = "docs/configuration.md, table 1 (changdaeoh/BlackVIP @66606fb)"
+# docs/configuration.md, "Transfer Learning Benchmarks": init_lr, min_lr (BAR) per dataset
+_TABLE = {
+    "caltech101": (10.0, 0.1), "oxford_pets": (10.0, 0.1), "stanford_cars": (10.0, 0.1), "oxford_flowers": (5.0, 0.1),
+    "food101": (5.0, 0.1), "fgvc_aircraft": (10.0, 0.1), "sun397": (5.0, 0.01), "dtd": (5.0, 0.1), "svhn": (5.0, 0.1),
+    "eurosat": (5.0, 0.01), "resisc45": (5.0, 0.01), "clevr": (10.0, 0.1), "ucf101": (5.0, 0.01),
+    "imagenet": (10.0, 0.1)}
+PRESETS = {name: Preset(DOCS, {"lr0": (lr0, f"{name}: init_lr (BAR) {lr0}"),
+                               "lr_min": (lr_min, f"{name}: min_lr (BAR) {lr_min}")})
+           for name, (lr0, lr_min) in _TABLE.items()}
 
 
 class BARConfig(MethodConfig):
@@ -34,6 +46,8 @@ class BARConfig(MethodConfig):
                                     "batches per epoch x MAX_EPOCH): the rate reaches lr_min at 0.9·T; none: the "
                                     "steps the budget allows")
     gamma: float = Field(2.0, ge=0, description="focal loss γ (0: cross-entropy)")
+    preset: str | None = Field(None, description="the BlackVIP release's per-dataset BAR rates (docs/configuration.md: "
+                               "lr0, lr_min), e.g. 'eurosat'; explicit options win")
 
     sources = {
 
@@ -48,6 +62,7 @@ class BARConfig(MethodConfig):
                        "total_length = batches per epoch x 1000 epochs, so the rate barely decays; set decay_steps "
                        "to that to follow it; tests/parity/bar.json)",
         "gamma": "official: focal loss γ = 2",
+        "preset": "official BlackVIP " + DOCS,
     }
 
 
@@ -78,6 +93,7 @@ class BAR(ZerothOrderMethod):
     name = "bar"
     cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BARConfig
+    presets = PRESETS
     revision = 1  # 1: the poly decay counts t = k, as the official trainers (was k - 1)
 
     def __init__(self, cfg: BARConfig, env):

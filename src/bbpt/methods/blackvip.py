@@ -63,7 +63,7 @@ from pydantic import Field
 from ..errors import BadInput, CorruptCheckpoint
 from ..models.blackbox import Images, TextPrompt
 from ..optim import SPSA, ZOSGD
-from .base import BatchStream, Query, ZerothOrderMethod, register_method
+from .base import BatchStream, Preset, Query, register_method, ZerothOrderMethod
 from .zip import SPSAConfig
 
 # The official DecoderManual's up-sampling blocks (visual_prompters.py 175-189): widths after
@@ -73,10 +73,26 @@ SOURCE_CHANNELS = 32  # official SRC_DIM 1568 = 32 · 7 · 7
 ENCODERS = ("mini", "conv")
 
 
+DOCS = "docs/configuration.md, table 1 (changdaeoh/BlackVIP @66606fb)"
+# docs/configuration.md, "Transfer Learning Benchmarks": moms, gamma, spsa_c, p_eps per dataset (BlackVIP columns)
+_TABLE = {
+    "caltech101": (0.9, 0.2, 0.005, 0.2), "oxford_pets": (0.9, 0.1, 0.01, 1), "stanford_cars": (0.9, 0.2, 0.01, 0.3),
+    "oxford_flowers": (0.5, 0.2, 0.02, 1), "food101": (0.9, 0.1, 0.01, 0.3), "fgvc_aircraft": (0.3, 0.1, 0.01, 0.5),
+    "sun397": (0.5, 0.1, 0.01, 1), "dtd": (0.7, 0.2, 0.01, 0.3), "svhn": (0.9, 0.2, 0.005, 1),
+    "eurosat": (0.9, 0.2, 0.005, 0.4), "resisc45": (0.95, 0.1, 0.01, 0.3), "clevr": (0.9, 0.2, 0.005, 1),
+    "ucf101": (0.9, 0.1, 0.01, 0.3), "imagenet": (0.9, 0.2, 0.005, 0.3)}
+PRESETS = {name: Preset(DOCS, {
+    "momentum": (float(m), f"{name}: moms (BlackVIP) {m}"), "gamma": (float(g), f"{name}: gamma (BlackVIP) {g}"),
+    "c": (float(c), f"{name}: spsa_c (BlackVIP) {c}"), "p_eps": (float(e), f"{name}: p_eps (BlackVIP) {e}"),
+    }) for name, (m, g, c, e) in _TABLE.items()}
+
+
 class BlackVIPConfig(SPSAConfig):
     encoder: Literal["mini", "conv"] = Field("mini", description="frozen client-side encoder of the coordinator")
     p_eps: float = Field(1.0, gt=0, description="prompt scale p_eps in normalised pixel units")
     momentum: float = Field(0.9, ge=0, lt=1, description="SPSA-GC's Nesterov-style momentum β")
+    preset: str | None = Field(None, description="the release's per-dataset settings (docs/configuration.md: "
+                               "momentum, gamma, c, p_eps), e.g. 'eurosat'; explicit options win")
 
     sources = {
 
@@ -93,6 +109,7 @@ class BlackVIPConfig(SPSAConfig):
         "perturbation": "official: SPSA-GC with segmented uniform Δ",
         "momentum": "official config default MOMS 0.9; SPSA-GC as trainers/blackvip.py 124-134 (m = ĝ at step 1, "
                     "then m = β m + ĝ; w - a_k (ĝ + β m))",
+        "preset": "official " + DOCS,
     }
 
 
@@ -189,6 +206,7 @@ class BlackVIP(ZerothOrderMethod):
     name = "blackvip"
     cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BlackVIPConfig
+    presets = PRESETS
     revision = 1  # 1: the official DecoderManual (grouped 32->64 first block, bias-free 1x1 convs, one 16->3 last)
     state = ("opt", "batches", "decoder")  # the decoder's BatchNorm statistics; its weights are opt.w
 
