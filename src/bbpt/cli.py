@@ -179,7 +179,7 @@ def methods(name: Optional[str] = typer.Argument(None, help="One method to descr
             if sources:
                 typer.echo(f"  {'':18s} {'':>12}  {'':30s} default from {cls.Config.source(k)}")
         if sources and cls.presets:
-            typer.echo(f"  presets (preset=NAME; an option set explicitly wins over its preset):")
+            typer.echo("  presets (preset=NAME; an option set explicitly wins over its preset):")
             for pname, p in cls.presets.items():
                 typer.echo(f"    {pname}: {p.source}")
                 for k, (v, where) in p.values.items():

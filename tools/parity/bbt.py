@@ -160,7 +160,6 @@ def best_prefix_statement(co: Checkout):
 
 
 def main(path: str) -> None:
-    import cma
 
     co = Checkout(path, "txsun1997/Black-Box-Tuning")
     arrays = toy.generate(0, CLASSES, N_TRAIN, dim=WIDTH)

@@ -118,8 +118,6 @@ def split_script(tree: ast.Module):
 
 
 def run_official(co: Checkout, overrides: dict, arrays: dict, generations: int, focal: bool) -> dict:
-    import cma
-    import yaml
 
     tc, vit = toy.ToyCLIP(arrays, CLASSES), toy.ToyViT(arrays)
     clip_model = ToyClipModel(tc)
