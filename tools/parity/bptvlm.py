@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import contextlib
 import os
 import re
 import sys
@@ -87,23 +86,6 @@ class ToySet(torch.utils.data.Dataset):
         return {"image": self.px[i], "label": self.y[i]}
 
 
-@contextlib.contextmanager
-def modules(checkout: Checkout, stubs: dict):
-    """``stubs`` in sys.modules and the checkout on sys.path, both restored afterwards."""
-    saved = {k: sys.modules.get(k) for k in stubs}
-    sys.modules.update(stubs)
-    sys.path.insert(0, str(checkout.path))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(checkout.path))
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-
-
 def split_script(tree: ast.Module):
     """The script's statements up to ``cfg["parallel"] = ...`` (the config), from there up to the
     pypop7 / CMA-ES branch (model and optimiser), the CMA-ES branch's set-up statements, its
@@ -140,7 +122,7 @@ def run_official(co: Checkout, overrides: dict, arrays: dict, generations: int, 
              **{f"algorithm.{n}": stub(f"algorithm.{n}", **{c: None}) for n, c in
                 (("LM_CMA_ES", "Shallow_LMCMAES"), ("MMES", "Shallow_MMES"), ("LMMAES", "Shallow_LMMAES"))}}
     printed: list[str] = []
-    with modules(co, stubs):
+    with co.modules(stubs):
         clipmod = co.load_module(CLIPFILE, "model.Shallow_Prompt_CLIP", stubs={"model.shallow_encoder": co.load_module(
             ENCODER, "model.shallow_encoder")})
     clipmod.print = lambda *a, **k: printed.append(" ".join(map(str, a)))  # the init statistics it prints
@@ -152,7 +134,7 @@ def run_official(co: Checkout, overrides: dict, arrays: dict, generations: int, 
     traj = []
     try:
         torch.manual_seed(TORCH_SEED)  # the official code never seeds torch: A_L and A_V are stored below
-        with modules(co, stubs), cpu_for_cuda():
+        with co.modules(stubs), cpu_for_cuda():
             exec(code(config), ns)
             ns["cfg"].update(overrides)
             exec(code(model), ns)

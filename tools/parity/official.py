@@ -61,17 +61,14 @@ class Checkout:
         code = compile(mod, str(self.file(rel)), "exec")
         return code, [body[0].lineno, max(getattr(s, "end_lineno", s.lineno) for s in body)]
 
-    def load_module(self, rel: str, name: str, stubs: dict[str, types.ModuleType] | None = None):
-        """Import the official file ``rel`` as module ``name``, with ``stubs`` standing in for
-        the modules it imports that need data, a GPU or a download."""
+    @contextlib.contextmanager
+    def modules(self, stubs: dict[str, types.ModuleType] | None = None):
+        """``stubs`` in sys.modules and the checkout on sys.path, both restored afterwards."""
         saved = {k: sys.modules.get(k) for k in (stubs or {})}
         sys.modules.update(stubs or {})
         sys.path.insert(0, str(self.path))
         try:
-            spec = importlib.util.spec_from_file_location(name, self.file(rel))
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
+            yield
         finally:
             sys.path.remove(str(self.path))
             for k, v in saved.items():
@@ -79,6 +76,15 @@ class Checkout:
                     sys.modules.pop(k, None)
                 else:
                     sys.modules[k] = v
+
+    def load_module(self, rel: str, name: str, stubs: dict[str, types.ModuleType] | None = None):
+        """Import the official file ``rel`` as module ``name``, with ``stubs`` standing in for
+        the modules it imports that need data, a GPU or a download."""
+        with self.modules(stubs):
+            spec = importlib.util.spec_from_file_location(name, self.file(rel))
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
 
 
 def function(tree: ast.Module, name: str) -> ast.FunctionDef:
