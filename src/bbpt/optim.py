@@ -377,9 +377,15 @@ class CMAES:
         return float(losses.min())  # the generation's best
 
     def tell(self, losses: torch.Tensor) -> None:
+        import warnings
+
+        from cma.evolution_strategy import InjectionWarning
+
         if self._asked is None:
             raise RuntimeError("tell() without ask()")
-        self._private(lambda: self.es.tell(self._asked, [float(v) for v in losses]))
+        with warnings.catch_warnings():  # at population < 6, a re-ask takes pycma's selective mirror, as the
+            warnings.simplefilter("ignore", InjectionWarning)  # official loops' re-ask does; pycma warns here
+            self._private(lambda: self.es.tell(self._asked, [float(v) for v in losses]))
         self._asked = None
 
     @property
