@@ -174,6 +174,8 @@ def usage_cases(tmp_path):
     big = tmp_path / "big"
     make_folder(big, ["a", "b"])
     huge_png(big / "test" / "a" / "huge.png")
+    inf_toml = tmp_path / "inf.toml"
+    inf_toml.write_text('method = "bbt"\ndataset = "shapes"\n[options]\nsigma = inf\n')
     return [
         (["run", "--budgte", "5"], "No such option: --budgte"),
         (["run", "--shots", "abc"], "Invalid value for '--shots'"),
@@ -196,6 +198,10 @@ def usage_cases(tmp_path):
         (["run", "--method", "craft", "--set", "head_kl_fraction=1.5", "--dataset", "shapes"],
          "option head_kl_fraction=1.5 is out of range (allowed: >= 0 and <= 1)"),
         (["run", "--method", "zip", "--set", "clip=-1", "--dataset", "shapes"], "option clip=-1"),
+        (["run", "--method", "bbt", "--set", "sigma=Infinity", "--dataset", "shapes"],
+         "method bbt: option sigma=inf is invalid: Input should be a finite number (allowed: > 0)"),
+        (["run", "--method", "bbt", "--set", "sigma=NaN", "--dataset", "shapes"], "option sigma=nan is invalid"),
+        (["run", "--config", str(inf_toml)], "method bbt: option sigma=inf is invalid: Input should be a finite number"),
     ]
 
 

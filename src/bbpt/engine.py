@@ -51,7 +51,7 @@ TEST_SUBSET_SEED = 0  # the same subset for every method and seed, so quick look
 class RunConfig(BaseModel):
     """Everything that determines a run; stored in run.json and result.json."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # strict: true is not 1
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # strict: true is not 1; inf / nan are no values
 
     method: str = Field("zip", min_length=1, description="method name (`bbpt methods`)")
     dataset: str = Field("fashion-mnist", min_length=1, description="registered task or image-folder path")
