@@ -200,11 +200,38 @@ def test_foreign_files_are_never_removed(tmp_path):
 
 
 def test_failed_start_leaves_nothing_and_a_corrected_rerun_starts(tmp_path):
-    out = tmp_path / "r"
+    out = tmp_path / "new" / "r"  # two folders the run creates
     with pytest.raises(BudgetExhausted, match="budget exhausted"):
         run(quick(options={"budget": 5}), out=out, progress=False)  # one ZIP step costs 10
-    assert not out.exists() or not any(out.iterdir())
+    assert not (tmp_path / "new").exists()  # neither folder is left behind
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(BudgetExhausted):
+        run(quick(options={"budget": 5}), out=kept, progress=False)
+    assert kept.is_dir() and not any(kept.iterdir())  # a folder the user made stays, empty
     assert run(quick(), out=out, progress=False)["status"] == "finished"
+
+
+def test_a_run_that_finished_in_a_new_folder_while_another_loaded_is_kept(tmp_path, monkeypatch):
+    """Two runs on one new --out: B checks the folder (new), loads slowly; A starts later,
+    finishes first. B must refuse in one line, and A's result must stay."""
+    import bbpt.engine as engine
+
+    out = tmp_path / "r"
+    real, fired = engine.check_images, []
+
+    def slow_load(images, split, progress=True):  # B's loading, during which A runs to the end
+        if not fired:
+            fired.append(True)
+            run(quick(method="zeroshot", options={}), out=out, progress=False)
+        return real(images, split, progress=progress)
+
+    monkeypatch.setattr(engine, "check_images", slow_load)
+    with pytest.raises(BadInput) as e:
+        run(quick(), out=out, progress=False)  # B
+    assert "holds a finished run (zeroshot on shapes" in str(e.value) and "\n" not in str(e.value)
+    r = json.loads((out / "result.json").read_text())
+    assert r["method"] == "zeroshot" and r["status"] == "finished"
 
 
 def test_old_outputs_without_run_json_are_refused(tmp_path):

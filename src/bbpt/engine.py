@@ -267,7 +267,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
         if mode == "finished":
             return folder.result()
         ckpt = folder.load_checkpoint() if mode == "resume" else None
-        return _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
+        return _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force)
     finally:
         if folder is not None:
             folder.unlock()
@@ -281,11 +281,11 @@ def _discard_unless_spent(folder: RunFolder | None, mode: str, meters: Callable[
         yield
     except BBPTError:
         if folder is not None and mode == "new" and not any(m is not None and any(m.counts.values()) for m in meters()):
-            folder.discard()
+            folder.abandon()
         raise
 
 
-def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step) -> dict:
+def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force) -> dict:
     set_seed(cfg.seed)
     task = subsample_classes(load_task(cfg.dataset), cfg.classes)
     train, val = fewshot_split(task, cfg.shots, cfg.seed)
@@ -310,7 +310,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
               cfg.seed, cls, white_box=lambda: _white_box(cfg, backbone, task.classnames, meter))
     method = cls(mcfg, env)
     if folder is not None and mode == "new":
-        folder.start(config)  # everything loaded: now the folder is this run's
+        folder.start(config, force)  # everything loaded: now the folder is this run's (checked again)
     with _discard_unless_spent(folder, mode, lambda: [meter, env.side_meter]):
         total = mcfg.budget or (method.total_steps() or 0)
         loop = _Loop(cfg.eval_every or max(1, total // 20))
