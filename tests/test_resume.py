@@ -352,3 +352,103 @@ def test_config_diff_treats_a_field_added_since_as_off():
     assert config_diff(old, {**old, "remote": None}) == []  # a run made before --remote existed still resumes
     assert config_diff(old, {**old, "remote": "http://x"}) == ["remote: None -> 'http://x'"]
     assert config_diff(old, {"seed": 1, "options": {"budget": 40, "n_ctx": 8}}) == ["options.n_ctx: None -> 8"]
+
+
+# ---- checkpoints: hashed, refused in one line when damaged or another run's; full disks -------
+def interrupted_run(out, **kw):
+    hook = lambda steps, stats: os.kill(os.getpid(), signal.SIGINT) if steps == 1 else None  # noqa: E731
+    with pytest.raises(RunInterrupted):
+        run(quick(**kw), out=out, progress=False, on_step=hook)
+    return out / "checkpoint.safetensors"
+
+
+def largest_tensor(path):
+    """(start, end) of the largest tensor's bytes in a safetensors file."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    a, b = max((v["data_offsets"] for k, v in header.items() if k != "__metadata__"), key=lambda o: o[1] - o[0])
+    return 8 + n + a, 8 + n + b
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_force_starts_afresh(tmp_path):
+    ckpt = interrupted_run(tmp_path / "r")
+    data = bytearray(ckpt.read_bytes())
+    a, b = largest_tensor(ckpt)
+    assert b - a >= 64
+    mid = (a + b) // 2 - 32
+    data[mid:mid + 64] = bytes(255 - x for x in data[mid:mid + 64])  # 64 bytes flipped inside a tensor
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(BadInput) as e:
+        run(quick(), out=tmp_path / "r", progress=False)
+    msg = str(e.value)
+    assert "is damaged: its content does not match the SHA-256" in msg and "pass --force" in msg and "\n" not in msg
+    assert run(quick(), out=tmp_path / "r", progress=False, force=True)["status"] == "finished"
+
+
+def test_a_checkpoint_of_the_previous_format_still_resumes(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt = interrupted_run(tmp_path / "r")
+    with safe_open(str(ckpt), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(ckpt), metadata={"format": "bbpt-state-1", "state": meta["state"]})  # no whole-file hash
+    r = run(quick(), out=tmp_path / "r", progress=False)
+    assert r["status"] == "finished" and r["steps"] == run(quick(), out=tmp_path / "fresh", progress=False)["steps"]
+
+
+def test_a_full_disk_is_one_line_leaves_no_temp_file_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import bbpt.state as state
+    from test_cli import cli_run
+
+    out = tmp_path / "r"
+    args = ["run", "--method", "zip", "--dataset", "shapes", "--shots", "1", "--test-subset", "100", "--set",
+            "budget=40", "--out", str(out), "--quiet"]
+    real, writes = os.fsync, []
+
+    def fsync(fd):  # the third checkpoint write meets a full disk
+        if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(".checkpoint.safetensors.tmp"):
+            writes.append(fd)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(state.os, "fsync", fsync)
+    code, _, err = cli_run(args, capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: cannot write {out / 'checkpoint.safetensors'}: No space left on device; free space")
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # the failed write cleaned up
+    assert (out / "checkpoint.safetensors").exists()  # the previous checkpoint stays
+    (out / ".checkpoint.safetensors.tmp99999").write_bytes(b"half")  # what a kill -9 mid-write leaves
+    monkeypatch.setattr(state.os, "fsync", real)
+    code, _, err = cli_run(args, capsys)
+    assert code == 0 and "resuming" in err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".bbpt.lock") == []
+
+
+def test_another_runs_checkpoint_is_refused_in_one_line(tmp_path):
+    ours = interrupted_run(tmp_path / "zip")
+    theirs = interrupted_run(tmp_path / "bbt", method="bbt", options={"budget": 40, "popsize": 4, "intrinsic_dim": 16})
+    ours.write_bytes(theirs.read_bytes())  # a folder holding another method's checkpoint
+    with pytest.raises(BadInput) as e:
+        run(quick(), out=tmp_path / "zip", progress=False)
+    msg = str(e.value)
+    assert "belongs to another run (method: 'bbt' -> 'zip'" in msg and "pass --force" in msg and "\n" not in msg
+
+
+def test_a_checkpoint_that_does_not_fit_the_method_is_refused_in_one_line(tmp_path):
+    import bbpt.state as state
+
+    ours = interrupted_run(tmp_path / "zip")
+    theirs = interrupted_run(tmp_path / "bbt", method="bbt", options={"budget": 40, "popsize": 4, "intrinsic_dim": 16})
+    s = state.load_state(theirs)
+    s.pop("config")  # as an older bbpt wrote it: nothing says whose it is
+    state.save_state(ours, s)
+    with pytest.raises(BadInput) as e:
+        run(quick(), out=tmp_path / "zip", progress=False)
+    msg = str(e.value)
+    assert "does not fit this zip run (KeyError" in msg and "pass --force" in msg and "\n" not in msg

@@ -33,14 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .data import check_images, fewshot_split, load_task, stratified_subset, subsample_classes
 from .data.core import ImageSet
 from .data.views import TrainViews, ViewSpec
-from .errors import BadInput, BBPTError, BudgetExhausted
+from .errors import BadInput, BBPTError, BudgetExhausted, CorruptCheckpoint
 from .methods import METHODS, FewShotData, make_config
 from .methods.base import Budget, Env, option_range
 from .models import BlackBox, BlackBoxAPI, Images, QueryMeter, create_backbone
 from .models.whitebox import WhiteBox
 from .progress import Progress, eval_bar
 from .results import write_outputs
-from .runfolder import RunFolder
+from .runfolder import CHECKPOINT, RunFolder, config_diff
 from .state import global_rng_state, set_global_rng_state
 
 CHECKPOINT_SECONDS = 60.0
@@ -266,6 +266,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
         mode = folder.check(config, force=force, keep_finished=keep_finished) if folder else "new"
         if mode == "finished":
             return folder.result()
+        if mode == "resume":
+            folder.clean_temp()  # what a killed write left
         ckpt = folder.load_checkpoint() if mode == "resume" else None
         return _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force)
     finally:
@@ -316,14 +318,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
         loop = _Loop(cfg.eval_every or max(1, total // 20))
         meters = lambda: {"train": meter, "eval": eval_box.meter, "side": env.side_meter}  # noqa: E731
         if ckpt is not None:
-            method.load_state_dict(ckpt["method"])
-            loop.load_state_dict(ckpt["loop"])
-            if ckpt["meters"].get("side") is not None and env.side_meter is None:
-                env.side_box()  # created on demand by the first run: create it before restoring its counts
-            for k, m in meters().items():
-                if ckpt["meters"].get(k) is not None:
-                    m.load_state_dict(ckpt["meters"][k])
-            set_global_rng_state(ckpt["rng"])
+            _restore(ckpt, config, folder, method, loop, env, meters)
             log(f"resuming {folder.path}: {cfg.method} on {task.name} from its checkpoint at step {loop.steps} "
                 f"({meter.counts[unit]} {unit} spent)")
         elif mode == "resume":
@@ -334,7 +329,8 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
             if folder is not None:
                 loop.elapsed = prior + time.time() - t0
                 folder.save_checkpoint({"method": method.state_dict(), "loop": loop.state_dict(), "rng": global_rng_state(),
-                                        "meters": {k: m.state_dict() if m else None for k, m in meters().items()}})
+                                        "meters": {k: m.state_dict() if m else None for k, m in meters().items()},
+                                        "config": config})
             last_save = time.time()
 
         def done() -> int:
@@ -429,6 +425,31 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
             finally:
                 bar.close()
         return r
+
+
+def _restore(ckpt: dict, config: dict, folder: RunFolder, method, loop: _Loop, env: Env, meters) -> None:
+    """Load a checkpoint into the run, or refuse in one line: one written by another run
+    (its configuration differs) or one that does not fit this method's state."""
+    where = folder.file(CHECKPOINT)
+    as_stored = lambda c: json.loads(json.dumps(c))  # noqa: E731 -- tuples are lists in JSON
+    diff = config_diff(as_stored(ckpt["config"]), as_stored(config)) if "config" in ckpt else []
+    if diff:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise CorruptCheckpoint(f"checkpoint {where} belongs to another run ({shown}); pass --force to start this run "
+                                "afresh, or choose another --out")
+    try:
+        method.load_state_dict(ckpt["method"])
+        loop.load_state_dict(ckpt["loop"])
+        if ckpt["meters"].get("side") is not None and env.side_meter is None:
+            env.side_box()  # created on demand by the first run: create it before restoring its counts
+        for k, m in meters().items():
+            if ckpt["meters"].get(k) is not None:
+                m.load_state_dict(ckpt["meters"][k])
+        set_global_rng_state(ckpt["rng"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise CorruptCheckpoint(f"checkpoint {where} does not fit this {config['method']} run ({type(e).__name__}: "
+                                f"{str(e)[:80]}); it was written by another run or another bbpt: pass --force to start "
+                                "afresh") from None
 
 
 def train_views(mcfg, task, train: ImageSet, size: int, seed: int) -> TrainViews | None:

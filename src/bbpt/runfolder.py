@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, CorruptCheckpoint
 from .state import atomic_write_text, load_state, save_state
 
 RUN_JSON, CHECKPOINT, RESULT = "run.json", "checkpoint.safetensors", "result.json"
@@ -122,6 +122,13 @@ class RunFolder:
         self.discard()
         atomic_write_text(self.file(RUN_JSON), json.dumps({"config": config}, indent=1) + "\n")
 
+    def clean_temp(self) -> None:
+        """Remove temporary files a killed write left (the folder is locked: none is live)."""
+        if self.path.is_dir():
+            for p in self.path.iterdir():
+                if p.is_file() and any(p.name.startswith(f".{n}.tmp") for n in OUTPUTS):
+                    p.unlink(missing_ok=True)
+
     def discard(self) -> None:
         """Remove every bbpt output from the folder, and temp files a killed write left."""
         if not self.path.is_dir():
@@ -189,6 +196,8 @@ class RunFolder:
             return None
         try:
             return load_state(f)
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(f"{e}; pass --force to start the run afresh") from None
         except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint is the same problem for the user
-            raise BadInput(f"checkpoint {f} is unreadable ({type(e).__name__}: {str(e)[:100]}); "
-                           "pass --force to start the run afresh") from None
+            raise CorruptCheckpoint(f"checkpoint {f} is unreadable ({type(e).__name__}: {str(e)[:100]}); "
+                                    "pass --force to start the run afresh") from None
