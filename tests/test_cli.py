@@ -282,3 +282,28 @@ def test_an_explicit_option_wins_over_the_preset(tmp_path, capsys):
         cls = METHODS.get(method)
         cfg = cls.resolve_config(make_config(cls, explicit), 16)
         assert all(getattr(cfg, k) == v for k, v in {**explicit, **preset}.items())
+
+
+def test_eval_refuses_a_prompt_file_with_bad_metadata_or_without_its_head_in_one_line(tmp_path, capsys):
+    import json as _json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from bbpt.models import SoftPrompt
+    from bbpt.results import save_prompt
+
+    listed = tmp_path / "list.safetensors"  # metadata that is a JSON list
+    save_file({"ctx": torch.zeros(4, 64)}, str(listed), metadata={"bbpt": _json.dumps(["soft", "."])})
+    headless = tmp_path / "craft.safetensors"  # a CraFT prompt whose head tensors were dropped
+    save_prompt(headless, SoftPrompt(torch.zeros(1, 4, 64)), {}, {"method": "craft", "model": "mini"})
+    no_ctx = tmp_path / "noctx.safetensors"
+    save_file({"w": torch.zeros(3)}, str(no_ctx), metadata={"bbpt": _json.dumps({"kind": "soft", "method": "bbt"})})
+    cases = [(listed, "is not a bbpt prompt (its metadata is a JSON list, not a mapping)"),
+             (headless, "does not fit craft (it holds no head.* tensors"),
+             (no_ctx, "is not a bbpt prompt (a soft prompt needs a float 'ctx' tensor")]
+    for path, expected in cases:
+        code, _, err = cli_run(["eval", "--prompt", str(path), "--dataset", "shapes", "--quiet"], capsys)
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: prompt file "), (path, err)
+        assert expected in lines[0], lines[0]

@@ -504,11 +504,16 @@ def _white_box(cfg: RunConfig, backbone, classnames: list[str], meter: QueryMete
 class _Saved:
     """A saved prompt (+ extra state) behaving like a method for :func:`evaluate`."""
 
-    def __init__(self, cls, prompt, extra):
-        self.cls, self.prompt, self.extra = cls, prompt, extra
+    def __init__(self, cls, prompt, extra, source: Path | str = "the prompt file"):
+        self.cls, self.prompt, self.extra, self.source = cls, prompt, extra, source
 
     def predict(self, box, images):
-        return self.cls.apply(self.prompt, self.extra, box, images)
+        try:
+            return self.cls.apply(self.prompt, self.extra, box, images)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:  # tensors that are not the method's
+            what = e.args[0] if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {str(e)[:80]}"
+            raise CorruptCheckpoint(f"prompt file {self.source} does not fit {self.cls.name} ({what}); pass the "
+                                    "prompt.safetensors of that method's run folder") from None
 
 
 def evaluate_prompt(prompt_path: str | Path, dataset: str, model: str | None = None, pretrained: str | None = None,
@@ -528,5 +533,5 @@ def evaluate_prompt(prompt_path: str | Path, dataset: str, model: str | None = N
     check_images(images, split, progress=progress)
     backbone = create_backbone(model, pretrained, device)
     box = BlackBox(backbone, task.classnames, QueryMeter())
-    r = evaluate(_Saved(cls, prompt, extra), box, images, batch, split, progress)
+    r = evaluate(_Saved(cls, prompt, extra, prompt_path), box, images, batch, split, progress)
     return {"dataset": task.name, "split": split, "method": cls.name, "model": model, **r, "queries": box.meter.counts}
