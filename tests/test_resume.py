@@ -452,3 +452,33 @@ def test_a_checkpoint_that_does_not_fit_the_method_is_refused_in_one_line(tmp_pa
         run(quick(), out=tmp_path / "zip", progress=False)
     msg = str(e.value)
     assert "does not fit this zip run (KeyError" in msg and "pass --force" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("at_batch, finishes", [(1, False), (2, True)])
+def test_a_signal_during_the_test_evaluation_says_what_happens(tmp_path, monkeypatch, capfd, at_batch, finishes):
+    """Two test batches: a SIGINT in the first stops after it (and says training is saved);
+    one in the last lets the run finish, and says so."""
+    cfg = make_run_config(method="zeroshot", dataset="shapes", shots=1, seed=3, test_subset=100, eval_batch=50)
+    orig, seen = QueryMeter.charge, []
+
+    def interrupting(self, *a):
+        seen.append(1)
+        if len(seen) == 2 + at_batch:  # train loss, val, then test batch ``at_batch``
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the watcher thread writes its notice
+        return orig(self, *a)
+
+    monkeypatch.setattr(QueryMeter, "charge", interrupting)
+    logged = []
+    if finishes:
+        r = run(cfg, out=tmp_path / "t", progress=False, log=logged.append)
+        assert r["status"] == "finished"
+        assert logged == [f"SIGINT came during the test evaluation's last batch: the run finished; its result is in "
+                          f"{tmp_path / 't'}"]
+    else:
+        with pytest.raises(RunInterrupted):
+            run(cfg, out=tmp_path / "t", progress=False, log=logged.append)
+    err = capfd.readouterr().err
+    assert "SIGINT: stopping the test evaluation after its current batch; training is saved, rerun the command to " \
+           "evaluate (again to exit at once)" in err
+    assert "stopping after the current step" not in err

@@ -151,8 +151,15 @@ class Interrupts:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+    THEN = {  # what the first signal does, by phase (the engine sets ``phase``)
+        "train": "stopping after the current step",
+        "test": "stopping the test evaluation after its current batch; training is saved, rerun the command to "
+                "evaluate",
+    }
+
     def __init__(self, where: Path | None):
         self.where, self.signum = where, None
+        self.phase = "train"
         self._old: dict = {}
         self._pipe: tuple[int, int] | None = None
 
@@ -195,7 +202,7 @@ class Interrupts:
                 if seen == 1:
                     if self.signum is None:
                         self.signum = signum
-                    os.write(2, f"\n{name}: stopping after the current step (again to exit at once)\n".encode())
+                    os.write(2, f"\n{name}: {self.THEN[self.phase]} (again to exit at once)\n".encode())
                     continue
                 saved = f"; the last checkpoint is in {self.where}, rerun the command to resume" if self.where else ""
                 os.write(2, f"\n{name} again: exiting now{saved}\n".encode())
@@ -415,6 +422,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
                 checkpoint()  # training is over: a resumed run goes straight to the test split
                 if stop.signum is not None:
                     raise interrupted(stop.signum, save=False)
+                stop.phase = "test"
                 test_r = evaluate(method, eval_box, test, cfg.eval_batch, "test", progress,
                                   should_stop=lambda: stop.signum is not None)
                 if test_r.get("stopped"):
@@ -422,6 +430,10 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
                 r = result("finished", test_r)
                 if folder is not None:
                     write_outputs(folder.path, r, method)
+                if stop.signum is not None:  # it came during the last batch: nothing was left to stop
+                    where = f"its result is in {folder.path}" if folder is not None else "nothing is saved (no --out)"
+                    log(f"{signal.Signals(stop.signum).name} came during the test evaluation's last batch: the run "
+                        f"finished; {where}")
             finally:
                 bar.close()
         return r
