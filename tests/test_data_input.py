@@ -282,3 +282,45 @@ def test_stratified_subset_same_across_processes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     here = ImageSet(labels=np.arange(300) % 7, ids=np.arange(300).astype(str), array=np.zeros((300, 1, 1), np.uint8))
     assert out.strip() == ",".join(stratified_subset(here, 40, seed=5).ids)
+
+
+# ----------------------------------------------------------------------------- full decode before training
+
+BROKEN_KINDS = {"bmp": ".bmp", "gif": ".gif", "tiff": ".tif", "png-idat": ".png"}
+
+
+def broken_image(path: Path, kind: str, intact: bool = False) -> Path:
+    """A 64x64 image whose header opens and whose ``verify()`` passes but whose image data does
+    not decode: a BMP, GIF or TIFF cut in half, or a PNG whose IDAT is random bytes under a
+    correct CRC. ``intact``: the same image, unbroken."""
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG" if kind == "png-idat" else kind)
+    data = buf.getvalue()
+    if intact:
+        pass
+    elif kind == "png-idat":
+        i = data.index(b"IDAT")
+        n = struct.unpack(">I", data[i - 4:i])[0]
+        junk = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        data = data[:i] + b"IDAT" + junk + struct.pack(">I", zlib.crc32(b"IDAT" + junk)) + data[i + 8 + n:]
+    else:
+        data = data[: len(data) // 2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_KINDS))
+def test_check_images_decodes_every_format(tmp_path, kind):
+    """verify() passes on all of these; only decoding them finds the damage."""
+    ok = broken_image(tmp_path / f"ok{BROKEN_KINDS[kind]}", kind, intact=True)
+    bad = broken_image(tmp_path / f"bad{BROKEN_KINDS[kind]}", kind)
+    with Image.open(bad) as im:
+        im.verify()  # what the check used to rely on
+    assert check_images(ImageSet(labels=[0], ids=["ok"], paths=[str(ok)]), "test") == 1
+    with pytest.raises(BadInput) as e:
+        check_images(ImageSet(labels=[0, 0], ids=["ok", "bad"], paths=[str(ok), str(bad)]), "test")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"test image {bad} cannot be read (")
+    assert msg.endswith("); remove or replace it, then rerun")
