@@ -324,3 +324,37 @@ def test_check_images_decodes_every_format(tmp_path, kind):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"test image {bad} cannot be read (")
     assert msg.endswith("); remove or replace it, then rerun")
+
+
+# ----------------------------------------------------------------------------- 16-bit images
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale gradient comes out as value / 257 everywhere images are read:
+    the test transform, the training views and the server's preprocessing (PIL alone clips
+    at 255: almost every pixel white)."""
+    import torch
+
+    from bbpt.data.core import preprocess_pil, to_rgb
+    from bbpt.data.views import TrainViews, ViewSpec
+
+    values = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    f = tmp_path / "gradient16.png"
+    Image.fromarray(values).save(f)
+    expected = np.floor(values / 257 + 0.5).astype(np.uint8)  # round(value / 257): 0..65535 -> 0..255
+    with Image.open(f) as im:
+        assert im.mode.startswith("I;16")
+        rgb = np.asarray(to_rgb(im))
+    assert rgb.shape == (64, 64, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    assert (rgb == 255).mean() < 0.01
+    s = ImageSet(labels=[0], ids=["g"], paths=[str(f)])
+    assert check_images(s, "test") == 1
+    as_bytes = lambda x: (x * 255).round().to(torch.uint8).numpy()  # noqa: E731
+    assert np.array_equal(as_bytes(_read_image(str(f), 64))[0], expected)  # test transform at the image's size
+    assert np.array_equal(as_bytes(s.pixels(size=64))[0, 1], expected)
+    views = TrainViews(s, 64, ViewSpec(scale=(1.0, 1.0), flip=False, pool=1), seed=0)  # whole-image views
+    assert np.array_equal(as_bytes(views.pixels([0], [0]))[0, 2], expected)
+    for mode, dtype in (("I;16B", ">u2"), ("I;16L", "<u2")):  # the byte-order variants
+        im = Image.frombytes(mode, (64, 64), values.astype(dtype).tobytes())
+        assert np.array_equal(np.asarray(preprocess_pil(im, 64)[0].mul(255).round().byte()), expected)
+    as_int32 = Image.fromarray(values.astype(np.int32))  # mode I: what older Pillows open a 16-bit PNG as
+    assert as_int32.mode == "I" and np.array_equal(np.asarray(to_rgb(as_int32))[..., 0], expected)

@@ -180,12 +180,30 @@ def _read_image(path: str, size: int) -> torch.Tensor:
         raise BadInput(f"cannot read image {path} ({_reason(e, path)}); remove or replace the file") from None
 
 
+def to_rgb(im):
+    """A PIL image in RGB: ``im`` itself if it is RGB, else converted.
+
+    PIL converts the 16- and 32-bit integer modes (``I;16`` of a 16-bit grayscale PNG or
+    TIFF, ``I;16B``, ..., ``I``) by clipping at 255, which turns almost every pixel white;
+    here they are scaled instead, value / 257 rounded (0..65535 -> 0..255), with ``I`` read as
+    16-bit too (what older Pillows open a 16-bit PNG as) and values outside 0..65535 clipped.
+    """
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        a = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)  # native byte order, room for a * 255
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def preprocess_pil(im, size: int) -> torch.Tensor:
     """A PIL image -> (3, size, size) float RGB in [0, 1] by CLIP's test transform:
     torchvision's Resize(size) (shorter side, bicubic) + CenterCrop(size)."""
     from PIL import Image
 
-    im = im.convert("RGB")
+    im = to_rgb(im)
     w, h = im.size
     s = size / min(w, h)
     im = im.resize((max(size, int(w * s)), max(size, int(h * s))), Image.BICUBIC)
@@ -220,8 +238,7 @@ def _check_one(path: str, what: str) -> str | None:
             if im.format == "JPEG":
                 im.draft("RGB", (1, 1))
             im.load()
-            if im.mode != "RGB":
-                im.convert("RGB")  # as the run will: a mode PIL cannot convert fails here
+            to_rgb(im)  # as the run will: a mode PIL cannot convert fails here
     except BadInput as e:
         return str(e)
     except FileNotFoundError:
