@@ -358,3 +358,65 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
         assert np.array_equal(np.asarray(preprocess_pil(im, 64)[0].mul(255).round().byte()), expected)
     as_int32 = Image.fromarray(values.astype(np.int32))  # mode I: what older Pillows open a 16-bit PNG as
     assert as_int32.mode == "I" and np.array_equal(np.asarray(to_rgb(as_int32))[..., 0], expected)
+
+
+# ----------------------------------------------------------------------------- split entries leaving the folder
+
+def escaping_entries(root: Path, outside: Path) -> list[str]:
+    """Paths to ``outside`` (an existing image) from split entries relative to ``root``."""
+    up = "../" * len(root.relative_to(outside.parent.parent).parts)  # from root up to outside's grandparent
+    rel = f"{up}{outside.parent.name}/{outside.name}"
+    return [f"cat/../{rel}", f"cat/./../dog/../{rel}", str(outside), rel.replace("/", "\\"), "C:/x.png",
+            "//server/share/x.png", "cat/../../x.png"]
+
+
+def test_split_json_entries_must_stay_inside_the_dataset(tmp_path):
+    root, outside = tmp_path / "data" / "d", png(tmp_path / "elsewhere" / "secret.png")
+    for c in ("cat", "dog"):
+        png(root / c / "0.png"), png(root / c / "1.png")
+    f = root / "split.json"
+    for bad in escaping_entries(root, outside):
+        f.write_text(json.dumps({"train": ["cat/0.png", "dog/0.png"], "test": ["cat/1.png", bad]}))
+        with pytest.raises(BadInput) as e:
+            load_imagefolder(root)
+        assert str(e.value) == (f"split file {f}: test[1] {bad!r} points outside the dataset folder {root}; "
+                                "use paths like '<class>/<file>', relative to it"), bad
+    # a path that wanders but stays inside is fine, and its id is the normalised path
+    f.write_text(json.dumps({"train": ["cat/0.png", "dog/./x/../0.png"], "test": ["cat/1.png", "dog\\1.png"]}))
+    task = load_imagefolder(root)
+    assert task.train.ids.tolist() == ["cat/0.png", "dog/0.png"] and task.test.ids.tolist() == ["cat/1.png", "dog/1.png"]
+    assert task.train.paths[1] == str(root / "dog" / "0.png") and task.test.labels.tolist() == [0, 1]
+
+
+def test_coop_split_entries_must_stay_inside_the_image_folder(tmp_path):
+    root, outside = tmp_path / "data" / "d", png(tmp_path / "elsewhere" / "secret.png")
+    images = root / "images"
+    for c in ("cat", "dog"):
+        png(images / c / "0.jpg"), png(images / c / "1.jpg")
+    f = root / "split_zhou_Pets.json"
+    for bad in escaping_entries(images, outside):
+        f.write_text(json.dumps({"train": [["cat/0.jpg", 0, "cat"], ["dog/0.jpg", 1, "dog"]], "val": [],
+                                 "test": [["cat/1.jpg", 0, "cat"], [bad, 1, "dog"]]}))
+        for load in (lambda: load_imagefolder(root), lambda: load_coop_split(f, images)):
+            with pytest.raises(BadInput) as e:
+                load()
+            assert str(e.value) == (f"split file {f}: test[1] {bad!r} points outside the image folder {images}; "
+                                    "give image paths relative to it, without leaving it"), bad
+    f.write_text(json.dumps({"train": [["cat/0.jpg", 0, "cat"], ["dog/../dog/0.jpg", 1, "dog"]], "val": [],
+                             "test": [["cat/1.jpg", 0, "cat"], ["dog/1.jpg", 1, "dog"]]}))
+    assert load_coop_split(f, images).train.paths[1] == str(images / "dog" / "0.jpg")
+
+
+def test_aircraft_ids_must_stay_inside_images(tmp_path):
+    root, outside = tmp_path / "fgvc_aircraft", png(tmp_path / "secret.jpg")
+    (root / "variants.txt").parent.mkdir(parents=True)
+    (root / "variants.txt").write_text("707-320\nA300B4\n")
+    for i in range(4):
+        png(root / "images" / f"{i}.jpg")
+    for split, lines in (("train", "0 707-320\n1 A300B4"), ("val", "0 707-320\n1 A300B4"), ("test", "2 707-320\n3 A300B4")):
+        (root / f"images_variant_{split}.txt").write_text(lines + "\n")
+    assert len(load_imagefolder(root).test) == 2
+    (root / "images_variant_test.txt").write_text("2 707-320\n../../secret A300B4\n")
+    with pytest.raises(BadInput, match=r"images_variant_test\.txt line 2: image id '\.\./\.\./secret' points outside "):
+        load_imagefolder(root)
+    assert outside.exists()
