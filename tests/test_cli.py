@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -307,3 +308,47 @@ def test_eval_refuses_a_prompt_file_with_bad_metadata_or_without_its_head_in_one
         lines = [l for l in err.strip().splitlines() if l.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: prompt file "), (path, err)
         assert expected in lines[0], lines[0]
+
+
+def broken_dataset(root, layout: str, kind: str):
+    """Two classes of three 8x8 PNGs in ``layout`` (folders, split.json, coop), the test split's
+    last image replaced by a broken ``kind`` (tests/test_data_input.py); returns the broken file."""
+    from test_data_input import BROKEN_KINDS, broken_image
+
+    bad_name = "bad" + BROKEN_KINDS[kind]
+    if layout == "folders":
+        make_folder(root, ["a", "b"], n=3)
+        return broken_image(root / "test" / "b" / bad_name, kind)
+    images = root / "images" if layout == "coop" else root
+    for c in ("a", "b"):
+        (images / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(images / c / f"{i}.png")
+    bad = broken_image(images / "b" / bad_name, kind)
+    train, test = [f"{c}/{i}.png" for c in "ab" for i in range(3)], ["a/3.png", "b/3.png", f"b/{bad_name}"]
+    if layout == "coop":
+        entry = lambda p: [p, "ab".index(p[0]), p[0]]  # noqa: E731
+        (root / "split_zhou_Broken.json").write_text(json.dumps(
+            {"train": [entry(p) for p in train[1::3]], "val": [entry(p) for p in train[::3]],
+             "test": [entry(p) for p in test]}))
+    else:
+        (root / "split.json").write_text(json.dumps({"train": train, "test": test}))
+    return bad
+
+
+@pytest.mark.parametrize("layout,kind", [("folders", "bmp"), ("split.json", "gif"), ("coop", "tiff"),
+                                         ("folders", "png-idat")])
+def test_undecodable_test_image_is_refused_before_any_query(tmp_path, capsys, monkeypatch, layout, kind):
+    """Header and verify() pass; the damage is in the image data, found by decoding before training."""
+    from bbpt.models.meter import QueryMeter
+
+    bad = broken_dataset(tmp_path / "d", layout, kind)
+    charged = []
+    monkeypatch.setattr(QueryMeter, "charge", lambda self, *a: charged.append(a))
+    code, _, err = cli_run(["run", "--method", "zeroshot", "--dataset", str(tmp_path / "d"), "--shots", "1",
+                            "--out", str(tmp_path / "r"), "--quiet"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: test image {bad} cannot be read (") and lines[0].endswith(
+        "); remove or replace it, then rerun")
+    assert charged == [] and not (tmp_path / "r").exists()
