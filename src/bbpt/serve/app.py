@@ -291,8 +291,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                         extra={"used": e.used, "budget": e.budget, "cost": e.cost})
 
     @app.get(f"/{API_VERSION}/model")
-    async def model_info(request: Request):
-        auth(request)
+    async def model_info():  # public metadata, as documented: no key needed
         return state["server"].info
 
     @app.get(f"/{API_VERSION}/health")
