@@ -50,3 +50,76 @@ def test_model_metadata_is_public_and_the_rest_needs_a_key(tmp_path):
         r = c.get("/v1/usage")
         assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
         assert c.post("/v1/class_sets", json={"names": ["a", "b"]}).status_code == 401
+
+
+# ---- item: an unusable --db is one line naming the path, exit 2, before anything starts ----------
+def cli_run(args, capsys):
+    """The CLI in-process: (exit code, stdout, stderr)."""
+    from bbpt import cli
+
+    old = sys.argv
+    sys.argv = ["bbpt", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def unusable_dbs(tmp_path) -> dict:
+    """name -> (--db path, what the one line must say)."""
+    import sqlite3
+
+    (tmp_path / "folder.db").mkdir()
+    (tmp_path / "random.db").write_bytes(bytes(range(256)) * 16)
+    (tmp_path / "afile").write_text("x")
+    other = sqlite3.connect(tmp_path / "other.db")
+    other.execute("CREATE TABLE keys (x INTEGER)")
+    other.commit()
+    other.close()
+    cases = {"folder": (tmp_path / "folder.db", "is a folder"),
+             "random bytes": (tmp_path / "random.db", "is not an SQLite database"),
+             "a file in the way": (tmp_path / "afile" / "serve.db", "a file is in the way"),
+             "another schema": (tmp_path / "other.db", "another schema")}
+    if os.path.isdir("/proc/self"):  # read-only even for root
+        cases["read-only location"] = (os.path.join("/proc", f"bbpt-{os.getpid()}.db"), "cannot be opened or created")
+    return cases
+
+
+def test_unusable_db_for_keys_commands_is_one_line_exit_2(tmp_path, capsys):
+    cases = unusable_dbs(tmp_path)
+    before = {n: p.read_bytes() for n, (p, _) in cases.items() if os.path.isfile(p)}
+    for name, (path, what) in cases.items():
+        for args in (["serve", "keys", "list"], ["serve", "keys", "add", "me", "--budget", "api_calls=5"],
+                     ["serve", "keys", "revoke", "me"]):
+            code, out, err = cli_run([*args, "--db", str(path)], capsys)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and out == "", (name, args, code, err)
+            assert lines[0].startswith(f"error: serve database {path}") and what in lines[0], (name, lines)
+            assert "--db" in lines[0], lines  # the fix
+    for n, (p, _) in cases.items():  # nothing was written into a file that is not ours
+        if n in before:
+            assert p.read_bytes() == before[n], n
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes read-only files")
+def test_read_only_db_file_is_one_line_exit_2(tmp_path, capsys):
+    from bbpt.serve.store import Store
+
+    Store(tmp_path / "ro.db").close()
+    os.chmod(tmp_path / "ro.db", 0o444)
+    code, out, err = cli_run(["serve", "keys", "add", "me", "--db", str(tmp_path / "ro.db")], capsys)
+    assert code == 2 and err.startswith(f"error: serve database {tmp_path / 'ro.db'}") and len(err.splitlines()) == 1
+
+
+def test_serve_with_an_unusable_db_exits_2_in_one_line_before_starting(tmp_path):
+    cases = unusable_dbs(tmp_path)
+    for name in ("folder", "random bytes"):
+        path, what = cases[name]
+        p = bbpt("serve", "--port", str(free_port()), "--db", str(path), timeout=60)
+        line = one_error_line(p)
+        assert p.returncode == 2 and what in line and str(path) in line, (name, p.returncode, line)

@@ -259,7 +259,9 @@ def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (
     if ctx.invoked_subcommand is not None:
         return
     from .serve.app import ServeConfig
+    from .serve.store import Store
 
+    Store(db).close()  # an unusable database: one line now, not uvicorn's "Application startup failed"
     cfg = ServeConfig(model=model, pretrained=pretrained, device=device, precision=precision, db=db,
                       max_batch=max_batch, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, max_request_bytes=max_request_mb << 20)
     from .models import create_backbone
