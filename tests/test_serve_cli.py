@@ -123,3 +123,32 @@ def test_serve_with_an_unusable_db_exits_2_in_one_line_before_starting(tmp_path)
         p = bbpt("serve", "--port", str(free_port()), "--db", str(path), timeout=60)
         line = one_error_line(p)
         assert p.returncode == 2 and what in line and str(path) in line, (name, p.returncode, line)
+
+
+# ---- item: --host (and --port) checked before anything starts ------------------------------------
+def test_serve_refuses_a_bad_host_or_a_busy_port_in_one_line_exit_2(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    cases = [(["--host", "999.1.1.1", "--port", str(free_port())],
+              "--host '999.1.1.1' is neither an IP address nor a host name this machine can resolve"),
+             (["--host", "no-such-host.invalid", "--port", str(free_port())], "nor a host name this machine can resolve"),
+             (["--host", "192.0.2.1", "--port", str(free_port())], "--host '192.0.2.1' is not an address of this machine"),
+             (["--port", str(port)], f"port {port} on 127.0.0.1 is in use")]
+    try:
+        procs = [subprocess.Popen([*BBPT, "serve", *args, "--db", str(tmp_path / f"s{i}.db")], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i, (args, _) in enumerate(cases)]
+        for p, (args, what) in zip(procs, cases):
+            try:
+                out, err = p.communicate(timeout=90)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=20)
+            line = one_error_line(subprocess.CompletedProcess(args, p.returncode, out, err))
+            assert p.returncode == 2 and what in line, (args, p.returncode, line)
+            assert "--host 127.0.0.1" in line or "another --port" in line  # the fix
+    finally:
+        busy.close()
+    assert not any((tmp_path / f"s{i}.db").exists() for i in range(len(cases)))  # refused before the db
