@@ -152,3 +152,35 @@ def test_serve_refuses_a_bad_host_or_a_busy_port_in_one_line_exit_2(tmp_path):
     finally:
         busy.close()
     assert not any((tmp_path / f"s{i}.db").exists() for i in range(len(cases)))  # refused before the db
+
+
+# ---- item: a clean shutdown exits 0 ----------------------------------------------------------------
+def wait_healthy(proc, url, timeout=120.0):
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_exits_0_after_a_clean_shutdown_on_a_signal(sig, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([*BBPT, "serve", "--host", "127.0.0.1", "--port", str(port), "--db", str(tmp_path / "s.db")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}")
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=30)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=20)
+    assert rc == 0, (rc, err[-2000:])
+    assert "Traceback" not in err and "error" not in err.lower(), err[-2000:]
