@@ -259,7 +259,10 @@ def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (
     if ctx.invoked_subcommand is not None:
         return
     from .serve.app import ServeConfig
+    from .serve.store import Store
 
+    _check_listen(host, port)  # a bad --host or a busy --port: one line now, not uvicorn's exit 1 or 3
+    Store(db).close()  # an unusable database: one line now, not uvicorn's "Application startup failed"
     cfg = ServeConfig(model=model, pretrained=pretrained, device=device, precision=precision, db=db,
                       max_batch=max_batch, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, max_request_bytes=max_request_mb << 20)
     from .models import create_backbone
@@ -275,6 +278,36 @@ def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (
         from .serve.app import serve_forever
 
         serve_forever(cfg, host, port, log_level)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """BadInput unless ``host`` is an IP address or a host name that resolves here, and
+    ``host:port`` can be bound now (an address of this machine, the port free)."""
+    import errno
+    import socket
+
+    examples = "e.g. --host 127.0.0.1 (this machine only) or --host 0.0.0.0 (every interface)"
+    try:
+        family, type_, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise BadInput(f"--host {host!r} is neither an IP address nor a host name this machine can resolve; "
+                       f"use an address of this machine, {examples}") from None
+    with socket.socket(family, type_, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            why = e.strerror or str(e)
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise BadInput(f"--host {host!r} is not an address of this machine ({why}); use one of its addresses, {examples}") from None
+            if e.errno == errno.EADDRINUSE:
+                raise BadInput(f"port {port} on {host} is in use ({why}); choose another --port, or stop the "
+                               "process that holds it") from None
+            if e.errno == errno.EACCES:
+                raise BadInput(f"port {port} on {host} needs privileges ({why}); choose a --port of 1024 or "
+                               "above") from None
+            raise BadInput(f"cannot listen on {host} port {port} ({why}); check --host and --port") from None
 
 
 def _parse_budget(items: list[str]) -> dict:

@@ -291,8 +291,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                         extra={"used": e.used, "budget": e.budget, "cost": e.cost})
 
     @app.get(f"/{API_VERSION}/model")
-    async def model_info(request: Request):
-        auth(request)
+    async def model_info():  # public metadata, as documented: no key needed
         return state["server"].info
 
     @app.get(f"/{API_VERSION}/health")
@@ -437,9 +436,28 @@ def _decode_image(raw: bytes, size: int) -> torch.Tensor:
 
 
 def serve_forever(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+    """Serve until SIGINT / SIGTERM, then shut down cleanly and return (so ``bbpt serve`` exits 0).
+
+    uvicorn shuts down on the first signal and then raises that signal again under the
+    handlers it found. The handlers here only ask the server to stop: a signal before
+    uvicorn takes them over stops it as soon as it has started, and the one uvicorn raises
+    again after a clean shutdown ends nothing (no exit 143 / 130)."""
+    import signal
+
     import uvicorn
 
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level, access_log=False)
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg), host=host, port=port, log_level=log_level,
+                                           access_log=False))
+
+    def stop(signum, frame):
+        server.should_exit = True
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def config_dict(cfg: ServeConfig) -> dict:

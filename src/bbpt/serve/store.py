@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import BadInput
+
 UNITS = ("api_calls", "prompt_evals", "images_forwarded")
 BUDGET_UNITS = ("api_calls", "prompt_evals")
 IDEMPOTENCY_SECONDS = 24 * 3600  # stored replies are kept a day, as Stripe does
@@ -64,15 +66,72 @@ def _sha(s: bytes | str) -> str:
     return hashlib.sha256(s.encode() if isinstance(s, str) else s).hexdigest()
 
 
+class UnusableDatabase(BadInput):
+    """The serve database cannot be opened, created or written (a folder, not SQLite, read-only)."""
+
+
+def _schema_columns(db: sqlite3.Connection) -> dict[str, set[str]]:
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return {t: {r[0] for r in db.execute("SELECT name FROM pragma_table_info(?)", (t,))} for t in tables}
+
+
+def _expected_columns() -> dict[str, set[str]]:
+    mem = sqlite3.connect(":memory:")
+    try:
+        mem.executescript(SCHEMA)
+        return _schema_columns(mem)
+    finally:
+        mem.close()
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
-        self._db.executescript(SCHEMA)
+        self._db = self._open(self.path)
         self._lock = threading.RLock()  # one connection, one caller at a time
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        """The database at ``path``, created with the schema if new; UnusableDatabase (one line
+        naming the path, what is wrong and the fix) when it cannot be used."""
+        fix = "pass --db a file path in a writable folder, e.g. --db serve.db"
+        if path.is_dir():
+            raise UnusableDatabase(f"serve database {path} is a folder; {fix}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UnusableDatabase(f"serve database {path}: its folder {path.parent} cannot be made, a file is in the "
+                                   f"way; {fix}") from None
+        except OSError as e:
+            raise UnusableDatabase(f"serve database {path}: its folder {path.parent} cannot be created "
+                                   f"({e.strerror or e}); {fix}") from None
+        db = None
+        try:
+            db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+            have = _schema_columns(db)  # before anything is written: another application's file stays untouched
+            other = sorted(t for t, cols in _expected_columns().items() if t in have and not cols <= have[t])
+            if not other:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
+                db.executescript(SCHEMA)
+        except sqlite3.Error as e:
+            if db is not None:
+                db.close()
+            why = str(e)
+            if "not a database" in why:
+                msg = f"serve database {path} is not an SQLite database ({why}); pass --db a new file or one bbpt serve made"
+            elif "readonly" in why or "read-only" in why:
+                msg = f"serve database {path} is read-only ({why}); {fix}, or make it writable"
+            elif "unable to open" in why:
+                msg = f"serve database {path} cannot be opened or created there ({why}); {fix}"
+            else:
+                msg = f"serve database {path} cannot be used ({type(e).__name__}: {why}); {fix}"
+            raise UnusableDatabase(msg) from None
+        if other:
+            db.close()
+            raise UnusableDatabase(f"serve database {path} is an SQLite file of another schema (table {other[0]!r} "
+                                   "differs from bbpt serve's); pass --db a new file or one bbpt serve made")
+        return db
 
     def close(self) -> None:
         with self._lock:
