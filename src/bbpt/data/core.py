@@ -200,7 +200,7 @@ def to_rgb(im):
         return im
     if im.mode == "I" or im.mode.startswith("I;16"):
         a = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)  # native byte order, room for a * 255
-        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")  # 2-D uint8: L
     return im.convert("RGB")
 
 
