@@ -352,3 +352,70 @@ def test_undecodable_test_image_is_refused_before_any_query(tmp_path, capsys, mo
     assert lines[0].startswith(f"error: test image {bad} cannot be read (") and lines[0].endswith(
         "); remove or replace it, then rerun")
     assert charged == [] and not (tmp_path / "r").exists()
+
+
+# ---- listing commands: light imports -----------------------------------------------------------
+LIGHT = """import sys
+from bbpt.cli import main
+sys.argv = ["bbpt", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+print("HEAVY:", sorted(m for m in ("torch", "open_clip") if m in sys.modules))
+"""
+
+
+def test_listing_commands_import_neither_torch_nor_open_clip(capsys):
+    """`bbpt datasets` and `bbpt models` in a fresh interpreter load neither torch nor open_clip,
+    and print what they print where both are loaded (open_clip's own registry answering)."""
+    import open_clip  # noqa: F401  (here the catalog asks open_clip itself: the reference listing)
+
+    for args in (["datasets"], ["models"]):
+        p = subprocess.run([sys.executable, "-c", LIGHT, *args], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        out, _, heavy = p.stdout.rpartition("HEAVY: ")
+        assert heavy.strip() == "[]", (args, heavy)
+        code, here, _ = cli_run(args, capsys)
+        assert code == 0 and out == here, args
+
+
+def test_models_package_loads_its_names_on_first_use():
+    code = """import sys
+import bbpt.models, bbpt.data
+assert "torch" not in sys.modules, "import bbpt.models / bbpt.data imported torch"
+from bbpt.models import BlackBox, QueryMeter, SoftPrompt, create_backbone, embedded_models
+from bbpt.models import *
+import bbpt.models.backbone as backbone
+assert BlackBox.__module__ == "bbpt.models.blackbox" and QueryMeter.__module__ == "bbpt.models.meter"
+assert create_backbone is backbone.create_backbone and embedded_models is backbone.embedded_models
+assert bbpt.models.blackbox.BlackBox is BlackBox and "Images" in dir(bbpt.models)
+try:
+    bbpt.models.nothing
+except AttributeError as e:
+    assert "has no attribute 'nothing'" in str(e)
+else:
+    raise AssertionError("bbpt.models.nothing exists")
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def test_main_reports_interrupts_once_their_module_is_loaded(monkeypatch, capsys):
+    """main() matches RunInterrupted / SweepInterrupted without importing engine or sweep itself."""
+    import signal
+
+    from bbpt.engine import RunInterrupted
+    from bbpt.sweep import SweepInterrupted
+
+    result = {"queries": {"api_calls": 7}}
+    summary = {"runs": [{"status": "finished"}, {"status": "not started"}]}
+    for exc, code, said in ((RunInterrupted(signal.SIGTERM, None, result), 143, "after 7 api_calls: nothing saved"),
+                            (SweepInterrupted(signal.SIGINT, summary), 130, "1 of 2 runs finished")):
+        def raise_it(*a, **k):
+            raise exc
+
+        monkeypatch.setattr(cli, "app", raise_it)
+        rc, _, err = cli_run(["run"], capsys)
+        assert rc == code and said in err, err

@@ -142,7 +142,7 @@ def datasets():
 @app.command()
 def models():
     """List the backbones: the embedded model, open_clip architectures, Hugging Face models."""
-    from .models.backbone import embedded_models, open_clip_models
+    from .models.catalog import embedded_models, open_clip_models  # names only: no torch, no open_clip
 
     for name in embedded_models():
         typer.echo(f"{name:24s} embedded (weights shipped with bbpt)")
@@ -566,11 +566,15 @@ def _usage_line(e) -> str:
     return f"error: {msg} (see `{where}`)"
 
 
+def _loaded(module: str, name: str) -> tuple[type, ...]:
+    """Exception class ``name`` of bbpt's ``module`` if that module is loaded (only then can it
+    have been raised), else nothing to match: a listing command never imports the engine."""
+    mod = sys.modules.get(f"{__package__}.{module}")
+    return (getattr(mod, name),) if mod is not None else ()
+
+
 def main() -> None:
     """Entry point: every user mistake is one line ``error: ...`` and exit code 2."""
-    from .engine import RunInterrupted
-    from .sweep import SweepInterrupted
-
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit(code)'s code here instead of raising
         if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
@@ -582,13 +586,13 @@ def main() -> None:
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except RunInterrupted as e:
+    except _loaded("engine", "RunInterrupted") as e:
         cmd = " ".join(shlex.quote(a) for a in ["bbpt", *sys.argv[1:]] if a != "--force")
         done = e.result["queries"]
         where = f"saved in {e.out}; resume with: {cmd}" if e.out else "nothing saved (no --out)"
         typer.echo(f"interrupted ({signal.Signals(e.signum).name}) after {done['api_calls']} api_calls: {where}", err=True)
         sys.exit(e.exit_code)
-    except SweepInterrupted as e:
+    except _loaded("sweep", "SweepInterrupted") as e:
         cmd = " ".join(shlex.quote(a) for a in ["bbpt", *sys.argv[1:]])
         n = {k: sum(r["status"] == k for r in e.summary["runs"]) for k in ("finished", "interrupted", "not started")}
         typer.echo(f"interrupted ({signal.Signals(e.signum).name}): {n['finished']} of {len(e.summary['runs'])} runs "

@@ -19,14 +19,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..errors import BadInput
 from .shift import SHIFTS, apply_shift
+
+if TYPE_CHECKING:  # torch is imported where pixels are made: listing tasks needs none of it
+    import torch
 
 
 def data_dir() -> Path:
@@ -98,6 +99,8 @@ class ImageSet:
         Arrays are resized whole (bicubic, antialiased); files get CLIP's test transform
         (shorter side to ``size``, centre crop). Then the shift, if any.
         """
+        import torch
+
         idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)
         if self.array is not None:
             x = _array_to_pixels(self.array[idx], size)
@@ -109,6 +112,9 @@ class ImageSet:
 
 
 def _array_to_pixels(a: np.ndarray, size: int) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(a)).float().div_(255.0)
     if x.ndim == 3:  # (n, H, W) gray -> (n, 3, H, W)
         x = x[:, None].expand(-1, 3, -1, -1)
@@ -194,13 +200,14 @@ def to_rgb(im):
         return im
     if im.mode == "I" or im.mode.startswith("I;16"):
         a = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)  # native byte order, room for a * 255
-        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")  # 2-D uint8: L
     return im.convert("RGB")
 
 
 def preprocess_pil(im, size: int) -> torch.Tensor:
     """A PIL image -> (3, size, size) float RGB in [0, 1] by CLIP's test transform:
     torchvision's Resize(size) (shorter side, bicubic) + CenterCrop(size)."""
+    import torch
     from PIL import Image
 
     im = to_rgb(im)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from ..errors import DataNotPrepared
 from ..registry import Registry
@@ -222,6 +221,8 @@ UNION_SIZE = 32
 
 def fetch_union(root: Path | None = None) -> dict:
     """The four tasks as one 40-class task: part k's class c is class 10 k + c."""
+    import torch
+
     from .core import _array_to_pixels
 
     rng = np.random.default_rng(SPLIT_SEED)

@@ -18,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Callable, Sequence
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..registry import Registry
 
-ShiftFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]  # (pixels (n,3,S,S), ids) -> pixels
+if TYPE_CHECKING:  # imported by the shifts themselves: naming them (`bbpt datasets`) needs no torch
+    import torch
+
+ShiftFn = Callable[["torch.Tensor", Sequence[str]], "torch.Tensor"]  # (pixels (n,3,S,S), ids) -> pixels
 SHIFTS: Registry[ShiftFn] = Registry("shift", hint="Use --dataset NAME@SHIFT, e.g. fashion-mnist@inverted.")
 NOISE_SIGMA = 0.15
 ROTATION_DEGREES = (30.0, 60.0)
@@ -33,6 +33,8 @@ ROTATION_DEGREES = (30.0, 60.0)
 
 def _generator(image_id: str, salt: str) -> torch.Generator:
     """A torch RNG seeded by the image id (stable across processes, unlike ``hash``)."""
+    import torch
+
     digest = hashlib.blake2b(f"{salt}:{image_id}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
@@ -44,12 +46,17 @@ def inverted(x: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:
 
 @SHIFTS.register("noised")
 def noised(x: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:
+    import torch
+
     noise = torch.stack([torch.randn(x.shape[1:], generator=_generator(i, "noised")) for i in ids]) if len(ids) else 0
     return (x + NOISE_SIGMA * noise).clamp_(0.0, 1.0)
 
 
 @SHIFTS.register("rotated")
 def rotated(x: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
     if not len(ids):
         return x
     lo, hi = ROTATION_DEGREES
@@ -63,6 +70,9 @@ def rotated(x: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:
 
 @SHIFTS.register("blurred")
 def blurred(x: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
     S = x.shape[-1]
     sigma = S / 28
     r = min(math.ceil(3 * sigma), S - 1)
