@@ -184,3 +184,61 @@ def test_serve_exits_0_after_a_clean_shutdown_on_a_signal(sig, tmp_path):
             proc.wait(timeout=20)
     assert rc == 0, (rc, err[-2000:])
     assert "Traceback" not in err and "error" not in err.lower(), err[-2000:]
+
+
+# ---- item: an unreachable --remote is refused at once ---------------------------------------------
+def closed_port() -> int:
+    """A port nothing listens on (bound and closed at once; nothing else binds it meanwhile here)."""
+    return free_port()
+
+
+def test_unreachable_or_wrong_server_is_refused_at_once():
+    import http.server
+    import threading
+
+    from bbpt.errors import BadInput
+    from bbpt.serve.client import RemoteBlackBox, RemoteError
+
+    url = f"http://127.0.0.1:{closed_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError) as e:
+        RemoteBlackBox(url, "bbpt-0-x", ["a", "b"])
+    assert time.monotonic() - t0 < 5  # not the 120 s of retries a run under way gets
+    assert str(e.value).startswith(f"cannot reach a bbpt server at {url} (ConnectError") and "bbpt serve" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+    class NotBBPT(http.server.BaseHTTPRequestHandler):  # some other web server: 404 for /v1/model
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), NotBBPT)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match=r"does not answer as a bbpt server \(GET /v1/model: HTTP 404\); check the"):
+            RemoteBlackBox(url, "bbpt-0-x", ["a", "b"])
+        assert time.monotonic() - t0 < 5
+    finally:
+        other.shutdown()
+        other.server_close()
+    for bad in ("localhost:8000", "ftp://127.0.0.1:8000", "http://"):
+        with pytest.raises(BadInput, match=r"is not an http\(s\) URL of a server; e\.g\. --remote http://127\.0\.0\.1:8000"):
+            RemoteBlackBox(bad, "bbpt-0-x", ["a", "b"])
+
+
+def test_bbpt_run_remote_to_a_closed_port_fails_fast_in_one_line(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}"
+    t0 = time.monotonic()
+    p = bbpt("run", "--method", "zip", "--dataset", "shapes", "--shots", "1", "--remote", url, "--out",
+             str(tmp_path / "r"), "--quiet", env={"BBPT_API_KEY": "bbpt-0-x"}, timeout=110)
+    took = time.monotonic() - t0
+    line = one_error_line(p)
+    assert p.returncode == 2 and line.startswith(f"error: cannot reach a bbpt server at {url}"), (p.returncode, line)
+    assert "check the URL and that `bbpt serve` is running there" in line
+    assert took < 60, took  # start-up and data checks only: no retries
+    assert not (tmp_path / "r").exists()  # nothing started, nothing left behind
