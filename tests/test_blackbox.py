@@ -576,3 +576,18 @@ def test_methods_use_only_the_black_box_protocol():
                 used.setdefault(node.attr, mod.__name__)
     assert used and {a: m for a, m in used.items() if a not in allowed} == {}
     assert {"query", "embed_words", "image_size"} <= set(used)
+
+
+# ---- limits: a refused batch, too many visual tokens, budget before tokenising --------------------
+def test_query_many_over_the_budget_charges_nothing(mini):
+    from bbpt.models.blackbox import query_many
+
+    meter = QueryMeter({"api_calls": 5})
+    box = BlackBox(mini, NAMES, meter)
+    three = (box, TextPrompt(("a {}.", "the {}.", "one {}.")), Images(px(2)), None)  # 3 api_calls each
+    with pytest.raises(BudgetExhausted, match=r"needs api_calls=6 but the budget is api_calls=5") as e:
+        query_many([three, three])
+    assert e.value.counts["api_calls"] == 0 and e.value.requested["api_calls"] == 6
+    assert meter.counts == ZERO and meter.images_encoded == 0
+    assert query_many([three])[0].shape == (3, 2, len(NAMES))  # one of them fits: charged exactly 3
+    assert meter.counts["api_calls"] == 3

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -174,6 +175,8 @@ def usage_cases(tmp_path):
     big = tmp_path / "big"
     make_folder(big, ["a", "b"])
     huge_png(big / "test" / "a" / "huge.png")
+    inf_toml = tmp_path / "inf.toml"
+    inf_toml.write_text('method = "bbt"\ndataset = "shapes"\n[options]\nsigma = inf\n')
     return [
         (["run", "--budgte", "5"], "No such option: --budgte"),
         (["run", "--shots", "abc"], "Invalid value for '--shots'"),
@@ -196,6 +199,10 @@ def usage_cases(tmp_path):
         (["run", "--method", "craft", "--set", "head_kl_fraction=1.5", "--dataset", "shapes"],
          "option head_kl_fraction=1.5 is out of range (allowed: >= 0 and <= 1)"),
         (["run", "--method", "zip", "--set", "clip=-1", "--dataset", "shapes"], "option clip=-1"),
+        (["run", "--method", "bbt", "--set", "sigma=Infinity", "--dataset", "shapes"],
+         "method bbt: option sigma=inf is invalid: Input should be a finite number (allowed: > 0)"),
+        (["run", "--method", "bbt", "--set", "sigma=NaN", "--dataset", "shapes"], "option sigma=nan is invalid"),
+        (["run", "--config", str(inf_toml)], "method bbt: option sigma=inf is invalid: Input should be a finite number"),
     ]
 
 
@@ -276,3 +283,72 @@ def test_an_explicit_option_wins_over_the_preset(tmp_path, capsys):
         cls = METHODS.get(method)
         cfg = cls.resolve_config(make_config(cls, explicit), 16)
         assert all(getattr(cfg, k) == v for k, v in {**explicit, **preset}.items())
+
+
+def test_eval_refuses_a_prompt_file_with_bad_metadata_or_without_its_head_in_one_line(tmp_path, capsys):
+    import json as _json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from bbpt.models import SoftPrompt
+    from bbpt.results import save_prompt
+
+    listed = tmp_path / "list.safetensors"  # metadata that is a JSON list
+    save_file({"ctx": torch.zeros(4, 64)}, str(listed), metadata={"bbpt": _json.dumps(["soft", "."])})
+    headless = tmp_path / "craft.safetensors"  # a CraFT prompt whose head tensors were dropped
+    save_prompt(headless, SoftPrompt(torch.zeros(1, 4, 64)), {}, {"method": "craft", "model": "mini"})
+    no_ctx = tmp_path / "noctx.safetensors"
+    save_file({"w": torch.zeros(3)}, str(no_ctx), metadata={"bbpt": _json.dumps({"kind": "soft", "method": "bbt"})})
+    cases = [(listed, "is not a bbpt prompt (its metadata is a JSON list, not a mapping)"),
+             (headless, "does not fit craft (it holds no head.* tensors"),
+             (no_ctx, "is not a bbpt prompt (a soft prompt needs a float 'ctx' tensor")]
+    for path, expected in cases:
+        code, _, err = cli_run(["eval", "--prompt", str(path), "--dataset", "shapes", "--quiet"], capsys)
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: prompt file "), (path, err)
+        assert expected in lines[0], lines[0]
+
+
+def broken_dataset(root, layout: str, kind: str):
+    """Two classes of three 8x8 PNGs in ``layout`` (folders, split.json, coop), the test split's
+    last image replaced by a broken ``kind`` (tests/test_data_input.py); returns the broken file."""
+    from test_data_input import BROKEN_KINDS, broken_image
+
+    bad_name = "bad" + BROKEN_KINDS[kind]
+    if layout == "folders":
+        make_folder(root, ["a", "b"], n=3)
+        return broken_image(root / "test" / "b" / bad_name, kind)
+    images = root / "images" if layout == "coop" else root
+    for c in ("a", "b"):
+        (images / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(images / c / f"{i}.png")
+    bad = broken_image(images / "b" / bad_name, kind)
+    train, test = [f"{c}/{i}.png" for c in "ab" for i in range(3)], ["a/3.png", "b/3.png", f"b/{bad_name}"]
+    if layout == "coop":
+        entry = lambda p: [p, "ab".index(p[0]), p[0]]  # noqa: E731
+        (root / "split_zhou_Broken.json").write_text(json.dumps(
+            {"train": [entry(p) for p in train[1::3]], "val": [entry(p) for p in train[::3]],
+             "test": [entry(p) for p in test]}))
+    else:
+        (root / "split.json").write_text(json.dumps({"train": train, "test": test}))
+    return bad
+
+
+@pytest.mark.parametrize("layout,kind", [("folders", "bmp"), ("split.json", "gif"), ("coop", "tiff"),
+                                         ("folders", "png-idat")])
+def test_undecodable_test_image_is_refused_before_any_query(tmp_path, capsys, monkeypatch, layout, kind):
+    """Header and verify() pass; the damage is in the image data, found by decoding before training."""
+    from bbpt.models.meter import QueryMeter
+
+    bad = broken_dataset(tmp_path / "d", layout, kind)
+    charged = []
+    monkeypatch.setattr(QueryMeter, "charge", lambda self, *a: charged.append(a))
+    code, _, err = cli_run(["run", "--method", "zeroshot", "--dataset", str(tmp_path / "d"), "--shots", "1",
+                            "--out", str(tmp_path / "r"), "--quiet"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: test image {bad} cannot be read (") and lines[0].endswith(
+        "); remove or replace it, then rerun")
+    assert charged == [] and not (tmp_path / "r").exists()

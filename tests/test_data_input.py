@@ -282,3 +282,141 @@ def test_stratified_subset_same_across_processes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     here = ImageSet(labels=np.arange(300) % 7, ids=np.arange(300).astype(str), array=np.zeros((300, 1, 1), np.uint8))
     assert out.strip() == ",".join(stratified_subset(here, 40, seed=5).ids)
+
+
+# ----------------------------------------------------------------------------- full decode before training
+
+BROKEN_KINDS = {"bmp": ".bmp", "gif": ".gif", "tiff": ".tif", "png-idat": ".png"}
+
+
+def broken_image(path: Path, kind: str, intact: bool = False) -> Path:
+    """A 64x64 image whose header opens and whose ``verify()`` passes but whose image data does
+    not decode: a BMP, GIF or TIFF cut in half, or a PNG whose IDAT is random bytes under a
+    correct CRC. ``intact``: the same image, unbroken."""
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG" if kind == "png-idat" else kind)
+    data = buf.getvalue()
+    if intact:
+        pass
+    elif kind == "png-idat":
+        i = data.index(b"IDAT")
+        n = struct.unpack(">I", data[i - 4:i])[0]
+        junk = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        data = data[:i] + b"IDAT" + junk + struct.pack(">I", zlib.crc32(b"IDAT" + junk)) + data[i + 8 + n:]
+    else:
+        data = data[: len(data) // 2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_KINDS))
+def test_check_images_decodes_every_format(tmp_path, kind):
+    """verify() passes on all of these; only decoding them finds the damage."""
+    ok = broken_image(tmp_path / f"ok{BROKEN_KINDS[kind]}", kind, intact=True)
+    bad = broken_image(tmp_path / f"bad{BROKEN_KINDS[kind]}", kind)
+    with Image.open(bad) as im:
+        im.verify()  # what the check used to rely on
+    assert check_images(ImageSet(labels=[0], ids=["ok"], paths=[str(ok)]), "test") == 1
+    with pytest.raises(BadInput) as e:
+        check_images(ImageSet(labels=[0, 0], ids=["ok", "bad"], paths=[str(ok), str(bad)]), "test")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"test image {bad} cannot be read (")
+    assert msg.endswith("); remove or replace it, then rerun")
+
+
+# ----------------------------------------------------------------------------- 16-bit images
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale gradient comes out as value / 257 everywhere images are read:
+    the test transform, the training views and the server's preprocessing (PIL alone clips
+    at 255: almost every pixel white)."""
+    import torch
+
+    from bbpt.data.core import preprocess_pil, to_rgb
+    from bbpt.data.views import TrainViews, ViewSpec
+
+    values = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    f = tmp_path / "gradient16.png"
+    Image.fromarray(values).save(f)
+    expected = np.floor(values / 257 + 0.5).astype(np.uint8)  # round(value / 257): 0..65535 -> 0..255
+    with Image.open(f) as im:
+        assert im.mode.startswith("I;16")
+        rgb = np.asarray(to_rgb(im))
+    assert rgb.shape == (64, 64, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    assert (rgb == 255).mean() < 0.01
+    s = ImageSet(labels=[0], ids=["g"], paths=[str(f)])
+    assert check_images(s, "test") == 1
+    as_bytes = lambda x: (x * 255).round().to(torch.uint8).numpy()  # noqa: E731
+    assert np.array_equal(as_bytes(_read_image(str(f), 64))[0], expected)  # test transform at the image's size
+    assert np.array_equal(as_bytes(s.pixels(size=64))[0, 1], expected)
+    views = TrainViews(s, 64, ViewSpec(scale=(1.0, 1.0), flip=False, pool=1), seed=0)  # whole-image views
+    assert np.array_equal(as_bytes(views.pixels([0], [0]))[0, 2], expected)
+    for mode, dtype in (("I;16B", ">u2"), ("I;16L", "<u2")):  # the byte-order variants
+        im = Image.frombytes(mode, (64, 64), values.astype(dtype).tobytes())
+        assert np.array_equal(np.asarray(preprocess_pil(im, 64)[0].mul(255).round().byte()), expected)
+    as_int32 = Image.fromarray(values.astype(np.int32))  # mode I: what older Pillows open a 16-bit PNG as
+    assert as_int32.mode == "I" and np.array_equal(np.asarray(to_rgb(as_int32))[..., 0], expected)
+
+
+# ----------------------------------------------------------------------------- split entries leaving the folder
+
+def escaping_entries(root: Path, outside: Path) -> list[str]:
+    """Paths to ``outside`` (an existing image) from split entries relative to ``root``."""
+    up = "../" * len(root.relative_to(outside.parent.parent).parts)  # from root up to outside's grandparent
+    rel = f"{up}{outside.parent.name}/{outside.name}"
+    return [f"cat/../{rel}", f"cat/./../dog/../{rel}", str(outside), rel.replace("/", "\\"), "C:/x.png",
+            "//server/share/x.png", "cat/../../x.png"]
+
+
+def test_split_json_entries_must_stay_inside_the_dataset(tmp_path):
+    root, outside = tmp_path / "data" / "d", png(tmp_path / "elsewhere" / "secret.png")
+    for c in ("cat", "dog"):
+        png(root / c / "0.png"), png(root / c / "1.png")
+    f = root / "split.json"
+    for bad in escaping_entries(root, outside):
+        f.write_text(json.dumps({"train": ["cat/0.png", "dog/0.png"], "test": ["cat/1.png", bad]}))
+        with pytest.raises(BadInput) as e:
+            load_imagefolder(root)
+        assert str(e.value) == (f"split file {f}: test[1] {bad!r} points outside the dataset folder {root}; "
+                                "use paths like '<class>/<file>', relative to it"), bad
+    # a path that wanders but stays inside is fine, and its id is the normalised path
+    f.write_text(json.dumps({"train": ["cat/0.png", "dog/./x/../0.png"], "test": ["cat/1.png", "dog\\1.png"]}))
+    task = load_imagefolder(root)
+    assert task.train.ids.tolist() == ["cat/0.png", "dog/0.png"] and task.test.ids.tolist() == ["cat/1.png", "dog/1.png"]
+    assert task.train.paths[1] == str(root / "dog" / "0.png") and task.test.labels.tolist() == [0, 1]
+
+
+def test_coop_split_entries_must_stay_inside_the_image_folder(tmp_path):
+    root, outside = tmp_path / "data" / "d", png(tmp_path / "elsewhere" / "secret.png")
+    images = root / "images"
+    for c in ("cat", "dog"):
+        png(images / c / "0.jpg"), png(images / c / "1.jpg")
+    f = root / "split_zhou_Pets.json"
+    for bad in escaping_entries(images, outside):
+        f.write_text(json.dumps({"train": [["cat/0.jpg", 0, "cat"], ["dog/0.jpg", 1, "dog"]], "val": [],
+                                 "test": [["cat/1.jpg", 0, "cat"], [bad, 1, "dog"]]}))
+        for load in (lambda: load_imagefolder(root), lambda: load_coop_split(f, images)):
+            with pytest.raises(BadInput) as e:
+                load()
+            assert str(e.value) == (f"split file {f}: test[1] {bad!r} points outside the image folder {images}; "
+                                    "give image paths relative to it, without leaving it"), bad
+    f.write_text(json.dumps({"train": [["cat/0.jpg", 0, "cat"], ["dog/../dog/0.jpg", 1, "dog"]], "val": [],
+                             "test": [["cat/1.jpg", 0, "cat"], ["dog/1.jpg", 1, "dog"]]}))
+    assert load_coop_split(f, images).train.paths[1] == str(images / "dog" / "0.jpg")
+
+
+def test_aircraft_ids_must_stay_inside_images(tmp_path):
+    root, outside = tmp_path / "fgvc_aircraft", png(tmp_path / "secret.jpg")
+    (root / "variants.txt").parent.mkdir(parents=True)
+    (root / "variants.txt").write_text("707-320\nA300B4\n")
+    for i in range(4):
+        png(root / "images" / f"{i}.jpg")
+    for split, lines in (("train", "0 707-320\n1 A300B4"), ("val", "0 707-320\n1 A300B4"), ("test", "2 707-320\n3 A300B4")):
+        (root / f"images_variant_{split}.txt").write_text(lines + "\n")
+    assert len(load_imagefolder(root).test) == 2
+    (root / "images_variant_test.txt").write_text("2 707-320\n../../secret A300B4\n")
+    with pytest.raises(BadInput, match=r"images_variant_test\.txt line 2: image id '\.\./\.\./secret' points outside "):
+        load_imagefolder(root)
+    assert outside.exists()

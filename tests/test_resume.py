@@ -200,11 +200,38 @@ def test_foreign_files_are_never_removed(tmp_path):
 
 
 def test_failed_start_leaves_nothing_and_a_corrected_rerun_starts(tmp_path):
-    out = tmp_path / "r"
+    out = tmp_path / "new" / "r"  # two folders the run creates
     with pytest.raises(BudgetExhausted, match="budget exhausted"):
         run(quick(options={"budget": 5}), out=out, progress=False)  # one ZIP step costs 10
-    assert not out.exists() or not any(out.iterdir())
+    assert not (tmp_path / "new").exists()  # neither folder is left behind
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(BudgetExhausted):
+        run(quick(options={"budget": 5}), out=kept, progress=False)
+    assert kept.is_dir() and not any(kept.iterdir())  # a folder the user made stays, empty
     assert run(quick(), out=out, progress=False)["status"] == "finished"
+
+
+def test_a_run_that_finished_in_a_new_folder_while_another_loaded_is_kept(tmp_path, monkeypatch):
+    """Two runs on one new --out: B checks the folder (new), loads slowly; A starts later,
+    finishes first. B must refuse in one line, and A's result must stay."""
+    import bbpt.engine as engine
+
+    out = tmp_path / "r"
+    real, fired = engine.check_images, []
+
+    def slow_load(images, split, progress=True):  # B's loading, during which A runs to the end
+        if not fired:
+            fired.append(True)
+            run(quick(method="zeroshot", options={}), out=out, progress=False)
+        return real(images, split, progress=progress)
+
+    monkeypatch.setattr(engine, "check_images", slow_load)
+    with pytest.raises(BadInput) as e:
+        run(quick(), out=out, progress=False)  # B
+    assert "holds a finished run (zeroshot on shapes" in str(e.value) and "\n" not in str(e.value)
+    r = json.loads((out / "result.json").read_text())
+    assert r["method"] == "zeroshot" and r["status"] == "finished"
 
 
 def test_old_outputs_without_run_json_are_refused(tmp_path):
@@ -325,3 +352,133 @@ def test_config_diff_treats_a_field_added_since_as_off():
     assert config_diff(old, {**old, "remote": None}) == []  # a run made before --remote existed still resumes
     assert config_diff(old, {**old, "remote": "http://x"}) == ["remote: None -> 'http://x'"]
     assert config_diff(old, {"seed": 1, "options": {"budget": 40, "n_ctx": 8}}) == ["options.n_ctx: None -> 8"]
+
+
+# ---- checkpoints: hashed, refused in one line when damaged or another run's; full disks -------
+def interrupted_run(out, **kw):
+    hook = lambda steps, stats: os.kill(os.getpid(), signal.SIGINT) if steps == 1 else None  # noqa: E731
+    with pytest.raises(RunInterrupted):
+        run(quick(**kw), out=out, progress=False, on_step=hook)
+    return out / "checkpoint.safetensors"
+
+
+def largest_tensor(path):
+    """(start, end) of the largest tensor's bytes in a safetensors file."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    a, b = max((v["data_offsets"] for k, v in header.items() if k != "__metadata__"), key=lambda o: o[1] - o[0])
+    return 8 + n + a, 8 + n + b
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_force_starts_afresh(tmp_path):
+    ckpt = interrupted_run(tmp_path / "r")
+    data = bytearray(ckpt.read_bytes())
+    a, b = largest_tensor(ckpt)
+    assert b - a >= 64
+    mid = (a + b) // 2 - 32
+    data[mid:mid + 64] = bytes(255 - x for x in data[mid:mid + 64])  # 64 bytes flipped inside a tensor
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(BadInput) as e:
+        run(quick(), out=tmp_path / "r", progress=False)
+    msg = str(e.value)
+    assert "is damaged: its content does not match the SHA-256" in msg and "pass --force" in msg and "\n" not in msg
+    assert run(quick(), out=tmp_path / "r", progress=False, force=True)["status"] == "finished"
+
+
+def test_a_checkpoint_of_the_previous_format_still_resumes(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt = interrupted_run(tmp_path / "r")
+    with safe_open(str(ckpt), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(ckpt), metadata={"format": "bbpt-state-1", "state": meta["state"]})  # no whole-file hash
+    r = run(quick(), out=tmp_path / "r", progress=False)
+    assert r["status"] == "finished" and r["steps"] == run(quick(), out=tmp_path / "fresh", progress=False)["steps"]
+
+
+def test_a_full_disk_is_one_line_leaves_no_temp_file_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import bbpt.state as state
+    from test_cli import cli_run
+
+    out = tmp_path / "r"
+    args = ["run", "--method", "zip", "--dataset", "shapes", "--shots", "1", "--test-subset", "100", "--set",
+            "budget=40", "--out", str(out), "--quiet"]
+    real, writes = os.fsync, []
+
+    def fsync(fd):  # the third checkpoint write meets a full disk
+        if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(".checkpoint.safetensors.tmp"):
+            writes.append(fd)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(state.os, "fsync", fsync)
+    code, _, err = cli_run(args, capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: cannot write {out / 'checkpoint.safetensors'}: No space left on device; free space")
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # the failed write cleaned up
+    assert (out / "checkpoint.safetensors").exists()  # the previous checkpoint stays
+    (out / ".checkpoint.safetensors.tmp99999").write_bytes(b"half")  # what a kill -9 mid-write leaves
+    monkeypatch.setattr(state.os, "fsync", real)
+    code, _, err = cli_run(args, capsys)
+    assert code == 0 and "resuming" in err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".bbpt.lock") == []
+
+
+def test_another_runs_checkpoint_is_refused_in_one_line(tmp_path):
+    ours = interrupted_run(tmp_path / "zip")
+    theirs = interrupted_run(tmp_path / "bbt", method="bbt", options={"budget": 40, "popsize": 4, "intrinsic_dim": 16})
+    ours.write_bytes(theirs.read_bytes())  # a folder holding another method's checkpoint
+    with pytest.raises(BadInput) as e:
+        run(quick(), out=tmp_path / "zip", progress=False)
+    msg = str(e.value)
+    assert "belongs to another run (method: 'bbt' -> 'zip'" in msg and "pass --force" in msg and "\n" not in msg
+
+
+def test_a_checkpoint_that_does_not_fit_the_method_is_refused_in_one_line(tmp_path):
+    import bbpt.state as state
+
+    ours = interrupted_run(tmp_path / "zip")
+    theirs = interrupted_run(tmp_path / "bbt", method="bbt", options={"budget": 40, "popsize": 4, "intrinsic_dim": 16})
+    s = state.load_state(theirs)
+    s.pop("config")  # as an older bbpt wrote it: nothing says whose it is
+    state.save_state(ours, s)
+    with pytest.raises(BadInput) as e:
+        run(quick(), out=tmp_path / "zip", progress=False)
+    msg = str(e.value)
+    assert "does not fit this zip run (KeyError" in msg and "pass --force" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("at_batch, finishes", [(1, False), (2, True)])
+def test_a_signal_during_the_test_evaluation_says_what_happens(tmp_path, monkeypatch, capfd, at_batch, finishes):
+    """Two test batches: a SIGINT in the first stops after it (and says training is saved);
+    one in the last lets the run finish, and says so."""
+    cfg = make_run_config(method="zeroshot", dataset="shapes", shots=1, seed=3, test_subset=100, eval_batch=50)
+    orig, seen = QueryMeter.charge, []
+
+    def interrupting(self, *a):
+        seen.append(1)
+        if len(seen) == 2 + at_batch:  # train loss, val, then test batch ``at_batch``
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the watcher thread writes its notice
+        return orig(self, *a)
+
+    monkeypatch.setattr(QueryMeter, "charge", interrupting)
+    logged = []
+    if finishes:
+        r = run(cfg, out=tmp_path / "t", progress=False, log=logged.append)
+        assert r["status"] == "finished"
+        assert logged == [f"SIGINT came during the test evaluation's last batch: the run finished; its result is in "
+                          f"{tmp_path / 't'}"]
+    else:
+        with pytest.raises(RunInterrupted):
+            run(cfg, out=tmp_path / "t", progress=False, log=logged.append)
+    err = capfd.readouterr().err
+    assert "SIGINT: stopping the test evaluation after its current batch; training is saved, rerun the command to " \
+           "evaluate (again to exit at once)" in err
+    assert "stopping after the current step" not in err

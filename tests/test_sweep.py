@@ -364,3 +364,20 @@ def test_a_methods_revision_renames_only_its_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(METHODS.get("bar"), "revision", METHODS.get("bar").revision + 1)
     after = {Path(f).parent.parent.name: Path(f).name for _, f in expand(spec, tmp_path)}
     assert after["zip"] == before["zip"] and after["bar"] != before["bar"]
+
+
+def test_report_on_test_subset_runs_says_they_are_not_comparable(tmp_path):
+    for seed in (1, 2):
+        _fake_run(tmp_path, "a", "d1", seed, 0.7, [(10, 0.7)])
+    md = markdown(build(tmp_path))
+    assert md.startswith("Test accuracy (%)") and "Not comparable" not in md  # full-test runs: no note
+    f = tmp_path / "a" / "d1" / "s2" / "result.json"
+    r = json.loads(f.read_text())
+    r["test_subset"] = {"n": 300, "of": 10000, "seed": 0, "comparable_to_full_test": False}
+    f.write_text(json.dumps(r))
+    rep = build(tmp_path)
+    assert rep["test_subset"] == [300] and rep["test_subset_runs"] == 1
+    md = markdown(rep)
+    assert md.startswith("**Not comparable to full-test numbers**: 1 of these 2 runs were evaluated on a seeded, "
+                         "stratified subset of the test split (--test-subset 300 images)")
+    assert "Test-subset accuracy (%), mean ± std" in md and "\nTest accuracy" not in md

@@ -33,14 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .data import check_images, fewshot_split, load_task, stratified_subset, subsample_classes
 from .data.core import ImageSet
 from .data.views import TrainViews, ViewSpec
-from .errors import BadInput, BBPTError, BudgetExhausted
+from .errors import BadInput, BBPTError, BudgetExhausted, CorruptCheckpoint
 from .methods import METHODS, FewShotData, make_config
 from .methods.base import Budget, Env, option_range
 from .models import BlackBox, BlackBoxAPI, Images, QueryMeter, create_backbone
 from .models.whitebox import WhiteBox
 from .progress import Progress, eval_bar
 from .results import write_outputs
-from .runfolder import RunFolder
+from .runfolder import CHECKPOINT, RunFolder, config_diff
 from .state import global_rng_state, set_global_rng_state
 
 CHECKPOINT_SECONDS = 60.0
@@ -51,7 +51,7 @@ TEST_SUBSET_SEED = 0  # the same subset for every method and seed, so quick look
 class RunConfig(BaseModel):
     """Everything that determines a run; stored in run.json and result.json."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # strict: true is not 1
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # strict: true is not 1; inf / nan are no values
 
     method: str = Field("zip", min_length=1, description="method name (`bbpt methods`)")
     dataset: str = Field("fashion-mnist", min_length=1, description="registered task or image-folder path")
@@ -151,8 +151,15 @@ class Interrupts:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+    THEN = {  # what the first signal does, by phase (the engine sets ``phase``)
+        "train": "stopping after the current step",
+        "test": "stopping the test evaluation after its current batch; training is saved, rerun the command to "
+                "evaluate",
+    }
+
     def __init__(self, where: Path | None):
         self.where, self.signum = where, None
+        self.phase = "train"
         self._old: dict = {}
         self._pipe: tuple[int, int] | None = None
 
@@ -195,7 +202,7 @@ class Interrupts:
                 if seen == 1:
                     if self.signum is None:
                         self.signum = signum
-                    os.write(2, f"\n{name}: stopping after the current step (again to exit at once)\n".encode())
+                    os.write(2, f"\n{name}: {self.THEN[self.phase]} (again to exit at once)\n".encode())
                     continue
                 saved = f"; the last checkpoint is in {self.where}, rerun the command to resume" if self.where else ""
                 os.write(2, f"\n{name} again: exiting now{saved}\n".encode())
@@ -266,8 +273,10 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
         mode = folder.check(config, force=force, keep_finished=keep_finished) if folder else "new"
         if mode == "finished":
             return folder.result()
+        if mode == "resume":
+            folder.clean_temp()  # what a killed write left
         ckpt = folder.load_checkpoint() if mode == "resume" else None
-        return _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
+        return _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force)
     finally:
         if folder is not None:
             folder.unlock()
@@ -281,11 +290,11 @@ def _discard_unless_spent(folder: RunFolder | None, mode: str, meters: Callable[
         yield
     except BBPTError:
         if folder is not None and mode == "new" and not any(m is not None and any(m.counts.values()) for m in meters()):
-            folder.discard()
+            folder.abandon()
         raise
 
 
-def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step) -> dict:
+def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force) -> dict:
     set_seed(cfg.seed)
     task = subsample_classes(load_task(cfg.dataset), cfg.classes)
     train, val = fewshot_split(task, cfg.shots, cfg.seed)
@@ -310,20 +319,13 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
               cfg.seed, cls, white_box=lambda: _white_box(cfg, backbone, task.classnames, meter))
     method = cls(mcfg, env)
     if folder is not None and mode == "new":
-        folder.start(config)  # everything loaded: now the folder is this run's
+        folder.start(config, force)  # everything loaded: now the folder is this run's (checked again)
     with _discard_unless_spent(folder, mode, lambda: [meter, env.side_meter]):
         total = mcfg.budget or (method.total_steps() or 0)
         loop = _Loop(cfg.eval_every or max(1, total // 20))
         meters = lambda: {"train": meter, "eval": eval_box.meter, "side": env.side_meter}  # noqa: E731
         if ckpt is not None:
-            method.load_state_dict(ckpt["method"])
-            loop.load_state_dict(ckpt["loop"])
-            if ckpt["meters"].get("side") is not None and env.side_meter is None:
-                env.side_box()  # created on demand by the first run: create it before restoring its counts
-            for k, m in meters().items():
-                if ckpt["meters"].get(k) is not None:
-                    m.load_state_dict(ckpt["meters"][k])
-            set_global_rng_state(ckpt["rng"])
+            _restore(ckpt, config, folder, method, loop, env, meters)
             log(f"resuming {folder.path}: {cfg.method} on {task.name} from its checkpoint at step {loop.steps} "
                 f"({meter.counts[unit]} {unit} spent)")
         elif mode == "resume":
@@ -334,7 +336,8 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
             if folder is not None:
                 loop.elapsed = prior + time.time() - t0
                 folder.save_checkpoint({"method": method.state_dict(), "loop": loop.state_dict(), "rng": global_rng_state(),
-                                        "meters": {k: m.state_dict() if m else None for k, m in meters().items()}})
+                                        "meters": {k: m.state_dict() if m else None for k, m in meters().items()},
+                                        "config": config})
             last_save = time.time()
 
         def done() -> int:
@@ -419,6 +422,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
                 checkpoint()  # training is over: a resumed run goes straight to the test split
                 if stop.signum is not None:
                     raise interrupted(stop.signum, save=False)
+                stop.phase = "test"
                 test_r = evaluate(method, eval_box, test, cfg.eval_batch, "test", progress,
                                   should_stop=lambda: stop.signum is not None)
                 if test_r.get("stopped"):
@@ -426,9 +430,38 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step)
                 r = result("finished", test_r)
                 if folder is not None:
                     write_outputs(folder.path, r, method)
+                if stop.signum is not None:  # it came during the last batch: nothing was left to stop
+                    where = f"its result is in {folder.path}" if folder is not None else "nothing is saved (no --out)"
+                    log(f"{signal.Signals(stop.signum).name} came during the test evaluation's last batch: the run "
+                        f"finished; {where}")
             finally:
                 bar.close()
         return r
+
+
+def _restore(ckpt: dict, config: dict, folder: RunFolder, method, loop: _Loop, env: Env, meters) -> None:
+    """Load a checkpoint into the run, or refuse in one line: one written by another run
+    (its configuration differs) or one that does not fit this method's state."""
+    where = folder.file(CHECKPOINT)
+    as_stored = lambda c: json.loads(json.dumps(c))  # noqa: E731 -- tuples are lists in JSON
+    diff = config_diff(as_stored(ckpt["config"]), as_stored(config)) if "config" in ckpt else []
+    if diff:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise CorruptCheckpoint(f"checkpoint {where} belongs to another run ({shown}); pass --force to start this run "
+                                "afresh, or choose another --out")
+    try:
+        method.load_state_dict(ckpt["method"])
+        loop.load_state_dict(ckpt["loop"])
+        if ckpt["meters"].get("side") is not None and env.side_meter is None:
+            env.side_box()  # created on demand by the first run: create it before restoring its counts
+        for k, m in meters().items():
+            if ckpt["meters"].get(k) is not None:
+                m.load_state_dict(ckpt["meters"][k])
+        set_global_rng_state(ckpt["rng"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise CorruptCheckpoint(f"checkpoint {where} does not fit this {config['method']} run ({type(e).__name__}: "
+                                f"{str(e)[:80]}); it was written by another run or another bbpt: pass --force to start "
+                                "afresh") from None
 
 
 def train_views(mcfg, task, train: ImageSet, size: int, seed: int) -> TrainViews | None:
@@ -483,11 +516,16 @@ def _white_box(cfg: RunConfig, backbone, classnames: list[str], meter: QueryMete
 class _Saved:
     """A saved prompt (+ extra state) behaving like a method for :func:`evaluate`."""
 
-    def __init__(self, cls, prompt, extra):
-        self.cls, self.prompt, self.extra = cls, prompt, extra
+    def __init__(self, cls, prompt, extra, source: Path | str = "the prompt file"):
+        self.cls, self.prompt, self.extra, self.source = cls, prompt, extra, source
 
     def predict(self, box, images):
-        return self.cls.apply(self.prompt, self.extra, box, images)
+        try:
+            return self.cls.apply(self.prompt, self.extra, box, images)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:  # tensors that are not the method's
+            what = e.args[0] if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {str(e)[:80]}"
+            raise CorruptCheckpoint(f"prompt file {self.source} does not fit {self.cls.name} ({what}); pass the "
+                                    "prompt.safetensors of that method's run folder") from None
 
 
 def evaluate_prompt(prompt_path: str | Path, dataset: str, model: str | None = None, pretrained: str | None = None,
@@ -507,5 +545,5 @@ def evaluate_prompt(prompt_path: str | Path, dataset: str, model: str | None = N
     check_images(images, split, progress=progress)
     backbone = create_backbone(model, pretrained, device)
     box = BlackBox(backbone, task.classnames, QueryMeter())
-    r = evaluate(_Saved(cls, prompt, extra), box, images, batch, split, progress)
+    r = evaluate(_Saved(cls, prompt, extra, prompt_path), box, images, batch, split, progress)
     return {"dataset": task.name, "split": split, "method": cls.name, "model": model, **r, "queries": box.meter.counts}

@@ -54,6 +54,10 @@ class CorruptCheckpoint(BadInput):
     """A weights or prompt file exists but cannot be read or does not match the model."""
 
 
+class WriteFailed(BBPTError):
+    """A file bbpt writes (checkpoint, result) could not be written: a full disk, permissions."""
+
+
 class DataNotPrepared(BBPTError):
     """An offline task's files are not in the data directory yet."""
 

@@ -200,9 +200,11 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
         average = ({"dataset": "average", "seeds": full, "diff": interval([statistics.mean(by_seed[s].values()) for s in full])}
                    if len(datasets) > 1 and full and len(per) == len(datasets) else None)
         paired.append({"a": a, "b": b, "datasets": per, "average": average})
+    subset = [r for r in results if r.get("test_subset")]  # evaluated on part of the test split (--test-subset)
     return {"root": str(root), "rows": rows, "datasets": datasets, "compare": [list(p) for p in compare or []],
             "paired": paired, "metric": "H" if b2n else "test", "finished": len(results), "failed": failures,
-            "planned": None if folders is None else len(folders)}
+            "planned": None if folders is None else len(folders),
+            "test_subset": sorted({r["test_subset"]["n"] for r in subset}), "test_subset_runs": len(subset)}
 
 
 def against(rep: dict, base: dict, name: str) -> dict:
@@ -268,9 +270,20 @@ def _table(rep: dict, cell, avg_of, title: str, extra: str | None = None) -> lis
     return lines + ([""] + [extra] if extra else [])
 
 
+def _subset_note(rep: dict) -> list[str]:
+    """The warning a report on --test-subset runs carries, as the runs themselves print it."""
+    if not rep.get("test_subset_runs"):
+        return []
+    sizes = ", ".join(map(str, rep["test_subset"]))
+    return [f"**Not comparable to full-test numbers**: {rep['test_subset_runs']} of these {rep['finished']} runs were "
+            f"evaluated on a seeded, stratified subset of the test split (--test-subset {sizes} images), not the whole "
+            "split.", ""]
+
+
 def markdown(rep: dict) -> str:
-    lines = _table(rep, lambda r: _fmt(r["test"]), lambda r: r["test"]["mean"],
-                   f"Test accuracy (%), mean ± std over seeds [95 % CI, Student t]; runs under {rep['root']}"
+    what = "Test-subset accuracy" if rep.get("test_subset_runs") else "Test accuracy"
+    lines = _subset_note(rep) + _table(rep, lambda r: _fmt(r["test"]), lambda r: r["test"]["mean"],
+                   f"{what} (%), mean ± std over seeds [95 % CI, Student t]; runs under {rep['root']}"
                    + (f" ({rep['finished']} of the sweep's {rep['planned']} runs finished"
                       + (f", {sum(len(f['seeds']) for f in rep['failed'])} failed" if rep.get("failed") else "") + ")."
                       if rep["planned"] else ".")

@@ -85,11 +85,32 @@ def load_prompt(path: str | Path):
     except Exception as e:
         raise CorruptCheckpoint(f"prompt file {p} is not a bbpt prompt ({type(e).__name__}: {str(e)[:120]}); re-run the method") from None
     tensors.pop("_empty", None)
+    bad = _bad_prompt_meta(meta, tensors)
+    if bad:
+        raise CorruptCheckpoint(f"prompt file {p} is not a bbpt prompt ({bad}); pass the prompt.safetensors of a run "
+                                "folder, or re-run the method")
     if meta.get("kind") == "soft":
         prompt = SoftPrompt(tensors.pop("ctx"), suffix=meta.get("suffix", "."))
     else:
         prompt = TextPrompt(tuple(meta["templates"]))
     return prompt, tensors, meta
+
+
+def _bad_prompt_meta(meta, tensors: dict) -> str:
+    """What is wrong with a prompt file's metadata ("" if nothing)."""
+    if not isinstance(meta, dict):
+        return f"its metadata is a JSON {type(meta).__name__}, not a mapping"
+    if not isinstance(meta.get("method", ""), str) or not isinstance(meta.get("model", ""), str):
+        return "its 'method' and 'model' must be strings"
+    if meta.get("kind") == "soft":
+        ctx = tensors.get("ctx")
+        if ctx is None or ctx.dim() not in (2, 3, 4) or not ctx.is_floating_point():
+            return "a soft prompt needs a float 'ctx' tensor of shape (m, D), (P, m, D) or (P, C, m, D)"
+        return "" if isinstance(meta.get("suffix", "."), str) else "its 'suffix' must be a string"
+    templates = meta.get("templates")
+    if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
+        return "a text prompt needs 'templates', a non-empty list of strings"
+    return ""
 
 
 def write_outputs(out: Path, result: dict, method) -> None:

@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, CorruptCheckpoint
 from .state import atomic_write_text, load_state, save_state
 
 RUN_JSON, CHECKPOINT, RESULT = "run.json", "checkpoint.safetensors", "result.json"
@@ -49,6 +49,8 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._created: list[Path] = []  # folders this run created (outermost first), removed if it leaves nothing
+        self._abandoned = False
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -103,15 +105,29 @@ class RunFolder:
             return "resume"
         return "new"
 
-    def start(self, config: dict) -> None:
-        """Begin a new run: remove what an earlier run left (``check`` allowed it), write run.json."""
+    def start(self, config: dict, force: bool = False) -> None:
+        """Begin a new run: take the folder, check it again under the lock (another run may
+        have used it while this one was loading), remove what an earlier run left (``check``
+        allowed it, or ``force``), write run.json."""
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BadInput(f"cannot create output folder {self.path}: {e.strerror}; choose another --out") from None
+        self._created = [p for p in reversed(missing) if p.is_dir()]
         self.lock()
+        if not force and self.check(config) != "new":  # finished or another configuration: check() refused
+            raise BadInput(f"--out {self.path} was taken by another bbpt run while this one was loading (its run is "
+                           "unfinished); rerun this command to resume that run, or choose another --out")
         self.discard()
         atomic_write_text(self.file(RUN_JSON), json.dumps({"config": config}, indent=1) + "\n")
+
+    def clean_temp(self) -> None:
+        """Remove temporary files a killed write left (the folder is locked: none is live)."""
+        if self.path.is_dir():
+            for p in self.path.iterdir():
+                if p.is_file() and any(p.name.startswith(f".{n}.tmp") for n in OUTPUTS):
+                    p.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Remove every bbpt output from the folder, and temp files a killed write left."""
@@ -149,6 +165,12 @@ class RunFolder:
                 pass
             os.close(fd)  # the holder unlinked it meanwhile: take the new file
 
+    def abandon(self) -> None:
+        """A new run that failed before spending anything: remove its outputs now, and on
+        unlock the folders it created, so the disk is as the run found it."""
+        self.discard()
+        self._abandoned = True
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             try:
@@ -157,6 +179,13 @@ class RunFolder:
                 pass
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
+        if self._abandoned:
+            for p in reversed(self._created):  # innermost first; one that holds anything stays
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+            self._created, self._abandoned = [], False
 
     def save_checkpoint(self, state: dict) -> int:
         return save_state(self.file(CHECKPOINT), state)
@@ -167,6 +196,8 @@ class RunFolder:
             return None
         try:
             return load_state(f)
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(f"{e}; pass --force to start the run afresh") from None
         except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint is the same problem for the user
-            raise BadInput(f"checkpoint {f} is unreadable ({type(e).__name__}: {str(e)[:100]}); "
-                           "pass --force to start the run afresh") from None
+            raise CorruptCheckpoint(f"checkpoint {f} is unreadable ({type(e).__name__}: {str(e)[:100]}); "
+                                    "pass --force to start the run afresh") from None

@@ -14,6 +14,11 @@ after the hash matches. bbpt reads checkpoints only from the run folder it wrote
 hash guards against corruption, not against a hostile folder: resume only run folders you
 (or your own bbpt) made, as with any pickle.
 
+The whole file is hashed too: its metadata holds the SHA-256 of the JSON and of every
+tensor (name, dtype, shape, bytes), so a flipped byte anywhere is refused on load
+(:class:`~bbpt.errors.CorruptCheckpoint`), not resumed from. Files of the previous format
+(``bbpt-state-1``, pickles hashed only) still load.
+
 Types kept exactly: tensors (dtype, shape), numpy arrays, tuples, dicts with non-string keys
 (torch optimisers key their state by int), ints of any size (numpy's PCG64 state), floats
 including inf/nan, bytes (pickles).
@@ -31,18 +36,30 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-FORMAT = "bbpt-state-1"
+from .errors import CorruptCheckpoint, WriteFailed
+
+FORMAT = "bbpt-state-2"  # + the SHA-256 of all content
+READABLE = (FORMAT, "bbpt-state-1")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: all or nothing."""
+    """Write ``data`` to ``path`` through a temporary file and a rename: all or nothing. A
+    write that fails (a full disk) removes its temporary file and raises :class:`WriteFailed`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise WriteFailed(f"cannot write {path}: {e.strerror or e}; free space on that disk (or fix its permissions), "
+                          "then rerun the same command: a run resumes from its last checkpoint") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -104,6 +121,16 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {k: _unflatten(v, tensors) for k, v in obj.items()}
 
 
+def _digest(state_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the JSON and of every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(state_json.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_state(path: Path, state: dict) -> int:
     """Write ``state`` to ``path`` (one safetensors file) atomically; returns its size in bytes."""
     from safetensors.torch import save
@@ -112,21 +139,31 @@ def save_state(path: Path, state: dict) -> int:
     tree = _flatten(state, tensors, "")
     if not tensors:
         tensors["_empty"] = torch.zeros(0)
-    data = save(tensors, metadata={"format": FORMAT, "state": json.dumps(tree, allow_nan=False)})
+    state_json = json.dumps(tree, allow_nan=False)
+    data = save(tensors, metadata={"format": FORMAT, "state": state_json, "sha256": _digest(state_json, tensors)})
     atomic_write_bytes(path, data)
     return len(data)
 
 
 def load_state(path: Path) -> dict:
-    """The state written by :func:`save_state` (pickles verified by hash, see the module doc)."""
+    """The state written by :func:`save_state`, verified by its hash (see the module doc);
+    a damaged or foreign file raises :class:`CorruptCheckpoint`."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a bbpt state file (format {meta.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return _unflatten(json.loads(meta["state"]), tensors)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types for a damaged header
+        raise CorruptCheckpoint(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e)[:80]})") from None
+    if meta.get("format") not in READABLE:
+        raise CorruptCheckpoint(f"{path} is not a bbpt state file (format {meta.get('format')!r})")
+    if meta.get("format") == FORMAT and meta.get("sha256") != _digest(meta.get("state", ""), tensors):
+        raise CorruptCheckpoint(f"checkpoint {path} is damaged: its content does not match the SHA-256 it was saved with")
+    try:
+        return _unflatten(json.loads(meta["state"]), tensors)
+    except (KeyError, ValueError) as e:
+        raise CorruptCheckpoint(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def pickle_own(obj: Any, shared: dict[str, Callable[[], Any]] | None = None) -> bytes:

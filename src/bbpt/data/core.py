@@ -8,7 +8,8 @@ bundles class names, prompt templates and train / val / test image sets.
 
 Images on disk are opened through :func:`_open_image`, which enforces bbpt's pixel limit
 (:func:`max_image_pixels`) from the header alone, before any decoding; :func:`check_images`
-runs that check plus PIL's ``verify()`` over a whole split before training.
+decodes every image of a split (JPEGs at 1/8 scale) before training, so a broken file is
+refused before the first query.
 """
 from __future__ import annotations
 
@@ -179,12 +180,30 @@ def _read_image(path: str, size: int) -> torch.Tensor:
         raise BadInput(f"cannot read image {path} ({_reason(e, path)}); remove or replace the file") from None
 
 
+def to_rgb(im):
+    """A PIL image in RGB: ``im`` itself if it is RGB, else converted.
+
+    PIL converts the 16- and 32-bit integer modes (``I;16`` of a 16-bit grayscale PNG or
+    TIFF, ``I;16B``, ..., ``I``) by clipping at 255, which turns almost every pixel white;
+    here they are scaled instead, value / 257 rounded (0..65535 -> 0..255), with ``I`` read as
+    16-bit too (what older Pillows open a 16-bit PNG as) and values outside 0..65535 clipped.
+    """
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        a = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)  # native byte order, room for a * 255
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def preprocess_pil(im, size: int) -> torch.Tensor:
     """A PIL image -> (3, size, size) float RGB in [0, 1] by CLIP's test transform:
     torchvision's Resize(size) (shorter side, bicubic) + CenterCrop(size)."""
     from PIL import Image
 
-    im = im.convert("RGB")
+    im = to_rgb(im)
     w, h = im.size
     s = size / min(w, h)
     im = im.resize((max(size, int(w * s)), max(size, int(h * s))), Image.BICUBIC)
@@ -205,15 +224,21 @@ def _reason(e: Exception, path: str) -> str:
 
 
 def _check_one(path: str, what: str) -> str | None:
-    """None if ``path`` is a readable image within the pixel limit, else the whole error message."""
+    """None if ``path`` is an image bbpt can read whole, within the pixel limit; else the error.
+
+    ``verify()`` alone misses most broken files: it checks a PNG's chunk CRCs (not whether
+    its compressed data decodes) and reads nothing of a BMP, GIF, TIFF or JPEG. So the
+    image is decoded completely, as a run will read it (first frame, converted to RGB); a
+    JPEG at 1/8 scale (draft mode), which still reads every byte of its data.
+    """
     try:
         with _open_image(path, what) as im:
-            jpeg = im.format == "JPEG"
-            im.verify()  # reads and checks the file's structure (PNG: every chunk's CRC), no decoding
-        if jpeg:  # verify() reads no JPEG data: decode it at 1/8 scale, which still reads every byte
-            with _open_image(path, what) as im:
+            im.verify()  # PNG: every chunk's CRC, which decoding does not check
+        with _open_image(path, what) as im, _decode_guard(im):
+            if im.format == "JPEG":
                 im.draft("RGB", (1, 1))
-                im.load()
+            im.load()
+            to_rgb(im)  # as the run will: a mode PIL cannot convert fails here
     except BadInput as e:
         return str(e)
     except FileNotFoundError:
@@ -224,11 +249,12 @@ def _check_one(path: str, what: str) -> str | None:
 
 
 def check_images(images: ImageSet, split: str, progress: bool = False) -> int:
-    """Open, verify and size-check every image file of ``images``; the number checked.
+    """Decode every image file of ``images`` once, with the pixel limit; the number checked.
 
-    Cheap (headers and structure; JPEGs decoded at 1/8 scale, since their structure check
-    reads no image data) and run on a few threads. Raises BadInput for
-    the first bad file in index order. Array-held images need no check: returns 0.
+    Every file is decoded whole (a JPEG at 1/8 scale), so a truncated or corrupt image is
+    found here, before any query, not when the run reaches it; this runs on a few threads.
+    Raises BadInput for the first bad file in index order. Array-held images need no
+    check: returns 0.
     """
     if images.paths is None:
         return 0

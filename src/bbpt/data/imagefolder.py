@@ -21,8 +21,9 @@ A dataset needs at least 2 classes.
 from __future__ import annotations
 
 import json
+import posixpath
 import random
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..errors import BadInput
 from .core import ImageSet, Task
@@ -111,7 +112,13 @@ def load_coop_split(split_json: str | Path, image_dir: str | Path, name: str | N
                     f"split file {split_json}: {split}[{i}] has label {label}, out of range 0..{n - 1} "
                     f"for its {n} distinct labels; number the labels 0..{n - 1}"
                 )
-            f = image_dir / impath
+            rel = _relative_inside(impath)
+            if rel is None:
+                raise BadInput(
+                    f"split file {split_json}: {split}[{i}] {impath!r} points outside the image folder {image_dir}; "
+                    "give image paths relative to it, without leaving it"
+                )
+            f = image_dir / rel
             if not f.is_file():
                 raise BadInput(
                     f"split file {split_json}: {split}[{i}] image {f} does not exist; fix the path or the image folder"
@@ -194,6 +201,9 @@ def _load_aircraft(root: Path, name: str | None) -> Task:
             iid, _, variant = line.strip().partition(" ")
             if variant not in label_of:
                 raise BadInput(f"{f} line {i + 1}: variant {variant!r} is not in variants.txt")
+            if _relative_inside(f"{iid}.jpg") is None:
+                raise BadInput(f"{f} line {i + 1}: image id {iid!r} points outside {root / 'images'}; "
+                               "extract fgvc-aircraft-2013b.tar.gz again")
             img = root / "images" / f"{iid}.jpg"
             if not img.is_file():
                 raise BadInput(f"{f} line {i + 1}: image {img} does not exist; extract the images into {root / 'images'}")
@@ -223,7 +233,13 @@ def _load_split_json(root: Path, name: str | None) -> Task:
                     f"split file {split_json}: {split}[{i}] is {_short(rel)}, "
                     "expected a path like 'cat/001.jpg'; fix the entry"
                 )
-            top = PurePosixPath(rel.replace("\\", "/")).parts
+            inside = _relative_inside(rel)
+            if inside is None:
+                raise BadInput(
+                    f"split file {split_json}: {split}[{i}] {rel!r} points outside the dataset folder {root}; "
+                    "use paths like '<class>/<file>', relative to it"
+                )
+            top = inside.parts
             if len(top) >= 2 and top[0] in DROPPED_CLASSES:
                 continue
             if len(top) < 2 or top[0] not in label_of:
@@ -231,12 +247,12 @@ def _load_split_json(root: Path, name: str | None) -> Task:
                     f"split file {split_json}: {split}[{i}] {rel!r} is not inside a class folder of {root}; "
                     f"use paths like '<class>/<file>'"
                 )
-            f = root / rel
+            f = root / inside
             if not f.is_file():
                 raise BadInput(
                     f"split file {split_json}: {split}[{i}] image {f} does not exist; fix the path or add the file"
                 )
-            splits[split].append((f, label_of[top[0]], PurePosixPath(*top).as_posix()))
+            splits[split].append((f, label_of[top[0]], inside.as_posix()))
     return _make_task(splits, [clean_classname(d.name) for d in dirs], name or root.name, [name, root.name],
                       source=split_json, layout="split.json", where=root)
 
@@ -325,6 +341,22 @@ def _entries(data: dict, split: str, split_json: Path) -> list:
         kind = type(data[split]).__name__
         raise BadInput(f"split file {split_json}: {split!r} is {kind}, expected a list; fix the file")
     return data[split]
+
+
+def _relative_inside(rel: str) -> PurePosixPath | None:
+    """A split file's image path, normalised ("a/./b/../c.jpg" -> "a/c.jpg", "\\" read as "/"),
+    if it is relative and stays inside the folder it is relative to; else None.
+
+    The check is on the path as written: a symlink inside the dataset folder may point
+    anywhere (datasets are often linked in from shared storage), an entry may not.
+    """
+    p = rel.replace("\\", "/")
+    if p.startswith("/") or PureWindowsPath(p).drive:  # /x, //host/share, C:/x, C:x
+        return None
+    norm = posixpath.normpath(p)
+    if norm == ".." or norm.startswith("../"):
+        return None
+    return PurePosixPath(norm)
 
 
 def _short(x) -> str:

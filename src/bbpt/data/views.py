@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInput
-from .core import ImageSet, _array_to_pixels, _decode_guard, _open_image, _reason
+from .core import ImageSet, _array_to_pixels, _decode_guard, _open_image, _reason, to_rgb
 
 RATIO = (3 / 4, 4 / 3)  # torchvision's and Dassl's default aspect-ratio range
 VIEW_BLOCK = 32  # views encoded together: view v of images [32 j, 32 j + 32)
@@ -112,7 +112,7 @@ class TrainViews:
             from PIL import Image
 
             with _opened(self.images.paths[i]) as im, _decode_guard(im):  # crop, then resize: torchvision's order
-                im = im.convert("RGB").crop((left, t, left + w, t + h)).resize((S, S), Image.BICUBIC)
+                im = to_rgb(im).crop((left, t, left + w, t + h)).resize((S, S), Image.BICUBIC)
             x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         if flipped:
             x = TF.hflip(x)

@@ -40,7 +40,7 @@ PRELOAD_BYTES = 1 << 30  # few-shot pixels are kept in memory up to this size, e
 class MethodConfig(BaseModel):
     """Fields every method has; subclasses add theirs with paper defaults, ranges and help."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # strict: true is not 1
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # strict: true is not 1; inf / nan are no values
 
     budget: int | None = Field(None, ge=1, description="hard stop in budget_unit; none: no training queries")
     budget_unit: Literal["api_calls", "prompt_evals"] | None = Field(

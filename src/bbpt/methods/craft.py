@@ -151,6 +151,8 @@ def make_head(C: int, hidden: int, kind: str) -> nn.Sequential:
 def head_from_state(state: dict[str, torch.Tensor]) -> nn.Sequential:
     """Rebuild a saved head (Linear layers with ReLU between) from its tensors."""
     idx = sorted({int(k.split(".")[1]) for k in state if k.startswith("head.")})
+    if not idx:
+        raise KeyError("it holds no head.* tensors (a CraFT prompt keeps its head beside the prompt)")
     layers: list[nn.Module] = []
     for j, i in enumerate(idx):
         w = state[f"head.{i}.weight"]
@@ -240,8 +242,8 @@ class CraFT(ZerothOrderMethod):
     def apply(cls, prompt, extra, box, images) -> torch.Tensor:
         """Refined logits; on other classes (base-to-new, cross-dataset) the C×C head cannot
         apply, and the prompt alone is used."""
+        head = head_from_state(extra)  # before the query: a prompt without its head costs nothing
         f = box.query(prompt, images)[0]
-        head = head_from_state(extra)
         if head[0].in_features != box.num_classes:
             return f
         with torch.no_grad():

@@ -44,7 +44,7 @@ import torch
 
 from ..errors import BadInput
 from .backbone import Backbone
-from .meter import QueryMeter
+from .meter import QueryMeter, charge_all
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENCODE_BYTES = 128 << 20  # pixels per image-tower forward (222 images at 224 px, 2048 at 32 px)
@@ -684,12 +684,12 @@ def _text_features_many(items: list[tuple["BlackBox", object]]) -> list[torch.Te
 @torch.no_grad()
 def query_many(items: list[tuple[BlackBox, object, Images, VisualPrompt | None]]) -> list[torch.Tensor]:
     """Several queries, possibly on different class sets of one backbone, answered together
-    (a server's dynamic batching): all are checked, then all charged, then one text-tower
+    (a server's dynamic batching): all are checked, then all charged (all or nothing: a batch
+    that does not fit the budget is refused whole and charges nothing), then one text-tower
     forward serves every candidate-class sequence of every query. Each result (P, B, C)
     equals its query answered alone up to float rounding (1e-5); one query is exactly query()."""
     Ps = [box.check_query(prompt, images, visual) for box, prompt, images, visual in items]
-    for (box, _, images, _), P in zip(items, Ps):
-        box.meter.charge(P, len(images))
+    charge_all([(box.meter, P, len(images)) for (box, _, images, _), P in zip(items, Ps)])  # all or nothing
     box0 = items[0][0]
     with box0._autocast():
         imgs = [box._image_features(images, visual) for box, _, images, visual in items]  # (P or 1, B, E) each

@@ -10,13 +10,16 @@ Units (the papers count queries in two ways; we count both, plus the images behi
 - ``images_forwarded``: image-prompt pairs scored, ``P * B`` (what an API bills per image).
 
 A budget is a hard stop on any of the first two units: a query that would go past it is
-refused whole with :class:`BudgetExhausted`, carrying the counts. ``images_encoded`` is a
+refused whole with :class:`BudgetExhausted`, carrying the counts. Several queries answered
+together (:func:`charge_all`, a server's batch) are charged all or nothing: if the whole
+batch does not fit, none of it is charged. ``images_encoded`` is a
 diagnostic (images the image tower actually ran on, after caching), not a budget unit.
 """
 from __future__ import annotations
 
 import math
 import threading
+from contextlib import ExitStack
 
 from ..errors import BadInput, BudgetExhausted
 
@@ -44,6 +47,10 @@ class QueryMeter:
         self.images_encoded = 0
         self._lock = threading.Lock()
 
+    def _over(self, c: dict) -> bool:
+        """Whether adding ``c`` would pass the budget (the caller holds the lock)."""
+        return any(lim is not None and self._counts[u] + c[u] > lim for u, lim in self.budget.items())
+
     def cost(self, num_prompts: int, num_images: int) -> dict:
         """What a query of ``num_prompts`` candidates on ``num_images`` images costs."""
         calls = math.ceil(num_images / self.max_images_per_call) if num_images else 0
@@ -58,21 +65,14 @@ class QueryMeter:
         (a remote client checks before it sends and charges once the server answered)."""
         c = self.cost(num_prompts, num_images)
         with self._lock:
-            for unit, lim in self.budget.items():
-                if lim is not None and self._counts[unit] + c[unit] > lim:
-                    raise BudgetExhausted(self._counts, self.budget, c)
+            if self._over(c):
+                raise BudgetExhausted(self._counts, self.budget, c)
         return c
 
     def charge(self, num_prompts: int, num_images: int) -> dict:
         """Count a query, or raise :class:`BudgetExhausted` without counting anything."""
         c = self.cost(num_prompts, num_images)
-        with self._lock:
-            for unit, lim in self.budget.items():
-                if lim is not None and self._counts[unit] + c[unit] > lim:
-                    raise BudgetExhausted(self._counts, self.budget, c)
-            for unit in UNITS:
-                self._counts[unit] += c[unit]
-        return c
+        return charge_all([(self, num_prompts, num_images)])[0]
 
     def record_encoded(self, n: int) -> None:
         with self._lock:
@@ -99,3 +99,46 @@ class QueryMeter:
 
     def __repr__(self) -> str:
         return f"QueryMeter(counts={self.counts}, budget={self.budget})"
+
+
+def _totals(queries: list[tuple[QueryMeter, int, int]]) -> tuple[list[dict], dict[int, tuple[QueryMeter, dict]]]:
+    """Each query's cost, and the summed cost per meter (by identity)."""
+    costs = [m.cost(P, B) for m, P, B in queries]
+    per: dict[int, tuple[QueryMeter, dict]] = {}
+    for (m, _, _), c in zip(queries, costs):
+        total = per.setdefault(id(m), (m, dict.fromkeys(UNITS, 0)))[1]
+        for u in UNITS:
+            total[u] += c[u]
+    return costs, per
+
+
+def _refuse_any(per: dict[int, tuple[QueryMeter, dict]]) -> None:
+    for m, total in per.values():
+        if m._over(total):
+            raise BudgetExhausted(m._counts, m.budget, total)
+
+
+def check_all(queries: list[tuple[QueryMeter, int, int]]) -> list[dict]:
+    """:meth:`QueryMeter.check` of several queries (meter, P, B) together: BudgetExhausted if
+    any meter's share of them would pass its budget; counts nothing."""
+    costs, per = _totals(queries)
+    with ExitStack() as locks:
+        for k in sorted(per):
+            locks.enter_context(per[k][0]._lock)
+        _refuse_any(per)
+    return costs
+
+
+def charge_all(queries: list[tuple[QueryMeter, int, int]]) -> list[dict]:
+    """Charge several queries (meter, P, B) all or nothing: if any meter's share of them would
+    pass its budget, BudgetExhausted (that meter's counts and its share's summed cost) and
+    nothing is counted on any meter. Returns each query's cost."""
+    costs, per = _totals(queries)
+    with ExitStack() as locks:
+        for k in sorted(per):  # one global order: two batches never wait on each other
+            locks.enter_context(per[k][0]._lock)
+        _refuse_any(per)
+        for m, total in per.values():
+            for u in UNITS:
+                m._counts[u] += total[u]
+    return costs
