@@ -242,3 +242,86 @@ def test_bbpt_run_remote_to_a_closed_port_fails_fast_in_one_line(tmp_path):
     assert "check the URL and that `bbpt serve` is running there" in line
     assert took < 60, took  # start-up and data checks only: no retries
     assert not (tmp_path / "r").exists()  # nothing started, nothing left behind
+
+
+# ---- item: a server key with less budget than the run ----------------------------------------------
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A `bbpt serve` subprocess on 127.0.0.1 and a free port; stopped with SIGTERM."""
+    db = tmp_path_factory.mktemp("served") / "s.db"
+    port = free_port()
+    proc = subprocess.Popen([*BBPT, "serve", "--port", str(port), "--db", str(db)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url)
+        yield url, db
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=20)
+
+
+def add_key(db, name, *budget) -> str:
+    from bbpt.serve.store import Store
+
+    from bbpt.cli import _parse_budget
+
+    store = Store(db)
+    try:
+        return store.add_key(name, _parse_budget(list(budget)))
+    finally:
+        store.close()
+
+
+def usage(url, key) -> dict:
+    return httpx.get(f"{url}/v1/usage", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+
+
+def test_a_key_with_less_budget_than_the_run_stops_it_with_key_budget(served, tmp_path):
+    url, db = served
+    key = add_key(db, "small-key", "api_calls=150")
+    p = bbpt("run", "--method", "zip", "--dataset", "shapes", "--shots", "2", "--budget", "300", "--test-subset", "100",
+             "--remote", url, "--out", str(tmp_path / "r"), "--quiet", env={"BBPT_API_KEY": key}, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert r["status"] == "finished" and r["stopped_by"] == "key_budget"
+    spent = r["queries"]["api_calls"]
+    assert 0 < spent < 300 and r["budget"] == {"api_calls": 300}
+    k = r["key"]  # the key's counts as the server's 429 gave them
+    assert k["budget"] == {"api_calls": 150, "prompt_evals": None}
+    assert k["used"]["api_calls"] <= 150 < k["used"]["api_calls"] + k["refused"]["api_calls"]
+    assert k["used"]["api_calls"] >= spent  # training and evaluation queries both count against the key
+    lines = p.stderr.strip().splitlines()  # one line says the key ran out
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"training stopped after {spent} api_calls (stopped_by: key_budget): API key budget "
+                               f"exhausted on {url}: this query needs api_calls={k['refused']['api_calls']} but "
+                               f"the key's budget is api_calls=150 and api_calls={k['used']['api_calls']} are used; ")
+    assert lines[0].endswith("ask the server's operator for a larger budget or a new key (`bbpt serve keys add`)")
+    total = usage(url, key)["total"]
+    assert total["api_calls"] <= 150  # never past the key's budget
+    assert total["api_calls"] == spent + r["eval_queries"]["api_calls"]  # the server's counts are the run's
+
+
+def test_the_runs_own_budget_still_stops_it_with_budget(served, tmp_path, monkeypatch):
+    from bbpt.engine import make_run_config, run
+
+    url, db = served
+    monkeypatch.setenv("BBPT_API_KEY", add_key(db, "big-key", "api_calls=1000"))
+    r = run(make_run_config(method="zip", dataset="shapes", shots=1, test_subset=100, remote=url,
+                            options={"budget": 30}), out=tmp_path / "r", progress=False)
+    assert r["stopped_by"] == "budget" and r["queries"]["api_calls"] == 30 and "key" not in r
+
+
+def test_a_key_spent_before_training_or_during_the_test_is_one_line_exit_2(served, tmp_path):
+    url, db = served
+    key = add_key(db, "tiny-key", "api_calls=1")  # not even the starting evaluation fits
+    p = bbpt("run", "--method", "zip", "--dataset", "shapes", "--shots", "1", "--budget", "50", "--test-subset", "100",
+             "--remote", url, "--out", str(tmp_path / "r"), "--quiet", env={"BBPT_API_KEY": key}, timeout=300)
+    line = one_error_line(p)
+    assert p.returncode == 2 and line.startswith(f"error: API key budget exhausted on {url}: "), line
+    assert usage(url, key)["total"]["api_calls"] <= 1

@@ -109,6 +109,28 @@ class _Session:
         return self.class_sets[key]
 
 
+class KeyBudgetExhausted(BudgetExhausted):
+    """The server refused a query (429 ``budget_exhausted``): the API key's budget is spent, not
+    the run's. A run stops its training with ``stopped_by: key_budget`` and records the key's
+    counts (``details``)."""
+
+    stopped_by = "key_budget"
+
+    def __init__(self, url: str, used: dict, budget: dict, cost: dict):
+        self.url = url
+        self.counts, self.budget, self.requested = dict(used), dict(budget), dict(cost)
+        over = [u for u, lim in budget.items() if lim is not None and used.get(u, 0) + cost.get(u, 0) > lim] or \
+            [u for u, lim in budget.items() if lim is not None]
+        BBPTError.__init__(
+            self, f"API key budget exhausted on {url}: this query needs "
+                  f"{', '.join(f'{u}={cost.get(u)}' for u in over)} but the key's budget is "
+                  f"{', '.join(f'{u}={budget[u]}' for u in over)} and {', '.join(f'{u}={used.get(u)}' for u in over)} "
+                  "are used; ask the server's operator for a larger budget or a new key (`bbpt serve keys add`)")
+
+    def details(self) -> dict:
+        return {"key": {"used": self.counts, "budget": self.budget, "refused": self.requested}}
+
+
 def _code(r) -> str | None:
     try:
         return r.json()["error"]["code"]
@@ -126,7 +148,7 @@ def _raise_for(r, url: str) -> None:
     if r.status_code == 401:
         raise BadInput(f"the server at {url} refused the API key ({err['message']}); check BBPT_API_KEY")
     if r.status_code == 429 and err.get("code") == "budget_exhausted":
-        raise BudgetExhausted(err["used"], err["budget"], err["cost"])
+        raise KeyBudgetExhausted(url, err["used"], err["budget"], err["cost"])
     if 400 <= r.status_code < 500:
         raise BadInput(f"the server refused the request: {err['message']}")
     raise RemoteError(f"the server at {url} failed (HTTP {r.status_code}: {err['message']})")
