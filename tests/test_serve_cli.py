@@ -184,3 +184,144 @@ def test_serve_exits_0_after_a_clean_shutdown_on_a_signal(sig, tmp_path):
             proc.wait(timeout=20)
     assert rc == 0, (rc, err[-2000:])
     assert "Traceback" not in err and "error" not in err.lower(), err[-2000:]
+
+
+# ---- item: an unreachable --remote is refused at once ---------------------------------------------
+def closed_port() -> int:
+    """A port nothing listens on (bound and closed at once; nothing else binds it meanwhile here)."""
+    return free_port()
+
+
+def test_unreachable_or_wrong_server_is_refused_at_once():
+    import http.server
+    import threading
+
+    from bbpt.errors import BadInput
+    from bbpt.serve.client import RemoteBlackBox, RemoteError
+
+    url = f"http://127.0.0.1:{closed_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError) as e:
+        RemoteBlackBox(url, "bbpt-0-x", ["a", "b"])
+    assert time.monotonic() - t0 < 5  # not the 120 s of retries a run under way gets
+    assert str(e.value).startswith(f"cannot reach a bbpt server at {url} (ConnectError") and "bbpt serve" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+    class NotBBPT(http.server.BaseHTTPRequestHandler):  # some other web server: 404 for /v1/model
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), NotBBPT)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match=r"does not answer as a bbpt server \(GET /v1/model: HTTP 404\); check the"):
+            RemoteBlackBox(url, "bbpt-0-x", ["a", "b"])
+        assert time.monotonic() - t0 < 5
+    finally:
+        other.shutdown()
+        other.server_close()
+    for bad in ("localhost:8000", "ftp://127.0.0.1:8000", "http://"):
+        with pytest.raises(BadInput, match=r"is not an http\(s\) URL of a server; e\.g\. --remote http://127\.0\.0\.1:8000"):
+            RemoteBlackBox(bad, "bbpt-0-x", ["a", "b"])
+
+
+def test_bbpt_run_remote_to_a_closed_port_fails_fast_in_one_line(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}"
+    t0 = time.monotonic()
+    p = bbpt("run", "--method", "zip", "--dataset", "shapes", "--shots", "1", "--remote", url, "--out",
+             str(tmp_path / "r"), "--quiet", env={"BBPT_API_KEY": "bbpt-0-x"}, timeout=110)
+    took = time.monotonic() - t0
+    line = one_error_line(p)
+    assert p.returncode == 2 and line.startswith(f"error: cannot reach a bbpt server at {url}"), (p.returncode, line)
+    assert "check the URL and that `bbpt serve` is running there" in line
+    assert took < 60, took  # start-up and data checks only: no retries
+    assert not (tmp_path / "r").exists()  # nothing started, nothing left behind
+
+
+# ---- item: a server key with less budget than the run ----------------------------------------------
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A `bbpt serve` subprocess on 127.0.0.1 and a free port; stopped with SIGTERM."""
+    db = tmp_path_factory.mktemp("served") / "s.db"
+    port = free_port()
+    proc = subprocess.Popen([*BBPT, "serve", "--port", str(port), "--db", str(db)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url)
+        yield url, db
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=20)
+
+
+def add_key(db, name, *budget) -> str:
+    from bbpt.serve.store import Store
+
+    from bbpt.cli import _parse_budget
+
+    store = Store(db)
+    try:
+        return store.add_key(name, _parse_budget(list(budget)))
+    finally:
+        store.close()
+
+
+def usage(url, key) -> dict:
+    return httpx.get(f"{url}/v1/usage", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+
+
+def test_a_key_with_less_budget_than_the_run_stops_it_with_key_budget(served, tmp_path):
+    url, db = served
+    key = add_key(db, "small-key", "api_calls=150")
+    p = bbpt("run", "--method", "zip", "--dataset", "shapes", "--shots", "2", "--budget", "300", "--test-subset", "100",
+             "--remote", url, "--out", str(tmp_path / "r"), "--quiet", env={"BBPT_API_KEY": key}, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert r["status"] == "finished" and r["stopped_by"] == "key_budget"
+    spent = r["queries"]["api_calls"]
+    assert 0 < spent < 300 and r["budget"] == {"api_calls": 300}
+    k = r["key"]  # the key's counts as the server's 429 gave them
+    assert k["budget"] == {"api_calls": 150, "prompt_evals": None}
+    assert k["used"]["api_calls"] <= 150 < k["used"]["api_calls"] + k["refused"]["api_calls"]
+    assert k["used"]["api_calls"] >= spent  # training and evaluation queries both count against the key
+    lines = p.stderr.strip().splitlines()  # one line says the key ran out
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"training stopped after {spent} api_calls (stopped_by: key_budget): API key budget "
+                               f"exhausted on {url}: this query needs api_calls={k['refused']['api_calls']} but "
+                               f"the key's budget is api_calls=150 and api_calls={k['used']['api_calls']} are used; ")
+    assert lines[0].endswith("ask the server's operator for a larger budget or a new key (`bbpt serve keys add`)")
+    total = usage(url, key)["total"]
+    assert total["api_calls"] <= 150  # never past the key's budget
+    assert total["api_calls"] == spent + r["eval_queries"]["api_calls"]  # the server's counts are the run's
+
+
+def test_the_runs_own_budget_still_stops_it_with_budget(served, tmp_path, monkeypatch):
+    from bbpt.engine import make_run_config, run
+
+    url, db = served
+    monkeypatch.setenv("BBPT_API_KEY", add_key(db, "big-key", "api_calls=1000"))
+    r = run(make_run_config(method="zip", dataset="shapes", shots=1, test_subset=100, remote=url,
+                            options={"budget": 30}), out=tmp_path / "r", progress=False)
+    assert r["stopped_by"] == "budget" and r["queries"]["api_calls"] == 30 and "key" not in r
+
+
+def test_a_key_spent_before_training_or_during_the_test_is_one_line_exit_2(served, tmp_path):
+    url, db = served
+    key = add_key(db, "tiny-key", "api_calls=1")  # not even the starting evaluation fits
+    p = bbpt("run", "--method", "zip", "--dataset", "shapes", "--shots", "1", "--budget", "50", "--test-subset", "100",
+             "--remote", url, "--out", str(tmp_path / "r"), "--quiet", env={"BBPT_API_KEY": key}, timeout=300)
+    line = one_error_line(p)
+    assert p.returncode == 2 and line.startswith(f"error: API key budget exhausted on {url}: "), line
+    assert usage(url, key)["total"]["api_calls"] <= 1

@@ -241,7 +241,8 @@ class _Loop:
         self.curve: list[dict] = []
         self.steps, self.next_eval, self.every = 0, every, every
         self.last_loss: float | None = None
-        self.stopped_by: str | None = None  # budget | done | max_steps: training is over
+        self.stopped_by: str | None = None  # budget | key_budget | done | max_steps: training is over
+        self.stop_details: dict = {}  # what the stop adds to the result (a server key's counts)
         self.elapsed = 0.0  # wall seconds of earlier sessions of this run
 
     def state_dict(self) -> dict:
@@ -357,7 +358,8 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
             return {
                 "method": cfg.method, "dataset": task.name,
                 "model": cfg.model if cfg.pretrained is None else f"{cfg.model}:{cfg.pretrained}",
-                "shots": cfg.shots, "seed": cfg.seed, "status": status, "stopped_by": loop.stopped_by, "steps": loop.steps,
+                "shots": cfg.shots, "seed": cfg.seed, "status": status, "stopped_by": loop.stopped_by, **loop.stop_details,
+                "steps": loop.steps,
                 "black_box": cls.black_box,
                 "budget": {unit: mcfg.budget} if unit == "api_calls" else {"api_calls": None, unit: mcfg.budget},
                 "queries": meter.counts,
@@ -399,8 +401,10 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
                         stats = method.step(budget)
                     except BudgetExhausted as e:
                         if meter.counts[unit] == 0:  # not even one step fits: the budget is unusable
-                            raise BudgetExhausted(e.counts, e.budget, e.requested) from None
-                        loop.stopped_by = "budget"
+                            raise e from None
+                        loop.stopped_by, loop.stop_details = e.stopped_by, e.details()
+                        if e.stopped_by != BudgetExhausted.stopped_by:  # not the run's own budget: say whose
+                            log(f"training stopped after {meter.counts[unit]} {unit} (stopped_by: {e.stopped_by}): {e}")
                         break
                     if stats is None:
                         loop.stopped_by = "done"

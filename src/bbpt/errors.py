@@ -79,3 +79,9 @@ class BudgetExhausted(BBPTError):
             f"query budget exhausted: this query needs {need} but the budget is {limits} "
             f"and {spent} are spent; raise the budget (--budget) or ask for fewer candidates"
         )
+
+    stopped_by = "budget"  # what a run records when this ends its training; a subclass names another budget
+
+    def details(self) -> dict:
+        """Fields a run's result records beside ``stopped_by`` (none for the run's own budget)."""
+        return {}

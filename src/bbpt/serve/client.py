@@ -40,6 +40,13 @@ class _Session:
     def __init__(self, url: str, api_key: str, timeout: float = 120.0, retry_for: float = 120.0):
         import httpx
 
+        example = "e.g. --remote http://127.0.0.1:8000, the address `bbpt serve` prints without /v1"
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError):
+            parsed = None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+            raise BadInput(f"--remote {url!r} is not an http(s) URL of a server; {example}")
         if not api_key:
             raise BadInput("no API key: set BBPT_API_KEY to a key printed by `bbpt serve keys add NAME`")
         self.url, self.retry_for = url.rstrip("/"), retry_for
@@ -47,7 +54,26 @@ class _Session:
         self.ids: dict[str, str] = {}  # the client's image key -> the server's content-hash id
         self.class_sets: dict[tuple[str, ...], str] = {}
         self._jitter = random.Random(0)  # not the global RNG: a run's RNG state stays the run's
-        self.info = self.json("GET", "/v1/model")
+        self.info = self._first_contact(example)
+
+    def _first_contact(self, example: str) -> dict:
+        """The server's public metadata, asked once without retries: a wrong URL or a server that
+        is not running is refused at once (retries are for a server lost while a run is under way)."""
+        import httpx
+
+        try:
+            r = self.http.get("/v1/model", timeout=httpx.Timeout(30.0, connect=10.0))
+        except httpx.TransportError as e:
+            raise RemoteError(f"cannot reach a bbpt server at {self.url} ({type(e).__name__}: {e}); check the URL "
+                              f"and that `bbpt serve` is running there ({example})") from None
+        try:
+            info = r.json() if r.status_code == 200 else None
+        except ValueError:
+            info = None
+        if not isinstance(info, dict) or "max_images_per_call" not in info:
+            raise RemoteError(f"{self.url} does not answer as a bbpt server (GET /v1/model: HTTP {r.status_code}); "
+                              f"check the URL ({example})")
+        return info
 
     def request(self, method: str, path: str, **kw):
         """The response, retrying connection errors and 502/503/504 (and an idempotent request
@@ -83,6 +109,28 @@ class _Session:
         return self.class_sets[key]
 
 
+class KeyBudgetExhausted(BudgetExhausted):
+    """The server refused a query (429 ``budget_exhausted``): the API key's budget is spent, not
+    the run's. A run stops its training with ``stopped_by: key_budget`` and records the key's
+    counts (``details``)."""
+
+    stopped_by = "key_budget"
+
+    def __init__(self, url: str, used: dict, budget: dict, cost: dict):
+        self.url = url
+        self.counts, self.budget, self.requested = dict(used), dict(budget), dict(cost)
+        over = [u for u, lim in budget.items() if lim is not None and used.get(u, 0) + cost.get(u, 0) > lim] or \
+            [u for u, lim in budget.items() if lim is not None]
+        BBPTError.__init__(
+            self, f"API key budget exhausted on {url}: this query needs "
+                  f"{', '.join(f'{u}={cost.get(u)}' for u in over)} but the key's budget is "
+                  f"{', '.join(f'{u}={budget[u]}' for u in over)} and {', '.join(f'{u}={used.get(u)}' for u in over)} "
+                  "are used; ask the server's operator for a larger budget or a new key (`bbpt serve keys add`)")
+
+    def details(self) -> dict:
+        return {"key": {"used": self.counts, "budget": self.budget, "refused": self.requested}}
+
+
 def _code(r) -> str | None:
     try:
         return r.json()["error"]["code"]
@@ -100,7 +148,7 @@ def _raise_for(r, url: str) -> None:
     if r.status_code == 401:
         raise BadInput(f"the server at {url} refused the API key ({err['message']}); check BBPT_API_KEY")
     if r.status_code == 429 and err.get("code") == "budget_exhausted":
-        raise BudgetExhausted(err["used"], err["budget"], err["cost"])
+        raise KeyBudgetExhausted(url, err["used"], err["budget"], err["cost"])
     if 400 <= r.status_code < 500:
         raise BadInput(f"the server refused the request: {err['message']}")
     raise RemoteError(f"the server at {url} failed (HTTP {r.status_code}: {err['message']})")
