@@ -618,6 +618,14 @@ class BlackBox(QueryChecks):
         once, in a fixed order, gets the same features whether it ran straight through or was
         resumed from a checkpoint. It is also what a remote API's image upload does.
         """
+        self.check_upload(images)
+        if not self.fast:
+            return 0
+        with self._autocast():
+            return self._cache.upload(images, self._bb.encode_images, self.encode_chunk)
+
+    def check_upload(self, images: Images) -> None:
+        """Every refusal :meth:`upload` makes, before it encodes anything."""
         self._check_images(images)
         if images.pixels is None:
             raise BadInput("upload needs the images' pixels")
@@ -628,10 +636,6 @@ class BlackBox(QueryChecks):
             )
         if images.keys is None:
             raise BadInput("upload needs Images with keys, one string per image, to cache the features under")
-        if not self.fast:
-            return 0
-        with self._autocast():
-            return self._cache.upload(images, self._bb.encode_images, self.encode_chunk)
 
     # ---- the query ------------------------------------------------------------------
     def query(self, prompt: TextPrompt | SoftPrompt, images: Images, visual: VisualPrompt | None = None) -> torch.Tensor:
