@@ -591,3 +591,74 @@ def test_query_many_over_the_budget_charges_nothing(mini):
     assert meter.counts == ZERO and meter.images_encoded == 0
     assert query_many([three])[0].shape == (3, 2, len(NAMES))  # one of them fits: charged exactly 3
     assert meter.counts["api_calls"] == 3
+
+
+def test_visual_tokens_over_the_limit_are_refused_before_charging(mini):
+    box, meter = one_call_box(mini)
+    p, imgs = TextPrompt("a photo of a {}."), Images(px(1))
+    assert box.image_tokens == 17 and box.max_visual_tokens == 17  # mini: CLS + 4 x 4 patches
+    with pytest.raises(BadInput, match=r"^1000 visual prompt tokens per candidate, over the limit of 17 "
+                                       r"\(max_visual_tokens; mini's own image sequence has 17\); send at most 17$"):
+        box.query(p, imgs, VisualPrompt(torch.zeros(1, 1000, 128)))
+    assert meter.counts == ZERO and meter.images_encoded == 0
+    wide = BlackBox(mini, NAMES, QueryMeter(), max_visual_tokens=40)
+    assert wide.query(p, imgs, VisualPrompt(torch.zeros(1, 40, 128))).shape == (1, 1, len(NAMES))
+    with pytest.raises(BadInput, match="41 visual prompt tokens per candidate, over the limit of 40"):
+        wide.for_classes(["cat"]).query(p, imgs, VisualPrompt(torch.zeros(1, 41, 128)))
+    assert box.query(p, imgs, VisualPrompt(torch.zeros(1, 17, 128))).shape == (1, 1, len(NAMES))
+    assert meter.counts["api_calls"] == 1
+    with pytest.raises(BadInput, match="max_visual_tokens must be an integer >= 1"):
+        BlackBox(mini, NAMES, max_visual_tokens=0)
+
+
+def test_a_query_the_budget_refuses_is_never_tokenised_nor_encoded(mini, monkeypatch):
+    from bbpt.models.blackbox import query_many
+
+    tok, calls = CountingTokenizer(mini.tokenizer), []
+    monkeypatch.setattr(mini, "tokenizer", tok)
+    for name in ("encode_images", "patch_tokens", "encode_tokens"):
+        f = getattr(mini, name)
+        monkeypatch.setattr(mini, name, lambda *a, _f=f, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    embed = mini.text.embed
+    monkeypatch.setattr(mini.text, "embed", lambda ids: calls.append("embed") or embed(ids))
+    box, meter = one_call_box(mini)
+    many = TextPrompt(tuple(f"a {i} photo of a {{}}." for i in range(300)))  # 300 api_calls
+    imgs = Images(px(2), keys=["a", "b"])
+    for query in (lambda: box.query(many, imgs), lambda: query_many([(box, many, imgs, None)]),
+                  lambda: box.query(SoftPrompt(torch.zeros(2, 4, box.ctx_dim)), imgs, VisualPrompt(torch.zeros(2, 3, 128))),
+                  lambda: query_many([(box, TextPrompt("a {}."), imgs, None)] * 2)):  # 1 + 1 > 1
+        with pytest.raises(BudgetExhausted):
+            query()
+    assert tok.calls == 0 and calls == [] and meter.counts == ZERO and box.cached_images == 0
+    assert box.query(TextPrompt("a {}."), imgs).shape == (1, 2, len(NAMES))  # the call is still there
+    assert tok.calls == 1 and "encode_images" in calls
+
+
+def test_text_and_feature_caches_are_bounded_by_bytes(mini):
+    from bbpt.models.blackbox import TEXT_CACHE_BYTES, FeatureCache
+
+    assert BlackBox(mini, NAMES)._texts.max_bytes == TEXT_CACHE_BYTES
+    box = BlackBox(mini, NAMES, text_cache_bytes=20_000)  # 5 classes x 77 ids x 8 bytes = 3080 a template set
+    imgs = Images(px(2))
+    first = box.query(TextPrompt("a {} photo."), imgs)
+    for i in range(40):
+        box.query(TextPrompt((f"a {i} {{}}.", f"the {i} {{}}.")), imgs)
+        assert box._texts.nbytes <= 20_000
+    assert len(box._texts) == 3 and box._texts.nbytes == 3 * 2 * 3080  # the last three
+    assert torch.equal(box.query(TextPrompt("a {} photo."), imgs), first)  # evicted, tokenised again: the same
+    soft = SoftPrompt(torch.zeros(1, 4, box.ctx_dim))
+    assert torch.equal(box.for_classes(["cat"]).query(soft, imgs), BlackBox(mini, ["cat"]).query(soft, imgs))
+    row = 128 * 4  # one image's features, bytes
+    stored = {}
+    cache = FeatureCache(max_bytes=3 * row, load=lambda keys: {k: stored[k] for k in keys if k in stored},
+                         save=stored.update)
+    fbox = BlackBox(mini, NAMES, _cache=cache)
+    x, keys = px(6), [f"k{i}" for i in range(6)]
+    assert fbox.upload(Images(x, keys)) == 6 and len(cache) == 3 and set(stored) == set(keys)
+    out = fbox.query(TextPrompt("a {}."), Images(None, keys))  # evicted ones come back from load
+    assert torch.allclose(out, BlackBox(mini, NAMES).query(TextPrompt("a {}."), Images(x)), atol=1e-5)
+    assert fbox.upload(Images(x, keys)) == 0 and fbox.meter.images_encoded == 0
+    alone = BlackBox(mini, NAMES, _cache=FeatureCache(max_bytes=2 * row))  # no store: evicted ones re-encoded
+    assert torch.allclose(alone.query(TextPrompt("a {}."), Images(x, keys)), out, atol=1e-5)
+    with pytest.raises(BadInput, match="never uploaded"):
+        alone.query(TextPrompt("a {}."), Images(None, keys))

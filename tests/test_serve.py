@@ -440,3 +440,209 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# ---- limits, quotas, bounded memory, the event loop kept free (issue 25) -----------------------------
+SPY = r"""
+import json, sys
+from bbpt.serve import app
+
+log, make = open(sys.argv[3], "a", buffering=1), app.create_backbone
+
+
+def spied(*a, **k):  # every tokenising and encoding call of the server's model: one line in the log
+    bb = make(*a, **k)
+    for obj, names in ((bb, ("tokenize", "encode_images", "patch_tokens", "encode_tokens")), (bb.text, ("embed", "encode"))):
+        for name in names:
+            setattr(obj, name, lambda *a, _f=getattr(obj, name), _n=name, **k: (log.write(_n + "\n"), _f(*a, **k))[1])
+    return bb
+
+
+app.create_backbone = spied
+app.serve_forever(app.ServeConfig(**json.loads(sys.argv[1])), port=int(sys.argv[2]))
+"""
+
+
+class SpyServer(Server):
+    """A server of a given ServeConfig, its model's tokenising and encoding calls logged to a file:
+    `python -c SPY` on 127.0.0.1 and a free port, stopped by the test."""
+
+    def __init__(self, tmp, **cfg):
+        super().__init__(tmp / "spy.db")
+        self.cfg, self.log = {"db": self.db, **cfg}, tmp / "calls.log"
+
+    def start(self, timeout=90.0):
+        self.proc = subprocess.Popen([sys.executable, "-c", SPY, json.dumps(self.cfg), str(self.port), str(self.log)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        t_end = time.time() + timeout
+        while time.time() < t_end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start in time")
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().split()
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.fixture
+def spy(tmp_path):
+    servers = []
+
+    def start(**cfg):
+        servers.append(SpyServer(tmp_path, **cfg).start())
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def templates(n, tag=""):
+    return [f"a {tag}{i} photo of a {{}}." for i in range(n)]
+
+
+def test_refused_requests_tokenise_and_encode_nothing_and_memory_stays_flat(spy):
+    s = spy()
+    k = s.key("poor", "api_calls=1")
+    classes = [f"class {i}" for i in range(10)]
+    before = s.calls()
+    for i in range(2):  # warm-up: the pool's threads, the first parse
+        assert post(s, k, "/v1/query", query_body(classes=classes, prompt={"type": "text", "templates": templates(300, i)})
+                    ).status_code == 429
+    rss0 = s.rss_mb()
+    for i in range(5):  # 300 templates x 10 classes, 300 api_calls each: refused by the budget, nothing tokenised
+        r = post(s, k, "/v1/query", query_body(classes=classes, prompt={"type": "text", "templates": templates(300, 10 + i)}))
+        assert r.status_code == 429 and err(r)["code"] == "budget_exhausted" and err(r)["cost"]["api_calls"] == 300
+    grown = s.rss_mb() - rss0
+    assert s.calls() == before, s.calls()[len(before):][:5]  # no tokenize, embed, encode of any kind
+    assert grown < 50, f"the server grew {grown:.0f} MB on refused requests"
+    r = post(s, k, "/v1/query", query_body(classes=classes * 200, prompt={"type": "text", "templates": templates(9)}))
+    assert r.status_code == 413 and err(r)["limit"] == "max_query_rows"  # 9 x 2000 = 18000 sequences
+    r = post(s, k + "x", "/v1/query", query_body(classes=classes, prompt={"type": "text", "templates": templates(300)}))
+    assert r.status_code == 401
+    r = post(s, k, "/v1/query", query_body(classes=classes, pixels=torch.full((2, 3, 32, 32), 2.0),
+                                           prompt={"type": "text", "templates": templates(300)}))
+    assert r.status_code == 422 and "outside [0, 1]" in err(r)["message"]
+    grown = s.rss_mb() - rss0
+    assert s.calls() == before, s.calls()[len(before):][:5]  # no tokenize, embed, encode of any kind
+    assert grown < 50, f"the server grew {grown:.0f} MB on refused requests"
+    r = post(s, k, "/v1/query", query_body(classes=classes))  # the one api_call: tokenised and encoded now
+    assert r.status_code == 200 and {"tokenize", "encode_images", "encode"} <= set(s.calls()[len(before):])
+
+
+def test_client_input_over_the_limits_gets_413_or_422_never_500(spy):
+    s = spy()
+    k = s.key("big")
+    h = {"Authorization": f"Bearer {k}"}
+    lim = httpx.get(s.url + "/v1/model", headers=h).json()["limits"]
+    assert lim == {"max_classes": 4096, "max_query_rows": 16384, "max_query_images": 4096, "max_query_logits": 1 << 24,
+                   "max_visual_tokens": 17, "max_text_chars": 1000}
+    many = [f"class {i}" for i in range(100_000)]
+    r = httpx.post(s.url + "/v1/class_sets", json={"names": many}, headers=h, timeout=60)
+    assert r.status_code == 413 and err(r)["code"] == "limit_exceeded" and err(r)["param"] == "classes"
+    assert err(r)["message"] == ("100000 classes, over the server's limit of 4096 (max_classes); send at most 4096 per "
+                                 "query or class set, e.g. split the classes over several queries")
+    assert (err(r)["limit"], err(r)["max"], err(r)["requested"]) == ("max_classes", 4096, 100_000)
+    cases = [  # (body, status, limit or words in the message)
+        (pack({"prompt": {"type": "soft"}, "classes": NAMES},
+              {"ctx": torch.zeros(1, 4, 128), "pixels": torch.rand(1, 3, 32, 32), "visual": torch.zeros(1, 30000, 128)}),
+         413, "max_visual_tokens"),
+        (query_body(classes=[f"c{i}" for i in range(5000)]), 413, "max_classes"),
+        (query_body(classes=["x" * 1001]), 413, "max_text_chars"),
+        (query_body(prompt={"type": "text", "templates": ["a {}" + "!" * 1000]}), 413, "max_text_chars"),
+        (pack({"prompt": {"type": "text", "templates": ["a {}."]}, "classes": NAMES,
+               "images": [f"img-{i}" for i in range(5000)]}), 413, "max_query_images"),
+        (pack({"prompt": {"type": "text", "templates": templates(16)}, "classes": [f"c{i}" for i in range(1000)],
+               "images": [f"img-{i}" for i in range(2000)]}), 413, "max_query_logits"),
+        (pack({"prompt": {"type": "soft"}, "classes": NAMES},
+              {"ctx": torch.zeros(300, 4, 128), "pixels": torch.rand(20, 3, 32, 32), "visual": torch.zeros(300, 2, 128)}),
+         413, "max_query_images"),  # 300 candidates x 20 images re-encoded
+        (query_body(ctx=torch.zeros(1, 500, 128)), 422, "more than the model's whole context of 77"),
+    ]
+    for body, status, what in cases:
+        r = post(s, k, "/v1/query", body)
+        assert r.status_code == status, (what, r.status_code, r.text[:300])
+        e = err(r)
+        assert what in (e.get("limit") or e["message"]) and "\n" not in e["message"], (what, e)
+        if status == 413:
+            assert e["code"] == "limit_exceeded" and e["requested"] > e["max"] and e["limit"] in e["message"]
+            assert "send" in e["message"] or "shorten" in e["message"]  # the fix
+    r = httpx.post(s.url + "/v1/embed_words", json={"text": "a " * 1000}, headers=h)
+    assert r.status_code == 413 and err(r)["limit"] == "max_text_chars"
+    assert post(s, k, "/v1/query", query_body()).status_code == 200 and s.proc.poll() is None
+
+
+def test_health_answers_while_a_big_query_runs(spy):
+    s = spy()
+    k = s.key("big")
+    body = query_body(classes=[f"class number {i}" for i in range(1000)],
+                      prompt={"type": "text", "templates": templates(16)})  # 16000 sequences: allowed, seconds of work
+    done, replies = threading.Event(), []
+
+    def big():
+        replies.append(post(s, k, "/v1/query", body))
+        done.set()
+
+    t = threading.Thread(target=big)
+    t.start()
+    lat, t_end = [], time.time() + 120
+    with httpx.Client(base_url=s.url, timeout=30) as c:
+        while not done.is_set() and time.time() < t_end:  # bounded by the query and by time
+            t0 = time.perf_counter()
+            assert c.get("/v1/health").status_code == 200
+            lat.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+    t.join(timeout=120)
+    assert replies and replies[0].status_code == 200 and unpack(replies[0].content)[1]["logits"].shape == (16, 2, 1000)
+    assert len(lat) >= 20  # the query ran long enough to be measured
+    lat.sort()
+    assert lat[-1] < 1.0 and lat[int(0.9 * len(lat))] < 0.2, f"health latency p90 {lat[int(0.9 * len(lat))]:.3f}s, max {lat[-1]:.3f}s"
+
+
+def test_per_key_quotas_on_class_sets_and_images_and_deleting_a_class_set(spy):
+    row = 128 * 4  # one image's features
+    s = spy(max_class_sets_per_key=2, max_images_per_key=5, feature_cache_bytes=3 * row)
+    k, other = s.key("q"), s.key("other")
+    h = {"Authorization": f"Bearer {k}"}
+
+    def register(names, key=k):
+        return httpx.post(s.url + "/v1/class_sets", json={"names": names}, headers={"Authorization": f"Bearer {key}"})
+
+    a, b = register(["cat", "dog"]).json()["id"], register(["cat", "fox"]).json()["id"]
+    assert register(["cat", "dog"]).json()["id"] == a  # one it has already: no quota spent
+    r = register(["owl", "emu"])
+    assert r.status_code == 403 and err(r)["code"] == "quota_exceeded" and (err(r)["stored"], err(r)["quota"]) == (2, 2)
+    assert err(r)["message"] == ("quota exceeded: this key stores 2 class sets, at most 2 (max_class_sets_per_key), and "
+                                 "this request would add 1; delete one with DELETE /v1/class_sets/{id}, or send "
+                                 "'classes' in the query instead")
+    assert register(["owl", "emu"], other).status_code == 200  # quotas are per key
+    assert httpx.delete(f"{s.url}/v1/class_sets/{b}", headers=h).json() == {"id": b, "deleted": True}
+    r = httpx.delete(f"{s.url}/v1/class_sets/{b}", headers=h)
+    assert r.status_code == 404 and err(r)["code"] == "unknown_class_set"
+    assert register(["owl", "emu"]).status_code == 200
+    r = post(s, k, "/v1/query", pack({"prompt": {"type": "text", "templates": ["a {}."]}, "class_set": b},
+                                     {"pixels": torch.rand(1, 3, 32, 32)}))
+    assert r.status_code == 422 and err(r)["code"] == "unknown_class_set"  # deleted, and no other key had it
+
+    px = torch.rand(6, 3, 32, 32)
+    ids = post(s, k, "/v1/images", pack({}, {"pixels": px[:3]})).json()["ids"]
+    ids += post(s, k, "/v1/images", pack({}, {"pixels": px[1:5]})).json()["ids"][2:]  # 2 new: 5 in all
+    r = post(s, k, "/v1/images", pack({}, {"pixels": px[4:6]}))
+    assert r.status_code == 403 and err(r)["code"] == "quota_exceeded" and "max_images_per_key" in err(r)["message"]
+    assert post(s, k, "/v1/images", pack({}, {"pixels": px[:5]})).json() == {"ids": ids, "encoded": 0}
+    assert post(s, other, "/v1/images", pack({}, {"pixels": px[4:6]})).status_code == 200
+    u = httpx.get(s.url + "/v1/usage", headers=h).json()
+    assert u["stored"] == {"class_sets": 2, "images": 5} and u["quotas"]["max_images_per_key"] == 5
+    text = {"prompt": {"type": "text", "templates": ["a {}."]}, "classes": NAMES}
+    by_id = unpack(post(s, k, "/v1/query", pack({**text, "images": ids})).content)[1]["logits"]  # 3 in memory, all in the db
+    inline = unpack(post(s, k, "/v1/query", pack(text, {"pixels": px[:5]})).content)[1]["logits"]
+    assert torch.allclose(by_id, inline, atol=1e-5)

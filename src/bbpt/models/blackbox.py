@@ -37,6 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -44,10 +47,12 @@ import torch
 
 from ..errors import BadInput
 from .backbone import Backbone
-from .meter import QueryMeter, charge_all
+from .meter import QueryMeter, charge_all, check_all
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENCODE_BYTES = 128 << 20  # pixels per image-tower forward (222 images at 224 px, 2048 at 32 px)
+TEXT_CACHE_BYTES = 64 << 20  # token ids of prompt texts kept per box family (616 bytes a CLIP text: 100k texts)
+_IMAGE_TOKENS: "weakref.WeakKeyDictionary[Backbone, int]" = weakref.WeakKeyDictionary()  # a ViT's 1 + G, per backbone
 
 
 def _preview(text: str, n: int = 40) -> str:
@@ -184,11 +189,63 @@ def _fmt(v: float) -> str:
     return s if (0.0 <= float(s) <= 1.0) == (0.0 <= v <= 1.0) else f"{v:.8g}"
 
 
-class FeatureCache:
-    """Image features by key, shared by every black box on one backbone."""
+class ByteLRU:
+    """A mapping bounded by bytes: past ``max_bytes`` the least recently used entries leave
+    first, and an entry bigger than the whole bound is not kept (None: unbounded). Thread-safe."""
 
-    def __init__(self):
-        self._rows: dict[str, torch.Tensor] = {}
+    def __init__(self, max_bytes: int | None = None):
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+            raise BadInput(f"a cache size must be a number of bytes >= 0 or None, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._rows: OrderedDict = OrderedDict()  # key -> (value, nbytes), least recently used first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key) -> bool:
+        return key in self._rows
+
+    def __getitem__(self, key):
+        """The value, without counting as a use (KeyError when absent)."""
+        return self._rows[key][0]
+
+    def get(self, key, default=None):
+        with self._lock:
+            row = self._rows.get(key)
+            if row is None:
+                return default
+            self._rows.move_to_end(key)
+            return row[0]
+
+    def put(self, key, value, nbytes: int) -> None:
+        with self._lock:
+            old = self._rows.pop(key, None)
+            if old is not None:
+                self.nbytes -= old[1]
+            if self.max_bytes is not None and nbytes > self.max_bytes:
+                return
+            self._rows[key] = (value, nbytes)
+            self.nbytes += nbytes
+            while self.max_bytes is not None and self.nbytes > self.max_bytes:
+                _, (_, n) = self._rows.popitem(last=False)
+                self.nbytes -= n
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class FeatureCache:
+    """Image features by key, shared by every black box on one backbone: at most ``max_bytes``
+    of them in memory (None: all), least recently used first out. A server keeps them in its
+    database too: ``load(keys) -> {key: feats}`` brings evicted ones back, and ``save({key:
+    feats})`` gets every newly encoded chunk."""
+
+    def __init__(self, max_bytes: int | None = None, load=None, save=None):
+        self._rows = ByteLRU(max_bytes)
+        self._load, self._save = load, save
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -198,31 +255,66 @@ class FeatureCache:
 
     def put(self, key: str, feats: torch.Tensor) -> None:
         """Features computed elsewhere (a server restoring its uploads)."""
-        self._rows[key] = feats
+        self._rows.put(key, feats, _nbytes(feats))
 
     def get(self, key: str) -> torch.Tensor:
-        return self._rows[key]
+        got = self._fetch([key])
+        if key not in got:
+            raise KeyError(key)
+        return got[key]
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        """The keys with no features here nor in ``load``'s store (each once, in order)."""
+        got = self._fetch(keys)
+        return [k for k in dict.fromkeys(keys) if k not in got]
+
+    def _fetch(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """{key: features} of the keys known in memory or to ``load`` (the loaded ones kept)."""
+        got, rest = {}, []
+        for k in dict.fromkeys(keys):
+            v = self._rows.get(k)
+            if v is None:
+                rest.append(k)
+            else:
+                got[k] = v
+        if rest and self._load is not None:
+            for k, v in self._load(rest).items():
+                self.put(k, v)
+                got[k] = v
+        return got
 
     def get_or_encode(self, images: Images, encode, chunk: int) -> tuple[torch.Tensor, int]:
         """(B, E) features, encoding only the misses; returns (features, number encoded)."""
-        n = self.upload(images, encode, chunk)
-        return torch.stack([self._rows[k] for k in images.keys]), n
+        got = self._fetch(images.keys)
+        n = self._encode_misses(images, got, encode, chunk)
+        return torch.stack([got[k] for k in images.keys]), n
 
     def upload(self, images: Images, encode, chunk: int) -> int:
         """Encode the images whose keys are not cached, ``chunk`` at a time in the order given
         (a key repeated in the batch is encoded once); returns how many were encoded."""
+        return self._encode_misses(images, self._fetch(images.keys), encode, chunk)
+
+    def _encode_misses(self, images: Images, got: dict, encode, chunk: int) -> int:
+        """Encode the images not in ``got`` into it (and the cache, and ``save``)."""
         miss, seen = [], set()
         for i, k in enumerate(images.keys):
-            if k not in self._rows and k not in seen:
+            if k not in got and k not in seen:
                 seen.add(k)
                 miss.append(i)
+        if miss and images.pixels is None:
+            k = images.keys[miss[0]]
+            raise BadInput(f"{len(miss)} image id(s) were never uploaded, e.g. {k!r}; upload them first")
         for c0 in range(0, len(miss), chunk):
             part = miss[c0 : c0 + chunk]
             contiguous = part[-1] - part[0] + 1 == len(part)
             px = images.pixels[part[0] : part[-1] + 1] if contiguous else images.pixels[torch.tensor(part)]  # a view when it can
-            feats = encode(px)
-            for j, i in enumerate(part):
-                self._rows[images.keys[i]] = feats[j]
+            feats = encode(px)  # (n, E)
+            new = {images.keys[i]: feats[j].clone() for j, i in enumerate(part)}  # own storage: evicted alone
+            for k, v in new.items():
+                self.put(k, v)
+            got.update(new)
+            if self._save is not None:
+                self._save(new)
         return len(miss)
 
 
@@ -363,6 +455,18 @@ class QueryChecks:
 
 
 
+@torch.no_grad()
+def _image_tokens(bb: Backbone) -> int | None:
+    """1 + G of a ViT image tower (None without one): one blank image's patch embedding, once
+    per backbone."""
+    if bb.visual_width is None:
+        return None
+    if bb not in _IMAGE_TOKENS:
+        S = bb.image_size
+        _IMAGE_TOKENS[bb] = int(bb.patch_tokens(torch.zeros(1, 3, S, S)).shape[1])
+    return _IMAGE_TOKENS[bb]
+
+
 class BlackBox(QueryChecks):
     """Metered class scores (P, B, C) for images under candidate prompts.
 
@@ -374,7 +478,14 @@ class BlackBox(QueryChecks):
     service, used to initialise soft prompts from words such as "a photo of a").
 
     A query that would be refused (any :class:`BadInput`) is refused before the meter is
-    charged, so it costs nothing.
+    charged, so it costs nothing; and one the budget refuses is refused before any text is
+    tokenised or any image encoded.
+
+    Limits: ``max_visual_tokens`` visual prompt tokens per candidate (None: as many as the
+    model's own image sequence has, :attr:`image_tokens`; a ViT's attention grows with the
+    square of the sequence). Caches: the token ids of the prompts' texts (``text_cache_bytes``,
+    shared with :meth:`for_classes` boxes) and image features (``FeatureCache``) are bounded
+    by bytes, least recently used first out.
     """
 
     def __init__(
@@ -387,7 +498,10 @@ class BlackBox(QueryChecks):
         precision: str = "fp32",
         text_chunk: int = 4096,
         image_chunk: int = 2048,
+        max_visual_tokens: int | None = None,
+        text_cache_bytes: int | None = TEXT_CACHE_BYTES,
         _cache: FeatureCache | None = None,
+        _text_cache: ByteLRU | None = None,
     ):
         if not classnames:
             raise BadInput("a black box needs at least one class name")
@@ -399,9 +513,14 @@ class BlackBox(QueryChecks):
         self.classnames = list(classnames)
         self.meter = meter if meter is not None else QueryMeter()
         self.fast, self.precision, self.text_chunk, self.image_chunk = fast, precision, text_chunk, image_chunk
+        if max_visual_tokens is not None and (isinstance(max_visual_tokens, bool) or not isinstance(max_visual_tokens, int)
+                                              or max_visual_tokens < 1):
+            raise BadInput(f"max_visual_tokens must be an integer >= 1 or None, got {max_visual_tokens!r}")
+        self._max_visual_tokens = max_visual_tokens
         self._cache = _cache if _cache is not None else FeatureCache()
-        self._soft_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._hard_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._texts = _text_cache if _text_cache is not None else ByteLRU(text_cache_bytes)  # token ids (N, L)
+        self._classes_key = tuple(self.classnames)
+        _image_tokens(backbone)  # known before any query asks
 
     # ---- metadata -------------------------------------------------------------------
     @property
@@ -439,6 +558,16 @@ class BlackBox(QueryChecks):
         return self._bb.visual_width
 
     @property
+    def image_tokens(self) -> int | None:
+        """1 + G, the tokens of the ViT's own image sequence (CLS and patches); None without a ViT."""
+        return _image_tokens(self._bb)
+
+    @property
+    def max_visual_tokens(self) -> int | None:
+        """Visual prompt tokens a candidate may have (None: no ViT, so none)."""
+        return self._max_visual_tokens if self._max_visual_tokens is not None else self.image_tokens
+
+    @property
     def pixel_mean(self) -> tuple:
         """The model's published input normalisation (what ``(x - mean) / std`` it applies)."""
         return tuple(self._bb.mean)
@@ -453,7 +582,7 @@ class BlackBox(QueryChecks):
         return BlackBox(
             self._bb, classnames, meter if meter is not None else self.meter,
             fast=self.fast, precision=self.precision, text_chunk=self.text_chunk, image_chunk=self.image_chunk,
-            _cache=self._cache,
+            max_visual_tokens=self._max_visual_tokens, _cache=self._cache, _text_cache=self._texts,
         )
 
     @torch.no_grad()
@@ -489,6 +618,14 @@ class BlackBox(QueryChecks):
         once, in a fixed order, gets the same features whether it ran straight through or was
         resumed from a checkpoint. It is also what a remote API's image upload does.
         """
+        self.check_upload(images)
+        if not self.fast:
+            return 0
+        with self._autocast():
+            return self._cache.upload(images, self._bb.encode_images, self.encode_chunk)
+
+    def check_upload(self, images: Images) -> None:
+        """Every refusal :meth:`upload` makes, before it encodes anything."""
         self._check_images(images)
         if images.pixels is None:
             raise BadInput("upload needs the images' pixels")
@@ -499,10 +636,6 @@ class BlackBox(QueryChecks):
             )
         if images.keys is None:
             raise BadInput("upload needs Images with keys, one string per image, to cache the features under")
-        if not self.fast:
-            return 0
-        with self._autocast():
-            return self._cache.upload(images, self._bb.encode_images, self.encode_chunk)
 
     # ---- the query ------------------------------------------------------------------
     def query(self, prompt: TextPrompt | SoftPrompt, images: Images, visual: VisualPrompt | None = None) -> torch.Tensor:
@@ -516,15 +649,30 @@ class BlackBox(QueryChecks):
 
     def check_query(self, prompt, images: Images, visual: VisualPrompt | None = None) -> int:
         """Everything that can make the query refuse, before anything is charged; returns P."""
+        P = self.check_request(prompt, images, visual)
+        self.check_text(prompt)
+        return P
+
+    def check_request(self, prompt, images: Images, visual: VisualPrompt | None = None) -> int:
+        """Every refusal that needs no tokenizer and no encoder (shapes, limits, unknown image
+        ids); returns P. What the budget is checked after, before any text is tokenised."""
         P = self.check_shapes(prompt, images, visual)
+        if visual is not None and visual.tokens.shape[1] > self.max_visual_tokens:
+            n, lim = visual.tokens.shape[1], self.max_visual_tokens
+            raise BadInput(f"{n} visual prompt tokens per candidate, over the limit of {lim} (max_visual_tokens; "
+                           f"{self.model_name}'s own image sequence has {self.image_tokens}); send at most {lim}")
         if images.pixels is None and not self.fast:
             raise BadInput("images by id need the fast path (fast=True): the reference path never caches")
         if images.pixels is None:
-            missing = [k for k in images.keys if k not in self._cache]
+            missing = self._cache.missing(images.keys)
             if missing:
                 raise BadInput(f"{len(missing)} image id(s) were never uploaded, e.g. {missing[0]!r}; upload them first")
-        self._prepare_text(prompt)  # tokenise into the cache the query uses; refuses overlong texts
         return P
+
+    def check_text(self, prompt) -> torch.Tensor:
+        """Tokenise the prompt's texts (or find them cached), refusing any that does not fit
+        the text context; returns their ids (P·C or C, L)."""
+        return self._prepare_text(prompt)
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -577,41 +725,33 @@ class BlackBox(QueryChecks):
         return torch.cat(out)
 
     # ---- text side ------------------------------------------------------------------
-    def _prepare_text(self, prompt) -> None:
-        """Tokenise the prompt's texts into the cache :meth:`_sequences` reads (once per
-        template set / context length), refusing any that does not fit the text context."""
+    def _prepare_text(self, prompt) -> torch.Tensor:
+        """Token ids of the prompt's texts, (P·C, L) of a text prompt or (C, L) of a soft one's
+        template: tokenised once per template set / context length and kept in the text cache,
+        refusing any text that does not fit the text context."""
         if isinstance(prompt, TextPrompt):
-            self._hard_template(prompt.templates)
-        else:
-            self._soft_template(prompt.num_ctx, prompt.suffix)
+            return self._hard_ids(prompt.templates)
+        return self._soft_ids(prompt.num_ctx, prompt.suffix)
 
-    def _hard_template(self, templates: tuple[str, ...]):
-        if templates not in self._hard_cache:
+    def _cached_ids(self, key: tuple, make) -> torch.Tensor:
+        key = (self._classes_key, *key)
+        ids = self._texts.get(key)
+        if ids is None:
+            ids = make()
+            self._texts.put(key, ids, _nbytes(ids))
+        return ids
+
+    def _hard_ids(self, templates: tuple[str, ...]) -> torch.Tensor:
+        def make():
             texts = [t.format(c) for t in templates for c in self.classnames]
-            ids = self._tokenize_checked(texts, lambda t, n, limit: (
+            return self._tokenize_checked(texts, lambda t, n, limit: (
                 f"prompt {_preview(t)!r} has {n} tokens, more than the model's {limit}; "
                 "shorten the template or the class name"))  # (P*C, 77)
-            self._hard_cache[templates] = (ids, self._bb.text.embed(ids))
-        return self._hard_cache[templates]
 
-    def _sequences(self, prompt) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (P, C, L, D) and ids (C, L) of all candidate-class sequences."""
-        C = self.num_classes
-        if isinstance(prompt, TextPrompt):
-            ids, emb = self._hard_template(prompt.templates)
-            P = prompt.num_prompts
-            return emb.view(P, C, *emb.shape[1:]), ids.view(P, C, -1)
-        ids, base = self._soft_template(prompt.num_ctx, prompt.suffix)  # (C, 77), (C, 77, D)
-        ctx = prompt.ctx.to(base.device, base.dtype)
-        P, m = prompt.num_prompts, prompt.num_ctx
-        ctx = ctx[:, None].expand(P, C, m, -1) if ctx.ndim == 3 else ctx  # (P, C, m, D)
-        k = self._bb.text.prefix  # special tokens before the text (CLIP's SOS), then the context
-        emb = torch.cat([base[None, :, :k].expand(P, -1, -1, -1), ctx, base[None, :, k + m :].expand(P, -1, -1, -1)], dim=2)
-        return emb, ids[None].expand(P, -1, -1)
+        return self._cached_ids(("hard", templates), make)
 
-    def _soft_template(self, m: int, suffix: str):
-        key = (m, suffix)
-        if key not in self._soft_cache:
+    def _soft_ids(self, m: int, suffix: str) -> torch.Tensor:
+        def make():
             head = " ".join(["X"] * m) + " "
             shown = "X " * m if m <= 3 else "X X .. X "
 
@@ -619,15 +759,34 @@ class BlackBox(QueryChecks):
                 return (f"prompt {_preview(shown + t[len(head):])!r} ({m} context tokens) has {n} tokens, more "
                         f"than the model's {limit}; use fewer context tokens (n_ctx) or a shorter class name")
 
-            ids = self._tokenize_checked([head + c + suffix for c in self.classnames], too_long)
+            ids = self._tokenize_checked([head + c + suffix for c in self.classnames], too_long)  # (C, 77)
             k = self._bb.text.prefix
             if self._bb.placeholder_id is None:
                 raise self._bb.no_placeholder()
             if not bool((ids[:, k : k + m] == self._bb.placeholder_id).all()):
                 raise BadInput(f"{self.model_name}: the tokenizer merges the context placeholders with the text "
                                f"after them; put a space or a word between context and class (suffix {suffix!r})")
-            self._soft_cache[key] = (ids, self._bb.text.embed(ids))
-        return self._soft_cache[key]
+            return ids
+
+        return self._cached_ids(("soft", m, suffix), make)
+
+    def _sequences(self, prompt, ids: torch.Tensor | None = None, L: int | None = None):
+        """Embeddings (P, C, L, D) and ids (P, C, L) of all candidate-class sequences, from the
+        prompt's token ids (:meth:`_prepare_text`) cut to their first ``L`` positions (None:
+        all) before they are embedded."""
+        C = self.num_classes
+        ids = self._prepare_text(prompt) if ids is None else ids
+        ids = ids if L is None else ids[:, :L]
+        emb = self._bb.text.embed(ids)  # (P*C or C, L, D)
+        if isinstance(prompt, TextPrompt):
+            P = prompt.num_prompts
+            return emb.view(P, C, *emb.shape[1:]), ids.reshape(P, C, -1)
+        ctx = prompt.ctx.to(emb.device, emb.dtype)
+        P, m = prompt.num_prompts, prompt.num_ctx
+        ctx = ctx[:, None].expand(P, C, m, -1) if ctx.ndim == 3 else ctx  # (P, C, m, D)
+        k = self._bb.text.prefix  # special tokens before the text (CLIP's SOS), then the context
+        emb = torch.cat([emb[None, :, :k].expand(P, -1, -1, -1), ctx, emb[None, :, k + m :].expand(P, -1, -1, -1)], dim=2)
+        return emb, ids[None].expand(P, -1, -1)
 
     def _tokenize_checked(self, texts: list[str], too_long) -> torch.Tensor:
         """Token ids (N, L) of ``texts``; BadInput(too_long(text, n_tokens, limit)) if a text has
@@ -653,25 +812,28 @@ class BlackBox(QueryChecks):
         return _text_features_many([(self, prompt)])[0]
 
 
-def _text_features_many(items: list[tuple["BlackBox", object]]) -> list[torch.Tensor]:
+def _text_features_many(items: list[tuple["BlackBox", object]], ids: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Text features (P, C, E) of several prompts (on class sets of one backbone), their
     P·C sequences encoded together: one text-tower forward per ``text_chunk`` sequences, all
-    cut to the longest real length (exact under the causal mask, up to float rounding)."""
+    cut to the longest real length before they are embedded (exact under the causal mask, up
+    to float rounding). ``ids``: each prompt's token ids, if already at hand."""
     box0 = items[0][0]
     tower = box0._bb.text
-    seqs = [box._sequences(prompt) for box, prompt in items]  # (P, C, L, D), (P, C, L) each
+    ids = ids if ids is not None else [box._prepare_text(prompt) for box, prompt in items]  # (P·C or C, 77) each
     if not box0.fast:  # reference loop: one candidate per forward, full context length
         out = []
-        for emb, ids in seqs:
-            feats = [tower.encode(emb[p], ids[p], cut=False) for p in range(emb.shape[0])]
+        for (box, prompt), i in zip(items, ids):
+            emb, ids_ = box._sequences(prompt, i)
+            feats = [tower.encode(emb[p], ids_[p], cut=False) for p in range(emb.shape[0])]
             out.append(torch.nn.functional.normalize(torch.stack(feats).float(), dim=-1))
         return out
-    flat = [(emb.reshape(-1, *emb.shape[2:]), ids.reshape(-1, ids.shape[-1])) for emb, ids in seqs]  # (P·C, L, ·)
-    L = max(tower.real_length(ids) for _, ids in flat)
-    emb = torch.cat([e[:, :L] for e, _ in flat]) if len(flat) > 1 else flat[0][0][:, :L]
-    ids = torch.cat([i[:, :L] for _, i in flat]) if len(flat) > 1 else flat[0][1][:, :L]
+    L = max(tower.real_length(i) for i in ids)
+    seqs = [box._sequences(prompt, i, L) for (box, prompt), i in zip(items, ids)]  # (P, C, L, D), (P, C, L) each
+    flat = [(emb.reshape(-1, *emb.shape[2:]), i.reshape(-1, i.shape[-1])) for emb, i in seqs]  # (P·C, L, ·)
+    emb = torch.cat([e for e, _ in flat]) if len(flat) > 1 else flat[0][0]
+    idx = torch.cat([i for _, i in flat]) if len(flat) > 1 else flat[0][1]
     n = box0.text_chunk
-    feats = torch.cat([tower.encode(emb[i : i + n], ids[i : i + n], cut=False) for i in range(0, len(emb), n)])
+    feats = torch.cat([tower.encode(emb[i : i + n], idx[i : i + n], cut=False) for i in range(0, len(emb), n)])
     feats = torch.nn.functional.normalize(feats.float(), dim=-1)
     out, i = [], 0
     for emb_, _ in seqs:
@@ -684,16 +846,19 @@ def _text_features_many(items: list[tuple["BlackBox", object]]) -> list[torch.Te
 @torch.no_grad()
 def query_many(items: list[tuple[BlackBox, object, Images, VisualPrompt | None]]) -> list[torch.Tensor]:
     """Several queries, possibly on different class sets of one backbone, answered together
-    (a server's dynamic batching): all are checked, then all charged (all or nothing: a batch
-    that does not fit the budget is refused whole and charges nothing), then one text-tower
-    forward serves every candidate-class sequence of every query. Each result (P, B, C)
-    equals its query answered alone up to float rounding (1e-5); one query is exactly query()."""
-    Ps = [box.check_query(prompt, images, visual) for box, prompt, images, visual in items]
-    charge_all([(box.meter, P, len(images)) for (box, _, images, _), P in zip(items, Ps)])  # all or nothing
+    (a server's dynamic batching): all are checked (the budget before any text is tokenised),
+    then all charged (all or nothing: a batch that does not fit the budget is refused whole
+    and charges nothing), then one text-tower forward serves every candidate-class sequence
+    of every query. Each result (P, B, C) equals its query answered alone up to float rounding (1e-5); one query is exactly query()."""
+    Ps = [box.check_request(prompt, images, visual) for box, prompt, images, visual in items]
+    queries = [(box.meter, P, len(images)) for (box, _, images, _), P in zip(items, Ps)]
+    check_all(queries)  # the budget, before any text is tokenised
+    ids = [box.check_text(prompt) for box, prompt, _, _ in items]  # refuses texts that do not fit
+    charge_all(queries)  # all or nothing
     box0 = items[0][0]
     with box0._autocast():
         imgs = [box._image_features(images, visual) for box, _, images, visual in items]  # (P or 1, B, E) each
-        txts = _text_features_many([(box, prompt) for box, prompt, _, _ in items])  # (P or 1, C, E) each
+        txts = _text_features_many([(box, prompt) for box, prompt, _, _ in items], ids)  # (P or 1, C, E) each
     out = []
     for (box, *_), P, img, txt in zip(items, Ps, imgs, txts):
         img, txt = img.float().expand(P, -1, -1), txt.float().expand(P, -1, -1)

@@ -4,6 +4,7 @@
 |--------------------------|--------------------------------------------------------------------|
 | ``GET /v1/model``        | public metadata: image size, context width and length, ...         |
 | ``POST /v1/class_sets``  | register class names (JSON ``{"names": [...]}``) -> ``{"id"}``      |
+| ``DELETE /v1/class_sets/{id}`` | drop one of the key's class sets (frees its quota)             |
 | ``POST /v1/images``      | upload images (uint8 / float pixels as safetensors, or a PNG/JPEG) -> content-hash ids; their features are computed once and kept |
 | ``POST /v1/query``       | logits (P, B, C) of P candidates on B images; charged to the key    |
 | ``POST /v1/embed_words`` | word embeddings of a text (initial soft prompts); not charged      |
@@ -13,9 +14,18 @@
 Tensors travel as safetensors (:mod:`bbpt.serve.wire`). Authentication: ``Authorization:
 Bearer bbpt-...`` (:mod:`bbpt.serve.store`). Errors are ``{"error": {"message", "type",
 "code", "param"}}``: 401 missing or wrong key, 404 / 405 no such endpoint, 409 an
-Idempotency-Key reused with another body (or still in flight), 413 a body over the limit,
-415 a wrong content type, 422 a malformed request (naming the field), 429
-``budget_exhausted`` with the counts. Client input never yields a 5xx.
+Idempotency-Key reused with another body (or still in flight), 403 ``quota_exceeded`` (a
+key storing more class sets or images than its quota), 413 a body or a query over a limit
+(``request_too_large``, ``limit_exceeded``: naming the limit, its value and the fix), 415 a
+wrong content type, 422 a malformed request (naming the field), 429 ``budget_exhausted`` with
+the counts. Client input never yields a 5xx.
+
+Every refusal (key, limits, shapes, quota, budget) comes before any text is tokenised or any
+image decoded or encoded, so a refused request costs the server almost nothing. The work
+itself (parsing bodies, decoding, tokenising, encoding, forwards, packing replies, the
+database) runs in a thread pool of ``workers`` threads, never on the event loop: a big query
+does not hold up ``/v1/health`` or anyone else's request. The per-request limits keep each
+piece of it bounded, and every cache is bounded by bytes (least recently used first out).
 """
 from __future__ import annotations
 
@@ -25,8 +35,10 @@ import io
 import json
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -36,9 +48,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BadInput, BBPTError
 from ..models import BlackBox, Images, QueryMeter, SoftPrompt, TextPrompt, VisualPrompt, create_backbone
-from ..models.blackbox import FeatureCache
+from ..models.blackbox import ByteLRU, FeatureCache, _preview
 from .batcher import Batcher
-from .store import IdempotencyMismatch, OverBudget, Store
+from .store import IdempotencyMismatch, OverBudget, QuotaExceeded, Store
 from .wire import CONTENT_TYPE, WireError, pack, unpack
 
 PURPOSES = ("train", "eval", "side")
@@ -57,6 +69,21 @@ class ServeConfig:
     max_wait_ms: float = 0.0  # how long a query waits for others to join it (0: only those already queued)
     max_request_bytes: int = 256 << 20
     max_images_per_call: int = 128  # the pricing: B images cost ceil(B / this) api_calls per candidate
+    # per-request limits (413 limit_exceeded), checked before anything is tokenised or encoded
+    max_classes: int = 4096  # class names in a query or a registered class set
+    max_query_rows: int = 16384  # candidate x class text sequences in one query
+    max_query_images: int = 4096  # images in a query (candidate x image when re-encoded per candidate)
+    max_query_logits: int = 1 << 24  # P x B x C scores in one reply (64 MiB of float32)
+    max_visual_tokens: int | None = None  # per candidate; None: the ViT's own sequence (1 + G, 197 for ViT-B/16)
+    max_text_chars: int = 1000  # characters in a template, a class name, a suffix or an embed_words text
+    # per-key quotas on what a key stores (403 quota_exceeded)
+    max_class_sets_per_key: int = 100
+    max_images_per_key: int = 100_000
+    # caches, bounded by bytes (least recently used first out)
+    text_cache_bytes: int = 64 << 20  # token ids of prompt texts
+    feature_cache_bytes: int = 256 << 20  # uploaded images' features (the rest is read back from the database)
+    box_cache_bytes: int = 16 << 20  # class lists of recently used class sets
+    workers: int = 4  # threads doing the work (parsing, tokenising, encoding, the database) off the event loop
 
 
 class APIError(Exception):
@@ -70,8 +97,21 @@ def _bad(message: str, param: str | None = None, code: str = "invalid_request") 
     return APIError(422, message, code=code, param=param)
 
 
+def _limit(message: str, param: str, name: str, limit: int, requested: int) -> APIError:
+    """413 for a request over one of the server's limits (``name``, a ServeConfig field)."""
+    return APIError(413, message, code="limit_exceeded", param=param,
+                    extra={"limit": name, "max": limit, "requested": requested})
+
+
+def _over_quota(e: QuotaExceeded, name: str, fix: str) -> APIError:
+    return APIError(403, f"quota exceeded: this key stores {e.stored} {e.what}, at most {e.quota} ({name}), and this "
+                    f"request would add {e.adding}; {fix}", "invalid_request_error", "quota_exceeded",
+                    extra={"stored": e.stored, "quota": e.quota, "adding": e.adding})
+
+
 class Server:
-    """What the app holds: the model, its class-set boxes, the store, the batcher."""
+    """What the app holds: the model, its class-set boxes, the store, the batcher, the caches
+    (bounded by bytes) and the thread pool the work runs in."""
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
@@ -80,42 +120,55 @@ class Server:
         if (cfg.pretrained or "").lower() in ("random", "none"):  # new weights in every process: keep no features
             self.model_id += f":{uuid.uuid4().hex}"
         self.store = Store(cfg.db)
-        self.cache = FeatureCache()
-        self.boxes: dict[str, BlackBox] = {}
+        self.cache = FeatureCache(cfg.feature_cache_bytes, self._load_features, self._save_features)
+        self.texts = ByteLRU(cfg.text_cache_bytes)
+        self.boxes = ByteLRU(cfg.box_cache_bytes)
+        self.pool = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="bbpt-serve")
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_batch_rows)
         self.inflight: set[tuple[str, str]] = set()
-        probe = self.box(["a", "b"])
+        probe = self.probe = self.box(["a", "b"])
         self.info = {"api": API_VERSION, "model": cfg.model, "pretrained": cfg.pretrained, "image_size": probe.image_size,
                      "ctx_dim": probe.ctx_dim, "context_length": probe.context_length,
                      "visual_width": probe.visual_width, "pixel_mean": list(probe.pixel_mean),
                      "pixel_std": list(probe.pixel_std), "max_images_per_call": cfg.max_images_per_call,
                      "max_request_bytes": cfg.max_request_bytes, "batching": {"max_batch": cfg.max_batch,
                                                                               "max_rows": cfg.max_batch_rows,
-                                                                              "max_wait_ms": cfg.max_wait_ms}}
+                                                                              "max_wait_ms": cfg.max_wait_ms},
+                     "limits": {"max_classes": cfg.max_classes, "max_query_rows": cfg.max_query_rows,
+                                "max_query_images": cfg.max_query_images, "max_query_logits": cfg.max_query_logits,
+                                "max_visual_tokens": probe.max_visual_tokens, "max_text_chars": cfg.max_text_chars},
+                     "quotas": {"max_class_sets_per_key": cfg.max_class_sets_per_key,
+                                "max_images_per_key": cfg.max_images_per_key}}
 
-    # ---- uploaded image features survive restarts (kept in the store, keyed by model) ---------
-    def restore(self, ids: list[str]) -> None:
-        """Features of uploaded ids that this process has not seen (uploaded before a restart)."""
-        missing = [i for i in dict.fromkeys(ids) if i not in self.cache]
-        if not missing:
-            return
-        for i, blob in self.store.features(self.model_id, missing):
-            self.cache.put(i, torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()).to(self.backbone.device))
+    async def run(self, fn, *args):
+        """``fn(*args)`` in the worker pool: the event loop only waits for it."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args))
 
-    def save_features(self, ids: list[str]) -> None:
-        rows = [(i, self.cache.get(i).float().cpu().numpy().tobytes()) for i in dict.fromkeys(ids)]
-        self.store.put_features(self.model_id, rows)
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    # ---- uploaded image features survive restarts and evictions (kept in the store, by model)
+    def _load_features(self, ids: list[str]) -> dict[str, torch.Tensor]:
+        return {i: torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()).to(self.backbone.device)
+                for i, blob in self.store.features(self.model_id, ids)}
+
+    def _save_features(self, feats: dict[str, torch.Tensor]) -> None:
+        self.store.put_features(self.model_id, [(i, f.float().cpu().numpy().tobytes()) for i, f in feats.items()])
 
     def box(self, classes: list[str]) -> BlackBox:
         key = json.dumps(classes)
-        if key not in self.boxes:
-            self.boxes[key] = BlackBox(self.backbone, classes, QueryMeter(max_images_per_call=self.cfg.max_images_per_call),
-                                       precision=self.cfg.precision, _cache=self.cache)
-        return self.boxes[key]
+        box = self.boxes.get(key)
+        if box is None:
+            box = BlackBox(self.backbone, classes, QueryMeter(max_images_per_call=self.cfg.max_images_per_call),
+                           precision=self.cfg.precision, max_visual_tokens=self.cfg.max_visual_tokens,
+                           _cache=self.cache, _text_cache=self.texts)
+            self.boxes.put(key, box, 2 * len(key) + 64 * len(classes))  # about: the key and the list of names
+        return box
 
 
-# ---- request parsing ---------------------------------------------------------------------------
-def _classes(server: Server, meta: dict) -> list[str]:
+# ---- request parsing: every refusal, nothing tokenised or encoded ------------------------------
+def _classes(server: Server, meta: dict, param: str = "classes") -> list[str]:
     if "class_set" in meta:
         cs = meta["class_set"]
         names = server.store.class_set(cs) if isinstance(cs, str) else None
@@ -123,11 +176,25 @@ def _classes(server: Server, meta: dict) -> list[str]:
             raise _bad(f"unknown class set {cs!r}; register it with POST /v1/class_sets", "class_set", "unknown_class_set")
         return names
     names = meta.get("classes")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise _bad("give 'classes' (a non-empty list of class names) or a registered 'class_set'", "classes")
-    if len(names) > 100_000:
-        raise _bad(f"{len(names)} classes: at most 100000", "classes")
+    if not isinstance(names, list) or not names:
+        raise _bad("give 'classes' (a non-empty list of class names) or a registered 'class_set'", param)
+    lim = server.cfg.max_classes
+    if len(names) > lim:
+        raise _limit(f"{len(names)} classes, over the server's limit of {lim} (max_classes); send at most {lim} "
+                     "per query or class set, e.g. split the classes over several queries", param, "max_classes",
+                     lim, len(names))
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise _bad("give 'classes' (a non-empty list of class names) or a registered 'class_set'", param)
+    _check_chars(server, names, "class name", param)
     return names
+
+
+def _check_chars(server: Server, texts: list[str], what: str, param: str) -> None:
+    lim = server.cfg.max_text_chars
+    long = next((t for t in texts if len(t) > lim), None)
+    if long is not None:
+        raise _limit(f"{what} {_preview(long)!r} has {len(long)} characters, over the server's limit of {lim} "
+                     f"(max_text_chars); shorten it", param, "max_text_chars", lim, len(long))
 
 
 def _pixels(t: torch.Tensor, param: str, size: int) -> torch.Tensor:
@@ -139,7 +206,7 @@ def _pixels(t: torch.Tensor, param: str, size: int) -> torch.Tensor:
     return t.float()
 
 
-def _prompt(meta: dict, tensors: dict):
+def _prompt(server: Server, meta: dict, tensors: dict):
     p = meta.get("prompt")
     if not isinstance(p, dict) or p.get("type") not in ("text", "soft"):
         raise _bad("'prompt' must be {\"type\": \"text\", \"templates\": [...]} or {\"type\": \"soft\"} with a 'ctx' tensor",
@@ -148,24 +215,60 @@ def _prompt(meta: dict, tensors: dict):
         t = p.get("templates")
         if not isinstance(t, list) or not t or not all(isinstance(x, str) for x in t):
             raise _bad("'prompt.templates' must be a non-empty list of strings with '{}'", "prompt.templates")
+        _check_chars(server, t, "template", "prompt.templates")
         return TextPrompt(tuple(t))
     if "ctx" not in tensors:
         raise _bad("a soft prompt needs the tensor 'ctx' (P, m, D) or (P, C, m, D)", "ctx")
     ctx = tensors["ctx"]
     if not torch.is_floating_point(ctx):
         raise _bad(f"ctx has dtype {ctx.dtype}; send float32", "ctx")
+    L = server.info["context_length"]
+    if ctx.ndim >= 2 and ctx.shape[-2] > L:
+        raise _bad(f"ctx has {ctx.shape[-2]} context tokens, more than the model's whole context of {L}; use fewer "
+                   "context tokens (n_ctx)", "ctx")
     suffix = p.get("suffix", ".")
     if not isinstance(suffix, str):
         raise _bad("'prompt.suffix' must be a string", "prompt.suffix")
+    _check_chars(server, [suffix], "suffix", "prompt.suffix")
     return SoftPrompt(ctx.float(), suffix=suffix)
 
 
-def _images(server: Server, meta: dict, tensors: dict, size: int) -> Images:
+def _check_limits(server: Server, C: int, prompt, meta: dict, tensors: dict) -> None:
+    """The per-request limits, from the shapes alone: P x C text sequences, the images (P x B
+    when re-encoded per candidate), P x B x C scores, visual tokens per candidate."""
+    cfg = server.cfg
+    px, vis, ids = tensors.get("pixels"), tensors.get("visual"), meta.get("images")
+    Pt = len(prompt.templates) if isinstance(prompt, TextPrompt) else (int(prompt.ctx.shape[0]) if prompt.ctx.ndim else 1)
+    Pv = int(vis.shape[0]) if vis is not None and vis.ndim else 1
+    Pi = int(px.shape[0]) if px is not None and px.ndim == 5 else 1
+    P = max(Pt, Pv, Pi)
+    B = len(ids) if isinstance(ids, list) else (int(px.shape[-4]) if px is not None and px.ndim >= 4 else 1)
+    if P * C > cfg.max_query_rows:
+        raise _limit(f"this query has {P} candidates x {C} classes = {P * C} text sequences, over the server's limit "
+                     f"of {cfg.max_query_rows} (max_query_rows); send fewer candidates or classes per query", "prompt",
+                     "max_query_rows", cfg.max_query_rows, P * C)
+    per_candidate = vis is not None or (px is not None and px.ndim == 5)
+    n = P * B if per_candidate else B
+    if n > cfg.max_query_images:
+        what = f"{P} candidates x {B} images = {n} images encoded" if per_candidate else f"{B} images"
+        raise _limit(f"this query has {what}, over the server's limit of {cfg.max_query_images} (max_query_images); "
+                     "send fewer images or candidates per query", "images" if isinstance(ids, list) else "pixels",
+                     "max_query_images", cfg.max_query_images, n)
+    if P * B * C > cfg.max_query_logits:
+        raise _limit(f"this query's reply would hold {P} x {B} x {C} = {P * B * C} scores, over the server's limit of "
+                     f"{cfg.max_query_logits} (max_query_logits); send fewer candidates, images or classes per query",
+                     "images" if isinstance(ids, list) else "pixels", "max_query_logits", cfg.max_query_logits, P * B * C)
+    lim = server.probe.max_visual_tokens
+    if vis is not None and vis.ndim == 3 and lim is not None and vis.shape[1] > lim:
+        raise _limit(f"{vis.shape[1]} visual prompt tokens per candidate, over the server's limit of {lim} "
+                     f"(max_visual_tokens); send at most {lim}", "visual", "max_visual_tokens", lim, int(vis.shape[1]))
+
+
+def _images(meta: dict, tensors: dict, size: int) -> Images:
     if "images" in meta:
         ids = meta["images"]
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
             raise _bad("'images' must be a non-empty list of uploaded image ids", "images")
-        server.restore(ids)
         return Images(None, ids)
     if "pixels" not in tensors:
         raise _bad("give 'images' (uploaded ids) or the tensor 'pixels' (B, 3, S, S) or (P, B, 3, S, S)", "pixels")
@@ -173,22 +276,80 @@ def _images(server: Server, meta: dict, tensors: dict, size: int) -> Images:
 
 
 def _query_parts(server: Server, meta: dict, tensors: dict):
+    """(purpose, box, prompt, images, visual, P) of a query, or the refusal (APIError): all
+    that is known without tokenising or encoding anything."""
     unknown = set(tensors) - {"ctx", "pixels", "visual"}
     if unknown:
         raise _bad(f"unknown tensor {sorted(unknown)[0]!r}; a query takes ctx, pixels, visual", sorted(unknown)[0])
     purpose = meta.get("purpose", "train")
     if purpose not in PURPOSES:
         raise _bad(f"'purpose' must be one of {', '.join(PURPOSES)}", "purpose")
-    box = server.box(_classes(server, meta))
-    prompt = _prompt(meta, tensors)
-    images = _images(server, meta, tensors, box.image_size)
-    visual = None
-    if "visual" in tensors:
-        v = tensors["visual"]
-        if not torch.is_floating_point(v):
-            raise _bad(f"visual has dtype {v.dtype}; send float32", "visual")
-        visual = VisualPrompt(v.float())
-    return purpose, box, prompt, images, visual
+    try:
+        classes = _classes(server, meta)
+        prompt = _prompt(server, meta, tensors)
+        _check_limits(server, len(classes), prompt, meta, tensors)
+        box = server.box(classes)
+        images = _images(meta, tensors, box.image_size)
+        visual = None
+        if "visual" in tensors:
+            v = tensors["visual"]
+            if not torch.is_floating_point(v):
+                raise _bad(f"visual has dtype {v.dtype}; send float32", "visual")
+            visual = VisualPrompt(v.float())
+        P = box.check_request(prompt, images, visual)
+    except BadInput as e:
+        raise _bad(str(e)) from None
+    return purpose, box, prompt, images, visual, P
+
+
+def _check_text(box: BlackBox, prompt) -> None:
+    try:
+        box.check_text(prompt)  # tokenised here, after every other refusal; refuses texts that do not fit
+    except BadInput as e:
+        raise _bad(str(e)) from None
+
+
+def _upload_pixels(server: Server, ctype: str, raw: bytes) -> torch.Tensor:
+    """(B, 3, S, S) float pixels of an upload body (safetensors or one PNG / JPEG)."""
+    S = server.info["image_size"]
+    if ctype == CONTENT_TYPE:
+        meta, tensors = _parse(raw)
+        if set(tensors) != {"pixels"}:
+            raise _bad("an upload is one tensor 'pixels' (B, 3, S, S)", "pixels")
+        px = _pixels(tensors["pixels"], "pixels", S)
+    else:
+        px = _decode_image(raw, S)
+    if px.ndim != 4:
+        raise _bad(f"pixels must be (B, 3, {S}, {S}); got {tuple(px.shape)}", "pixels")
+    return px
+
+
+def _upload_images(server: Server, px: torch.Tensor) -> Images:
+    """The upload with its content-hash ids, checked (shape, range) before anything is stored."""
+    ids = ["img-" + hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:24] for x in px]
+    images = Images(px, ids)
+    try:
+        server.probe.check_upload(images)
+    except BadInput as e:
+        raise _bad(str(e), "pixels") from None
+    return images
+
+
+def _parse(raw: bytes) -> tuple[dict, dict]:
+    try:
+        return unpack(raw)
+    except WireError as e:
+        raise _bad(str(e), e.param, "invalid_body") from None
+
+
+def _json_body(raw: bytes) -> dict:
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _bad("body is not valid JSON", "body", "invalid_body") from None
+    if not isinstance(d, dict):
+        raise _bad("body must be a JSON object", "body", "invalid_body")
+    return d
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
@@ -215,7 +376,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         except asyncio.CancelledError:
             pass
         await server.batcher.stop()
-        server.store.close()
+        server.close()
 
     app = FastAPI(title="bbpt black-box API", version=API_VERSION, lifespan=lifespan,
                   description="A CLIP-like model behind keys, budgets and dynamic batching. Tensors travel as safetensors.")
@@ -256,31 +417,16 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             chunks.append(c)
         return b"".join(chunks)
 
-    def auth(request: Request):
+    async def auth(request: Request):
         h = request.headers.get("authorization", "")
         if not h:
             raise APIError(401, "no API key: send 'Authorization: Bearer bbpt-...' (bbpt serve keys add NAME)",
                            "authentication_error", "missing_api_key")
         token = h[7:].strip() if h.lower().startswith("bearer ") else None
-        key = state["server"].store.authenticate(token)
+        key = await state["server"].run(state["server"].store.authenticate, token)
         if key is None:
             raise APIError(401, "API key not valid (wrong, malformed or revoked)", "authentication_error", "invalid_api_key")
         return key
-
-    def parse(raw: bytes) -> tuple[dict, dict]:
-        try:
-            return unpack(raw)
-        except WireError as e:
-            raise _bad(str(e), e.param, "invalid_body") from None
-
-    def json_body(raw: bytes) -> dict:
-        try:
-            d = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise _bad("body is not valid JSON", "body", "invalid_body") from None
-        if not isinstance(d, dict):
-            raise _bad("body must be a JSON object", "body", "invalid_body")
-        return d
 
     def over_budget(e: OverBudget) -> APIError:
         over = [u for u, lim in e.budget.items() if lim is not None and e.used[u] + e.cost[u] > lim]
@@ -300,56 +446,65 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.get(f"/{API_VERSION}/usage")
     async def usage(request: Request):
-        key = auth(request)
+        key = await auth(request)
         server = state["server"]
-        u = server.store.usage(key.id)
+        u = await server.run(server.store.usage, key.id)
+        stored = await server.run(server.store.stored, key.id)
         return {"key": key.name, "budget": key.budget, **u,
                 "remaining": {k: (None if v is None else v - u["total"][k]) for k, v in key.budget.items()},
+                "stored": stored, "quotas": server.info["quotas"],
                 "batching": {"batches": server.batcher.batches, "queries": server.batcher.queries}}
 
     @app.post(f"/{API_VERSION}/class_sets")
     async def class_sets(request: Request):
-        auth(request)
-        d = json_body(await body(request, ("application/json",)))
-        names = _classes(state["server"], {"classes": d.get("names")})
-        return {"id": state["server"].store.put_class_set(names), "num_classes": len(names)}
+        key = await auth(request)
+        server = state["server"]
+        d = await server.run(_json_body, await body(request, ("application/json",)))
+        names = await server.run(_classes, server, {"classes": d.get("names")})
+        try:
+            cid = await server.run(server.store.claim_class_set, key.id, names, cfg.max_class_sets_per_key)
+        except QuotaExceeded as e:
+            raise _over_quota(e, "max_class_sets_per_key", "delete one with DELETE /v1/class_sets/{id}, or send "
+                              "'classes' in the query instead") from None
+        return {"id": cid, "num_classes": len(names)}
+
+    @app.delete(f"/{API_VERSION}/class_sets/{{cid}}")
+    async def delete_class_set(cid: str, request: Request):
+        key = await auth(request)
+        server = state["server"]
+        if not await server.run(server.store.delete_class_set, key.id, cid):
+            raise APIError(404, f"this key has no class set {cid!r}; the ids are what POST /v1/class_sets returned",
+                           code="unknown_class_set", param="class_set")
+        return {"id": cid, "deleted": True}
 
     @app.post(f"/{API_VERSION}/images")
     async def images(request: Request):
-        auth(request)
+        key = await auth(request)
         server = state["server"]
-        S = server.info["image_size"]
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         raw = await body(request, (CONTENT_TYPE, "image/png", "image/jpeg"))
-        if ctype == CONTENT_TYPE:
-            meta, tensors = parse(raw)
-            if set(tensors) != {"pixels"}:
-                raise _bad("an upload is one tensor 'pixels' (B, 3, S, S)", "pixels")
-            px = _pixels(tensors["pixels"], "pixels", S)
-        else:
-            px = await asyncio.to_thread(_decode_image, raw, S)
-        if px.ndim != 4:
-            raise _bad(f"pixels must be (B, 3, {S}, {S}); got {tuple(px.shape)}", "pixels")
-        ids = ["img-" + hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:24] for x in px]
+        px = await server.run(_upload_pixels, server, ctype, raw)
+        upload = await server.run(_upload_images, server, px)
         try:
-            n = await asyncio.to_thread(server.box(["a", "b"]).upload, Images(px, ids))
-        except BadInput as e:
-            raise _bad(str(e), "pixels") from None
-        await asyncio.to_thread(server.save_features, ids)
-        return {"ids": ids, "encoded": n}
+            await server.run(server.store.claim_images, key.id, list(upload.keys), cfg.max_images_per_key)
+        except QuotaExceeded as e:
+            raise _over_quota(e, "max_images_per_key", "reuse the ids of images uploaded before, or send pixels "
+                              "inline in the query") from None
+        n = await server.run(server.probe.upload, upload)  # the features go to the database too
+        return {"ids": list(upload.keys), "encoded": n}
 
     @app.post(f"/{API_VERSION}/query")
     async def query(request: Request):
-        key = auth(request)
+        key = await auth(request)
         server = state["server"]
         raw = await body(request, (CONTENT_TYPE,))
         idem = request.headers.get("idempotency-key")
         if idem is not None and not (1 <= len(idem) <= 255):
             raise _bad("Idempotency-Key must be 1 to 255 characters", "Idempotency-Key")
-        sha = hashlib.sha256(raw).hexdigest()
+        sha = await server.run(lambda: hashlib.sha256(raw).hexdigest())
         if idem is not None:
             try:
-                stored = server.store.reply(key, idem, sha)
+                stored = await server.run(server.store.reply, key, idem, sha)
             except IdempotencyMismatch:
                 raise APIError(409, "this Idempotency-Key was used with another request body; use a new key for a new "
                                "request", code="idempotency_mismatch", param="Idempotency-Key") from None
@@ -358,17 +513,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             if (key.id, idem) in server.inflight:
                 raise APIError(409, "a request with this Idempotency-Key is in progress; retry shortly",
                                code="idempotency_in_progress", param="Idempotency-Key")
-        meta, tensors = parse(raw)
-        try:
-            purpose, box, prompt, images, visual = _query_parts(server, meta, tensors)
-            P = box.check_query(prompt, images, visual)
-        except BadInput as e:
-            raise _bad(str(e)) from None
+        meta, tensors = await server.run(_parse, raw)
+        purpose, box, prompt, images, visual, P = await server.run(_query_parts, server, meta, tensors)
         cost = box.meter.cost(P, len(images))
         try:
-            server.store.check(key, cost)
+            await server.run(server.store.check, key, cost)
         except OverBudget as e:
             raise over_budget(e) from None
+        await server.run(_check_text, box, prompt)
         token = (key.id, idem) if idem is not None else None
         if token:
             server.inflight.add(token)
@@ -377,9 +529,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 logits = await server.batcher.submit((box, prompt, images, visual), P * len(box.classnames))
             except BBPTError as e:
                 raise _bad(str(e)) from None
-            reply = pack({"charged": cost}, {"logits": logits})
+            reply = await server.run(pack, {"charged": cost}, {"logits": logits})
             try:
-                await asyncio.to_thread(server.store.charge, key, purpose, cost, reply, idem, sha)
+                await server.run(server.store.charge, key, purpose, cost, reply, idem, sha)
             except OverBudget as e:  # a concurrent query of the same key spent the rest meanwhile
                 raise over_budget(e) from None
         finally:
@@ -389,30 +541,37 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.post(f"/{API_VERSION}/embed_words")
     async def embed_words(request: Request):
-        auth(request)
-        d = json_body(await body(request, ("application/json",)))
+        await auth(request)
+        server = state["server"]
+        d = await server.run(_json_body, await body(request, ("application/json",)))
         text = d.get("text")
         if not isinstance(text, str):
             raise _bad("'text' must be a string", "text")
+        _check_chars(server, [text], "text", "text")
         try:
-            emb = state["server"].box(["a", "b"]).embed_words(text)
+            emb = await server.run(server.probe.embed_words, text)
         except BadInput as e:
             raise _bad(str(e), "text") from None
-        return Response(pack({}, {"embeddings": emb}), media_type=CONTENT_TYPE)
+        return Response(await server.run(pack, {}, {"embeddings": emb}), media_type=CONTENT_TYPE)
 
     @app.post(f"/{API_VERSION}/embed_patches")
     async def embed_patches(request: Request):
-        auth(request)
+        await auth(request)
         server = state["server"]
-        meta, tensors = parse(await body(request, (CONTENT_TYPE,)))
+        meta, tensors = await server.run(_parse, await body(request, (CONTENT_TYPE,)))
         if set(tensors) != {"pixels"}:
             raise _bad("embed_patches takes one tensor 'pixels' (B, 3, S, S)", "pixels")
+        px, lim = tensors["pixels"], cfg.max_query_images
+        B = int(px.shape[-4]) if px.ndim >= 4 else 1
+        if B > lim:
+            raise _limit(f"{B} images, over the server's limit of {lim} (max_query_images); send at most {lim} per request",
+                         "pixels", "max_query_images", lim, B)
         try:
-            tok = await asyncio.to_thread(server.box(["a", "b"]).embed_patches,
-                                          Images(_pixels(tensors["pixels"], "pixels", server.info["image_size"])))
+            px = await server.run(_pixels, px, "pixels", server.info["image_size"])
+            tok = await server.run(server.probe.embed_patches, Images(px))
         except BadInput as e:
             raise _bad(str(e), "pixels") from None
-        return Response(pack({}, {"tokens": tok}), media_type=CONTENT_TYPE)
+        return Response(await server.run(pack, {}, {"tokens": tok}), media_type=CONTENT_TYPE)
 
     app.state.bbpt = state
     return app

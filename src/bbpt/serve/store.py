@@ -10,6 +10,9 @@
   query is refused whole; a retry with the same key is answered from the stored reply and
   charged nothing (Stripe's semantics; a different body under the same key is refused).
   WAL journal: a server killed at any moment keeps every committed charge.
+- What a key stores is counted per key, against quotas: the class sets it registered
+  (deletable) and the images it uploaded (content-hash ids: the same image twice counts once;
+  their features are stored once per model whichever key sent them).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +47,8 @@ CREATE TABLE IF NOT EXISTS replies (
 CREATE TABLE IF NOT EXISTS class_sets (id TEXT PRIMARY KEY, names TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS image_features (model TEXT NOT NULL, id TEXT NOT NULL, feats BLOB NOT NULL,
     PRIMARY KEY (model, id));
+CREATE TABLE IF NOT EXISTS key_class_sets (key_id TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (key_id, id));
+CREATE TABLE IF NOT EXISTS key_images (key_id TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (key_id, id));
 """
 
 
@@ -60,6 +66,13 @@ class OverBudget(Exception):
 
 class IdempotencyMismatch(Exception):
     """The same Idempotency-Key with another request body."""
+
+
+class QuotaExceeded(Exception):
+    """A key would store more class sets or images than its quota allows."""
+
+    def __init__(self, what: str, stored: int, adding: int, quota: int):
+        self.what, self.stored, self.adding, self.quota = what, stored, adding, quota
 
 
 def _sha(s: bytes | str) -> str:
@@ -263,3 +276,62 @@ class Store:
                 out += self._db.execute(f"SELECT id, feats FROM image_features WHERE model = ? AND id IN "
                                         f"({','.join('?' * len(part))})", (model, *part)).fetchall()
         return [(i, bytes(b)) for i, b in out]
+
+    # ---- what each key stores, against its quotas ------------------------------------------
+    def claim_class_set(self, key_id: str, names: list[str], quota: int | None) -> str:
+        """Register ``names`` for the key (its id, as :meth:`put_class_set`); QuotaExceeded if
+        that would make more than ``quota`` sets (one it has already costs nothing)."""
+        cid = "cs-" + _sha(json.dumps(names))[:16]
+        with self._lock, self._transaction():
+            if self._db.execute("SELECT 1 FROM key_class_sets WHERE key_id = ? AND id = ?", (key_id, cid)).fetchone():
+                return cid
+            n = self._db.execute("SELECT COUNT(*) FROM key_class_sets WHERE key_id = ?", (key_id,)).fetchone()[0]
+            if quota is not None and n + 1 > quota:
+                raise QuotaExceeded("class sets", n, 1, quota)
+            self._db.execute("INSERT OR IGNORE INTO class_sets VALUES (?, ?)", (cid, json.dumps(names)))
+            self._db.execute("INSERT INTO key_class_sets VALUES (?, ?)", (key_id, cid))
+        return cid
+
+    def delete_class_set(self, key_id: str, cid: str) -> bool:
+        """Drop the key's class set (the set itself once no key has it); False if it has none."""
+        with self._lock, self._transaction():
+            if self._db.execute("DELETE FROM key_class_sets WHERE key_id = ? AND id = ?", (key_id, cid)).rowcount == 0:
+                return False
+            self._db.execute("DELETE FROM class_sets WHERE id = ? AND NOT EXISTS "
+                             "(SELECT 1 FROM key_class_sets WHERE id = ?)", (cid, cid))
+        return True
+
+    def claim_images(self, key_id: str, ids: list[str], quota: int | None) -> int:
+        """Count the images ``ids`` as the key's; QuotaExceeded (nothing counted) if it would
+        then have more than ``quota``. Returns how many were new to the key."""
+        ids = list(dict.fromkeys(ids))
+        with self._lock, self._transaction():
+            have = set()
+            for at in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+                part = ids[at:at + 500]
+                have.update(r[0] for r in self._db.execute(
+                    f"SELECT id FROM key_images WHERE key_id = ? AND id IN ({','.join('?' * len(part))})", (key_id, *part)))
+            new = [i for i in ids if i not in have]
+            n = self._db.execute("SELECT COUNT(*) FROM key_images WHERE key_id = ?", (key_id,)).fetchone()[0]
+            if new and quota is not None and n + len(new) > quota:
+                raise QuotaExceeded("images", n, len(new), quota)
+            self._db.executemany("INSERT INTO key_images VALUES (?, ?)", [(key_id, i) for i in new])
+        return len(new)
+
+    def stored(self, key_id: str) -> dict:
+        """{"class_sets": n, "images": n} the key has stored."""
+        with self._lock:
+            return {what: self._db.execute(f"SELECT COUNT(*) FROM {table} WHERE key_id = ?", (key_id,)).fetchone()[0]
+                    for what, table in (("class_sets", "key_class_sets"), ("images", "key_images"))}
+
+    @contextmanager
+    def _transaction(self):
+        """BEGIN IMMEDIATE .. COMMIT, rolled back on any exception (the caller holds the lock)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
