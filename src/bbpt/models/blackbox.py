@@ -53,7 +53,7 @@ from .meter import QueryMeter, charge_all, check_all
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENCODE_BYTES = 128 << 20  # pixels per image-tower forward (222 images at 224 px, 2048 at 32 px)
 TEXT_CACHE_BYTES = 64 << 20  # token ids of prompt texts kept per box family (616 bytes a CLIP text: 100k texts)
-_IMAGE_TOKENS: "weakref.WeakKeyDictionary[Backbone, int]" = weakref.WeakKeyDictionary()  # a ViT's 1 + G, per backbone
+_IMAGE_TOKENS: weakref.WeakKeyDictionary[Backbone, int] = weakref.WeakKeyDictionary()  # a ViT's 1 + G, per backbone
 
 
 def _preview(text: str, n: int = 40) -> str:
