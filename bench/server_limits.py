@@ -43,7 +43,8 @@ def rss_mb(pid: int) -> float:
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return f"{os.cpu_count()} cores ({model}), {platform.python_version()}, torch {torch.__version__}, load average {load}"
 
@@ -86,6 +87,14 @@ def refused(server: Server, n: int) -> None:
     print(f"   server RSS {before:.0f} MB before, {after:.0f} MB after: {after - before:+.1f} MB (target < 50 MB)")
 
 
+def big_query(server: Server, headers: dict, body: bytes, status: list, walls: list, done: threading.Event) -> None:
+    t0 = time.perf_counter()
+    r = httpx.post(server.url + "/v1/query", content=body, timeout=600, headers={**headers, "Content-Type": CONTENT_TYPE})
+    status.append(r.status_code)
+    walls.append(time.perf_counter() - t0)
+    done.set()
+
+
 def health_under_load(server: Server, repeats: int) -> None:
     key = server.key("big")
     h = {"Authorization": f"Bearer {key}"}
@@ -101,15 +110,7 @@ def health_under_load(server: Server, repeats: int) -> None:
         for r in range(repeats):
             body = text_query(P, [f"{n} {r}" for n in classes], torch.rand(B, 3, 32, 32))  # new texts each time
             done, status = threading.Event(), []
-
-            def big():
-                t0 = time.perf_counter()
-                status.append(httpx.post(server.url + "/v1/query", content=body, timeout=600,
-                                         headers={**h, "Content-Type": CONTENT_TYPE}).status_code)
-                walls.append(time.perf_counter() - t0)
-                done.set()
-
-            t = threading.Thread(target=big)
+            t = threading.Thread(target=big_query, args=(server, h, body, status, walls, done))
             t.start()
             t_end = time.time() + 600
             while not done.is_set() and time.time() < t_end:
@@ -120,8 +121,8 @@ def health_under_load(server: Server, repeats: int) -> None:
             t.join(timeout=600)
             print(f"   query {r + 1}: status {status}, {walls[-1]:.1f} s")
     lat.sort()
-    q = lambda p: 1000 * lat[min(len(lat) - 1, int(p * len(lat)))]  # noqa: E731
-    print(f"   {len(lat)} health requests: p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, max {1000 * lat[-1]:.1f} ms "
+    p50, p99 = (1000 * lat[min(len(lat) - 1, int(p * len(lat)))] for p in (0.5, 0.99))
+    print(f"   {len(lat)} health requests: p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {1000 * lat[-1]:.1f} ms "
           "(target p99 <= 50 ms)")
 
 

@@ -646,3 +646,21 @@ def test_per_key_quotas_on_class_sets_and_images_and_deleting_a_class_set(spy):
     by_id = unpack(post(s, k, "/v1/query", pack({**text, "images": ids})).content)[1]["logits"]  # 3 in memory, all in the db
     inline = unpack(post(s, k, "/v1/query", pack(text, {"pixels": px[:5]})).content)[1]["logits"]
     assert torch.allclose(by_id, inline, atol=1e-5)
+
+
+def test_the_servers_caches_are_bounded_by_bytes(tmp_path):
+    from bbpt.serve.app import ServeConfig
+    from bbpt.serve.app import Server as App
+
+    app = App(ServeConfig(db=str(tmp_path / "c.db"), box_cache_bytes=100_000, text_cache_bytes=200_000,
+                          feature_cache_bytes=10_000))
+    try:
+        imgs = Images(torch.rand(2, 3, 32, 32))
+        for i in range(30):  # 30 class sets of 100 names, each queried once
+            box = app.box([f"class {i}-{j}" for j in range(100)])
+            box.query(TextPrompt("a photo of a {}."), imgs)
+            assert app.boxes.nbytes <= 100_000 and app.texts.nbytes <= 200_000
+        assert 0 < len(app.boxes) < 30 and 0 < len(app.texts) < 30
+        assert (app.boxes.max_bytes, app.texts.max_bytes, app.cache._rows.max_bytes) == (100_000, 200_000, 10_000)
+    finally:
+        app.close()

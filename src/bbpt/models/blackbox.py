@@ -15,9 +15,10 @@ tokens); otherwise every image is re-encoded and the meter's ``images_encoded`` 
 :meth:`BlackBox.upload` fills that cache ahead of time (an API's image upload: not a query).
 
 The black box refuses before it charges: a query is checked in full (types, shapes, dtypes,
-pixel range, finiteness, the P-or-1 rule, every text fitting the text context) and only
-then charged to a :class:`QueryMeter`, before anything is computed; a refused query costs
-nothing. Pixels are float RGB in [0, 1], unnormalised: the box applies the model's mean/std
+pixel range, finiteness, the P-or-1 rule, the visual-token limit, the budget, every text
+fitting the text context) and only then charged to a :class:`QueryMeter`, before anything
+is computed; a refused query costs nothing, and one the budget refuses is not even
+tokenised. Several queries answered together are charged all or nothing. Pixels are float RGB in [0, 1], unnormalised: the box applies the model's mean/std
 itself, so uint8 or already-normalised pixels are refused rather than silently mis-scored.
 
 Methods never see weights, features or gradients through it (outputs are detached, computed
@@ -52,7 +53,7 @@ from .meter import QueryMeter, charge_all, check_all
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENCODE_BYTES = 128 << 20  # pixels per image-tower forward (222 images at 224 px, 2048 at 32 px)
 TEXT_CACHE_BYTES = 64 << 20  # token ids of prompt texts kept per box family (616 bytes a CLIP text: 100k texts)
-_IMAGE_TOKENS: "weakref.WeakKeyDictionary[Backbone, int]" = weakref.WeakKeyDictionary()  # a ViT's 1 + G, per backbone
+_IMAGE_TOKENS: weakref.WeakKeyDictionary[Backbone, int] = weakref.WeakKeyDictionary()  # a ViT's 1 + G, per backbone
 
 
 def _preview(text: str, n: int = 40) -> str:

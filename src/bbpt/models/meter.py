@@ -71,7 +71,6 @@ class QueryMeter:
 
     def charge(self, num_prompts: int, num_images: int) -> dict:
         """Count a query, or raise :class:`BudgetExhausted` without counting anything."""
-        c = self.cost(num_prompts, num_images)
         return charge_all([(self, num_prompts, num_images)])[0]
 
     def record_encoded(self, n: int) -> None:

@@ -174,19 +174,24 @@ def _classes(server: Server, meta: dict, param: str = "classes") -> list[str]:
         names = server.store.class_set(cs) if isinstance(cs, str) else None
         if names is None:
             raise _bad(f"unknown class set {cs!r}; register it with POST /v1/class_sets", "class_set", "unknown_class_set")
+        _check_classes(server, names, "class_set")  # registered under the limits of its day
         return names
     names = meta.get("classes")
     if not isinstance(names, list) or not names:
         raise _bad("give 'classes' (a non-empty list of class names) or a registered 'class_set'", param)
+    _check_classes(server, names, param)
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise _bad("give 'classes' (a non-empty list of class names) or a registered 'class_set'", param)
+    return names
+
+
+def _check_classes(server: Server, names: list, param: str) -> None:
     lim = server.cfg.max_classes
     if len(names) > lim:
         raise _limit(f"{len(names)} classes, over the server's limit of {lim} (max_classes); send at most {lim} "
                      "per query or class set, e.g. split the classes over several queries", param, "max_classes",
                      lim, len(names))
-    if not all(isinstance(n, str) and n.strip() for n in names):
-        raise _bad("give 'classes' (a non-empty list of class names) or a registered 'class_set'", param)
-    _check_chars(server, names, "class name", param)
-    return names
+    _check_chars(server, [n for n in names if isinstance(n, str)], "class name", param)
 
 
 def _check_chars(server: Server, texts: list[str], what: str, param: str) -> None:
