@@ -664,3 +664,25 @@ def test_the_servers_caches_are_bounded_by_bytes(tmp_path):
         assert (app.boxes.max_bytes, app.texts.max_bytes, app.cache._rows.max_bytes) == (100_000, 200_000, 10_000)
     finally:
         app.close()
+
+
+def test_serve_options_set_the_limits_and_quotas(tmp_path):
+    """Every limit is a `bbpt serve` option: published in /v1/model and enforced."""
+    s = Server(tmp_path / "opts.db", "--max-classes", "3", "--max-class-sets-per-key", "1", "--max-text-chars", "40",
+               "--max-query-rows", "6", "--text-cache-mb", "1", "--workers", "2").start()
+    try:
+        info = httpx.get(s.url + "/v1/model", timeout=30).json()
+        assert info["limits"]["max_classes"] == 3 and info["limits"]["max_query_rows"] == 6
+        assert info["limits"]["max_text_chars"] == 40 and info["quotas"]["max_class_sets_per_key"] == 1
+        k = s.key("k")
+        r = post(s, k, "/v1/class_sets", json.dumps({"names": ["a", "b", "c", "d"]}).encode(), ctype="application/json")
+        assert r.status_code == 413 and err(r)["code"] == "limit_exceeded" and "max_classes" in err(r)["message"]
+        ok = post(s, k, "/v1/class_sets", json.dumps({"names": ["a", "b"]}).encode(), ctype="application/json")
+        assert ok.status_code == 200, ok.text
+        r = post(s, k, "/v1/class_sets", json.dumps({"names": ["c", "d"]}).encode(), ctype="application/json")
+        assert r.status_code == 403 and err(r)["code"] == "quota_exceeded"
+        r = post(s, k, "/v1/query", query_body(classes=["a", "b", "c"], prompt={"type": "text", "templates":
+                                                 ["a {}.", "the {}.", "one {}."]}))  # 3 x 3 = 9 rows > 6
+        assert r.status_code == 413 and "max_query_rows" in err(r)["message"]
+    finally:
+        s.stop()

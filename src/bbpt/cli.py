@@ -251,6 +251,21 @@ def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (
           max_wait_ms: float = typer.Option(0.0, min=0.0, help="How long a query waits for others to join it "
                                             "(0: batches are the queries that queued during the last forward)."),
           max_request_mb: int = typer.Option(256, min=1, help="Largest request body accepted (413 above)."),
+          max_classes: int = typer.Option(4096, min=1, help="Class names in a query or a class set (413 above)."),
+          max_query_rows: int = typer.Option(16384, min=1, help="Candidate x class text sequences in one query (413 above)."),
+          max_query_images: int = typer.Option(4096, min=1, help="Images in one query, candidates x images when "
+                                               "re-encoded per candidate (413 above)."),
+          max_query_logits: int = typer.Option(1 << 24, min=1, help="P x B x C scores in one reply (413 above)."),
+          max_visual_tokens: Optional[int] = typer.Option(None, min=1, help="Visual prompt tokens per candidate "
+                                                          "(default: the ViT's own 1 + G; 413 above)."),
+          max_text_chars: int = typer.Option(1000, min=1, help="Characters in a template, class name or text (413 above)."),
+          max_class_sets_per_key: int = typer.Option(100, min=0, help="Class sets a key may store (403 above)."),
+          max_images_per_key: int = typer.Option(100_000, min=0, help="Images a key may upload (403 above)."),
+          text_cache_mb: int = typer.Option(64, min=0, help="Cache of prompt texts' token ids, MiB (LRU)."),
+          feature_cache_mb: int = typer.Option(256, min=0, help="Cache of uploaded images' features, MiB (LRU; "
+                                               "the rest is read back from the database)."),
+          box_cache_mb: int = typer.Option(16, min=0, help="Cache of class sets' boxes, MiB (LRU)."),
+          workers: int = typer.Option(4, min=1, help="Threads doing the work off the event loop."),
           ray: bool = typer.Option(False, help="Serve with Ray Serve (needs `pip install 'ray[serve]'`)."),
           replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (with --ray)."),
           replica_cpus: float = typer.Option(1.0, min=0.0, help="CPUs Ray reserves per replica (with --ray)."),
@@ -264,7 +279,12 @@ def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (
     _check_listen(host, port)  # a bad --host or a busy --port: one line now, not uvicorn's exit 1 or 3
     Store(db).close()  # an unusable database: one line now, not uvicorn's "Application startup failed"
     cfg = ServeConfig(model=model, pretrained=pretrained, device=device, precision=precision, db=db,
-                      max_batch=max_batch, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, max_request_bytes=max_request_mb << 20)
+                      max_batch=max_batch, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, max_request_bytes=max_request_mb << 20,
+                      max_classes=max_classes, max_query_rows=max_query_rows, max_query_images=max_query_images,
+                      max_query_logits=max_query_logits, max_visual_tokens=max_visual_tokens, max_text_chars=max_text_chars,
+                      max_class_sets_per_key=max_class_sets_per_key, max_images_per_key=max_images_per_key,
+                      text_cache_bytes=text_cache_mb << 20, feature_cache_bytes=feature_cache_mb << 20,
+                      box_cache_bytes=box_cache_mb << 20, workers=workers)
     from .models import create_backbone
 
     create_backbone(model, pretrained, device)  # a bad model or device: one line now, not a traceback at startup
