@@ -112,7 +112,7 @@ def test_read_only_db_file_is_one_line_exit_2(tmp_path, capsys):
 
     Store(tmp_path / "ro.db").close()
     os.chmod(tmp_path / "ro.db", 0o444)
-    code, out, err = cli_run(["serve", "keys", "add", "me", "--db", str(tmp_path / "ro.db")], capsys)
+    code, _, err = cli_run(["serve", "keys", "add", "me", "--db", str(tmp_path / "ro.db")], capsys)
     assert code == 2 and err.startswith(f"error: serve database {tmp_path / 'ro.db'}") and len(err.splitlines()) == 1
 
 
@@ -267,9 +267,8 @@ def served(tmp_path_factory):
 
 
 def add_key(db, name, *budget) -> str:
-    from bbpt.serve.store import Store
-
     from bbpt.cli import _parse_budget
+    from bbpt.serve.store import Store
 
     store = Store(db)
     try:

@@ -6,9 +6,13 @@ so every method runs against a ``bbpt serve`` server unchanged (``bbpt run --rem
 - Keyed images are uploaded once (:meth:`upload`) and then sent as server-assigned ids.
   Pixels travel as uint8 when they are exact multiples of 1/255, else as float32, so the
   server sees exactly what an in-process box would: the same seed gives the same run.
-- Each query carries an ``Idempotency-Key``; connection errors, 502/503/504 and "still in
-  progress" are retried with backoff under the same key, so a retry is never charged twice.
-- A 429 ``budget_exhausted`` is :class:`BudgetExhausted`; other 4xx are :class:`BadInput`.
+- The first contact (``GET /v1/model``, public) is not retried: a URL that is not http(s),
+  a server that cannot be reached or one that is not ``bbpt serve`` is refused at once.
+- Each query carries an ``Idempotency-Key``; once connected, connection errors, 502/503/504
+  and "still in progress" are retried with backoff under the same key, so a retry is never
+  charged twice.
+- A 429 ``budget_exhausted`` is :class:`KeyBudgetExhausted` (a :class:`BudgetExhausted` whose
+  run stops with ``stopped_by: key_budget``); other 4xx are :class:`BadInput`.
 """
 from __future__ import annotations
 
