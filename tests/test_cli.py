@@ -164,7 +164,7 @@ def test_listing_commands(capsys):
     assert code == 0 and "zeroshot" in out
 
 
-# ---- every case of "Runs that survive" / Why: one line, exit 2, nothing spent ------------------
+# ---- every case of "Reliability" / Why: one line, exit 2, nothing spent ------------------
 def usage_cases(tmp_path):
     from test_data_input import huge_png
 
