@@ -596,11 +596,14 @@ def test_query_many_over_the_budget_charges_nothing(mini):
 def test_visual_tokens_over_the_limit_are_refused_before_charging(mini):
     box, meter = one_call_box(mini)
     p, imgs = TextPrompt("a photo of a {}."), Images(px(1))
-    assert box.image_tokens == 17 and box.max_visual_tokens == 17  # mini: CLS + 4 x 4 patches
-    with pytest.raises(BadInput, match=r"^1000 visual prompt tokens per candidate, over the limit of 17 "
-                                       r"\(max_visual_tokens; mini's own image sequence has 17\); send at most 17$"):
-        box.query(p, imgs, VisualPrompt(torch.zeros(1, 1000, 128)))
+    assert box.image_tokens == 17 and box.max_visual_tokens == 1024  # mini: CLS + 4 x 4 patches; in process: 1024
+    with pytest.raises(BadInput, match=r"^60000 visual prompt tokens per candidate, over the limit of 1024 "
+                                       r"\(max_visual_tokens; mini's own image sequence has 17\); send at most 1024$"):
+        box.query(p, imgs, VisualPrompt(torch.zeros(1, 60000, 128)))
     assert meter.counts == ZERO and meter.images_encoded == 0
+    assert box.query(p, imgs, VisualPrompt(torch.zeros(1, 64, 128))).shape == (1, 1, len(NAMES))  # more than 1 + G
+    meter.load_state_dict({"counts": ZERO})
+    box = BlackBox(mini, NAMES, meter, max_visual_tokens=17)  # what `bbpt serve` sets by default
     wide = BlackBox(mini, NAMES, QueryMeter(), max_visual_tokens=40)
     assert wide.query(p, imgs, VisualPrompt(torch.zeros(1, 40, 128))).shape == (1, 1, len(NAMES))
     with pytest.raises(BadInput, match="41 visual prompt tokens per candidate, over the limit of 40"):

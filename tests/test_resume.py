@@ -212,9 +212,11 @@ def test_failed_start_leaves_nothing_and_a_corrected_rerun_starts(tmp_path):
     assert run(quick(), out=out, progress=False)["status"] == "finished"
 
 
-def test_a_run_that_finished_in_a_new_folder_while_another_loaded_is_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize("force", [False, True])
+def test_a_run_that_finished_in_a_new_folder_while_another_loaded_is_kept(tmp_path, monkeypatch, force):
     """Two runs on one new --out: B checks the folder (new), loads slowly; A starts later,
-    finishes first. B must refuse in one line, and A's result must stay."""
+    finishes first. B must refuse in one line, and A's result must stay (B's --force
+    replaces what the folder held when B read it: nothing)."""
     import bbpt.engine as engine
 
     out = tmp_path / "r"
@@ -228,8 +230,9 @@ def test_a_run_that_finished_in_a_new_folder_while_another_loaded_is_kept(tmp_pa
 
     monkeypatch.setattr(engine, "check_images", slow_load)
     with pytest.raises(BadInput) as e:
-        run(quick(), out=out, progress=False)  # B
-    assert "holds a finished run (zeroshot on shapes" in str(e.value) and "\n" not in str(e.value)
+        run(quick(), out=out, progress=False, force=force)  # B
+    expected = "changed while this run was loading" if force else "holds a finished run (zeroshot on shapes"
+    assert expected in str(e.value) and "\n" not in str(e.value)
     r = json.loads((out / "result.json").read_text())
     assert r["method"] == "zeroshot" and r["status"] == "finished"
 
@@ -409,7 +412,7 @@ def test_a_full_disk_is_one_line_leaves_no_temp_file_and_the_rerun_resumes(tmp_p
             "budget=40", "--out", str(out), "--quiet"]
     real, writes = os.fsync, []
 
-    def fsync(fd):  # the third checkpoint write meets a full disk
+    def fsync(fd):  # the second checkpoint write meets a full disk
         if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(".checkpoint.safetensors.tmp"):
             writes.append(fd)
             if len(writes) == 2:
@@ -454,8 +457,8 @@ def test_a_checkpoint_that_does_not_fit_the_method_is_refused_in_one_line(tmp_pa
     assert "does not fit this zip run (KeyError" in msg and "pass --force" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("at_batch, finishes", [(1, False), (2, True)])
-def test_a_signal_during_the_test_evaluation_says_what_happens(tmp_path, monkeypatch, capfd, at_batch, finishes):
+@pytest.mark.parametrize("at_batch, finishes, out", [(1, False, "t"), (2, True, "t"), (1, False, None)])
+def test_a_signal_during_the_test_evaluation_says_what_happens(tmp_path, monkeypatch, capfd, at_batch, finishes, out):
     """Two test batches: a SIGINT in the first stops after it (and says training is saved);
     one in the last lets the run finish, and says so."""
     cfg = make_run_config(method="zeroshot", dataset="shapes", shots=1, seed=3, test_subset=100, eval_batch=50)
@@ -469,16 +472,16 @@ def test_a_signal_during_the_test_evaluation_says_what_happens(tmp_path, monkeyp
         return orig(self, *a)
 
     monkeypatch.setattr(QueryMeter, "charge", interrupting)
-    logged = []
+    logged, folder = [], None if out is None else tmp_path / out
     if finishes:
-        r = run(cfg, out=tmp_path / "t", progress=False, log=logged.append)
+        r = run(cfg, out=folder, progress=False, log=logged.append)
         assert r["status"] == "finished"
         assert logged == [f"SIGINT came during the test evaluation's last batch: the run finished; its result is in "
-                          f"{tmp_path / 't'}"]
+                          f"{folder}"]
     else:
         with pytest.raises(RunInterrupted):
-            run(cfg, out=tmp_path / "t", progress=False, log=logged.append)
+            run(cfg, out=folder, progress=False, log=logged.append)
     err = capfd.readouterr().err
-    assert "SIGINT: stopping the test evaluation after its current batch; training is saved, rerun the command to " \
-           "evaluate (again to exit at once)" in err
+    then = "training is saved, rerun the command to evaluate" if out else "nothing is saved (no --out)"
+    assert f"SIGINT: stopping the test evaluation after its current batch; {then} (again to exit at once)" in err
     assert "stopping after the current step" not in err

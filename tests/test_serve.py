@@ -176,6 +176,23 @@ def test_idempotency_key_replays_without_a_second_charge(server):
     assert r3.status_code == 409 and err(r3)["code"] == "idempotency_mismatch"
 
 
+def test_concurrent_retries_of_one_idempotency_key_do_the_work_once(server):
+    """Eight identical requests at once under one Idempotency-Key: one computes and is
+    charged; the others are told it is in progress (409) or get its stored reply."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    k = server.key("idem-race")
+    body = query_body(ctx=torch.randn(4, 4, 128) * 0.02, pixels=torch.rand(64, 3, 32, 32))
+    with ThreadPoolExecutor(8) as pool:
+        rs = list(pool.map(lambda _: post(server, k, "/v1/query", body, **{"Idempotency-Key": "race"}), range(8)))
+    computed = [r for r in rs if r.status_code == 200 and "idempotent-replayed" not in r.headers]
+    assert len(computed) == 1, [r.status_code for r in rs]
+    assert all(r.status_code == 409 and err(r)["code"] == "idempotency_in_progress" or
+               (r.status_code == 200 and r.content == computed[0].content) for r in rs)
+    u = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()
+    assert u["total"]["requests"] == 1 and u["total"]["api_calls"] == 4
+
+
 def test_uploads_png_and_raw_give_ids_and_cached_features(server, key, tmp_path):
     from PIL import Image
 

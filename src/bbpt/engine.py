@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .data import check_images, fewshot_split, load_task, stratified_subset, subsample_classes
 from .data.core import ImageSet
 from .data.views import TrainViews, ViewSpec
-from .errors import BadInput, BBPTError, BudgetExhausted, CorruptCheckpoint
+from .errors import BadInput, BBPTError, BudgetExhausted, CorruptCheckpoint, excerpt
 from .methods import METHODS, FewShotData, make_config
 from .methods.base import Budget, Env, option_range
 from .models import BlackBox, BlackBoxAPI, Images, QueryMeter, create_backbone
@@ -151,10 +151,12 @@ class Interrupts:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    THEN = {  # what the first signal does, by phase (the engine sets ``phase``)
-        "train": "stopping after the current step",
-        "test": "stopping the test evaluation after its current batch; training is saved, rerun the command to "
-                "evaluate",
+    THEN = {  # what the first signal does, by phase (the engine sets ``phase``) and whether there is a run folder
+        ("train", True): "stopping after the current step",
+        ("train", False): "stopping after the current step",
+        ("test", True): "stopping the test evaluation after its current batch; training is saved, rerun the command "
+                        "to evaluate",
+        ("test", False): "stopping the test evaluation after its current batch; nothing is saved (no --out)",
     }
 
     def __init__(self, where: Path | None):
@@ -202,7 +204,7 @@ class Interrupts:
                 if seen == 1:
                     if self.signum is None:
                         self.signum = signum
-                    os.write(2, f"\n{name}: {self.THEN[self.phase]} (again to exit at once)\n".encode())
+                    os.write(2, f"\n{name}: {self.THEN[self.phase, self.where is not None]} (again to exit at once)\n".encode())
                     continue
                 saved = f"; the last checkpoint is in {self.where}, rerun the command to resume" if self.where else ""
                 os.write(2, f"\n{name} again: exiting now{saved}\n".encode())
@@ -464,7 +466,7 @@ def _restore(ckpt: dict, config: dict, folder: RunFolder, method, loop: _Loop, e
         set_global_rng_state(ckpt["rng"])
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         raise CorruptCheckpoint(f"checkpoint {where} does not fit this {config['method']} run ({type(e).__name__}: "
-                                f"{str(e)[:80]}); it was written by another run or another bbpt: pass --force to start "
+                                f"{excerpt(e, 80)}); it was written by another run or another bbpt: pass --force to start "
                                 "afresh") from None
 
 
@@ -526,8 +528,10 @@ class _Saved:
     def predict(self, box, images):
         try:
             return self.cls.apply(self.prompt, self.extra, box, images)
-        except (KeyError, IndexError, TypeError, AttributeError) as e:  # tensors that are not the method's
-            what = e.args[0] if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {str(e)[:80]}"
+        except (KeyError, RuntimeError) as e:  # a tensor the method reads by name is missing, or has another shape
+            if isinstance(e, RuntimeError) and not str(e).startswith("Error(s) in loading state_dict"):
+                raise
+            what = e.args[0] if isinstance(e, KeyError) and e.args else excerpt(e, 80)
             raise CorruptCheckpoint(f"prompt file {self.source} does not fit {self.cls.name} ({what}); pass the "
                                     "prompt.safetensors of that method's run folder") from None
 

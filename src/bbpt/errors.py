@@ -10,6 +10,11 @@ import difflib
 from typing import Iterable
 
 
+def excerpt(e: BaseException, n: int = 80) -> str:
+    """``e``'s message on one line, at most ``n`` characters (torch's span several lines)."""
+    return " ".join(str(e).split())[:n]
+
+
 class BBPTError(Exception):
     """Base class: a problem with the user's input or environment, not a bug in bbpt."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput, CorruptCheckpoint
+from .errors import BadInput, CorruptCheckpoint, excerpt
 from .models.blackbox import SoftPrompt, TextPrompt
 from .state import atomic_write_bytes, atomic_write_text
 
@@ -83,7 +83,7 @@ def load_prompt(path: str | Path):
             meta = json.loads((f.metadata() or {})["bbpt"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise CorruptCheckpoint(f"prompt file {p} is not a bbpt prompt ({type(e).__name__}: {str(e)[:120]}); re-run the method") from None
+        raise CorruptCheckpoint(f"prompt file {p} is not a bbpt prompt ({type(e).__name__}: {excerpt(e, 120)}); re-run the method") from None
     tensors.pop("_empty", None)
     bad = _bad_prompt_meta(meta, tensors)
     if bad:

@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import BadInput, CorruptCheckpoint
+from .errors import BadInput, BBPTError, CorruptCheckpoint, excerpt
 from .state import atomic_write_text, load_state, save_state
 
 RUN_JSON, CHECKPOINT, RESULT = "run.json", "checkpoint.safetensors", "result.json"
@@ -51,6 +51,7 @@ class RunFolder:
         self._lock_fd: int | None = None
         self._created: list[Path] = []  # folders this run created (outermost first), removed if it leaves nothing
         self._abandoned = False
+        self._seen: tuple | None = None  # the folder as check() read it (what --force replaces)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -79,6 +80,7 @@ class RunFolder:
         "resume", or "finished" (only with ``keep_finished``, when the finished run has this
         very configuration); refuses (BadInput) as the module's table says."""
         config = json.loads(json.dumps(config))  # compare as stored (tuples are lists in JSON)
+        self._seen = self._snapshot()
         entries = self._entries()
         foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in OUTPUTS)
         if foreign:
@@ -116,11 +118,29 @@ class RunFolder:
             raise BadInput(f"cannot create output folder {self.path}: {e.strerror}; choose another --out") from None
         self._created = [p for p in reversed(missing) if p.is_dir()]
         self.lock()
+        if force and self._snapshot() != self._seen:  # --force replaces what the folder held when it was read
+            raise BadInput(f"--out {self.path} changed while this run was loading (another bbpt run wrote there); "
+                           "rerun the command to decide again what --force replaces")
         if not force and self.check(config) != "new":  # finished or another configuration: check() refused
             raise BadInput(f"--out {self.path} was taken by another bbpt run while this one was loading (its run is "
                            "unfinished); rerun this command to resume that run, or choose another --out")
         self.discard()
-        atomic_write_text(self.file(RUN_JSON), json.dumps({"config": config}, indent=1) + "\n")
+        try:
+            atomic_write_text(self.file(RUN_JSON), json.dumps({"config": config}, indent=1) + "\n")
+        except BBPTError:
+            self.abandon()
+            raise
+
+    def _snapshot(self) -> tuple:
+        """What the folder holds, as (name, size, mtime) of its bbpt outputs."""
+        out = []
+        for name in OUTPUTS:
+            try:
+                st = self.file(name).stat()
+                out.append((name, st.st_size, st.st_mtime_ns))
+            except OSError:
+                pass
+        return tuple(out)
 
     def clean_temp(self) -> None:
         """Remove temporary files a killed write left (the folder is locked: none is live)."""
@@ -199,5 +219,5 @@ class RunFolder:
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{e}; pass --force to start the run afresh") from None
         except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint is the same problem for the user
-            raise CorruptCheckpoint(f"checkpoint {f} is unreadable ({type(e).__name__}: {str(e)[:100]}); "
+            raise CorruptCheckpoint(f"checkpoint {f} is unreadable ({type(e).__name__}: {excerpt(e, 100)}); "
                                     "pass --force to start the run afresh") from None

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import CorruptCheckpoint, WriteFailed
+from .errors import CorruptCheckpoint, WriteFailed, excerpt
 
 FORMAT = "bbpt-state-2"  # + the SHA-256 of all content
 READABLE = (FORMAT, "bbpt-state-1")
@@ -155,7 +155,7 @@ def load_state(path: Path) -> dict:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types for a damaged header
-        raise CorruptCheckpoint(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e)[:80]})") from None
+        raise CorruptCheckpoint(f"checkpoint {path} is damaged ({type(e).__name__}: {excerpt(e, 80)})") from None
     if meta.get("format") not in READABLE:
         raise CorruptCheckpoint(f"{path} is not a bbpt state file (format {meta.get('format')!r})")
     if meta.get("format") == FORMAT and meta.get("sha256") != _digest(meta.get("state", ""), tensors):
@@ -163,7 +163,7 @@ def load_state(path: Path) -> dict:
     try:
         return _unflatten(json.loads(meta["state"]), tensors)
     except (KeyError, ValueError) as e:
-        raise CorruptCheckpoint(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e)[:80]})") from None
+        raise CorruptCheckpoint(f"checkpoint {path} is damaged ({type(e).__name__}: {excerpt(e, 80)})") from None
 
 
 def pickle_own(obj: Any, shared: dict[str, Callable[[], Any]] | None = None) -> bytes:

@@ -52,6 +52,7 @@ from .meter import QueryMeter, charge_all, check_all
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENCODE_BYTES = 128 << 20  # pixels per image-tower forward (222 images at 224 px, 2048 at 32 px)
+VISUAL_TOKENS = 1024  # visual prompt tokens per candidate an in-process box takes by default (BPT-VLM's n_visual <= 1024)
 TEXT_CACHE_BYTES = 64 << 20  # token ids of prompt texts kept per box family (616 bytes a CLIP text: 100k texts)
 _IMAGE_TOKENS: weakref.WeakKeyDictionary[Backbone, int] = weakref.WeakKeyDictionary()  # a ViT's 1 + G, per backbone
 
@@ -482,9 +483,9 @@ class BlackBox(QueryChecks):
     charged, so it costs nothing; and one the budget refuses is refused before any text is
     tokenised or any image encoded.
 
-    Limits: ``max_visual_tokens`` visual prompt tokens per candidate (None: as many as the
-    model's own image sequence has, :attr:`image_tokens`; a ViT's attention grows with the
-    square of the sequence). Caches: the token ids of the prompts' texts (``text_cache_bytes``,
+    Limits: ``max_visual_tokens`` visual prompt tokens per candidate (None: :data:`VISUAL_TOKENS`,
+    or the model's own image sequence, :attr:`image_tokens`, if longer; a ViT's attention
+    grows with the square of the sequence). Caches: the token ids of the prompts' texts (``text_cache_bytes``,
     shared with :meth:`for_classes` boxes) and image features (``FeatureCache``) are bounded
     by bytes, least recently used first out.
     """
@@ -565,8 +566,12 @@ class BlackBox(QueryChecks):
 
     @property
     def max_visual_tokens(self) -> int | None:
-        """Visual prompt tokens a candidate may have (None: no ViT, so none)."""
-        return self._max_visual_tokens if self._max_visual_tokens is not None else self.image_tokens
+        """Visual prompt tokens a candidate may have (None: no ViT, so none). By default
+        :data:`VISUAL_TOKENS` or the model's own sequence length if longer (the options of
+        every method stay within it); a server sets its own (``bbpt serve``: 1 + G)."""
+        if self._max_visual_tokens is not None:
+            return self._max_visual_tokens
+        return None if self.image_tokens is None else max(VISUAL_TOKENS, self.image_tokens)
 
     @property
     def pixel_mean(self) -> tuple:
@@ -739,7 +744,8 @@ class BlackBox(QueryChecks):
         ids = self._texts.get(key)
         if ids is None:
             ids = make()
-            self._texts.put(key, ids, _nbytes(ids))
+            texts = sum(map(len, self.classnames)) + sum(len(str(k)) for k in key[1:])  # the key's strings
+            self._texts.put(key, ids, _nbytes(ids) + texts)
         return ids
 
     def _hard_ids(self, templates: tuple[str, ...]) -> torch.Tensor:

@@ -71,7 +71,13 @@ class QueryMeter:
 
     def charge(self, num_prompts: int, num_images: int) -> dict:
         """Count a query, or raise :class:`BudgetExhausted` without counting anything."""
-        return charge_all([(self, num_prompts, num_images)])[0]
+        c = self.cost(num_prompts, num_images)
+        with self._lock:
+            if self._over(c):
+                raise BudgetExhausted(self._counts, self.budget, c)
+            for u in UNITS:
+                self._counts[u] += c[u]
+        return c
 
     def record_encoded(self, n: int) -> None:
         with self._lock:
@@ -131,7 +137,11 @@ def check_all(queries: list[tuple[QueryMeter, int, int]]) -> list[dict]:
 def charge_all(queries: list[tuple[QueryMeter, int, int]]) -> list[dict]:
     """Charge several queries (meter, P, B) all or nothing: if any meter's share of them would
     pass its budget, BudgetExhausted (that meter's counts and its share's summed cost) and
-    nothing is counted on any meter. Returns each query's cost."""
+    nothing is counted on any meter. Returns each query's cost. One query is exactly
+    :meth:`QueryMeter.charge`."""
+    if len(queries) == 1:
+        m, P, B = queries[0]
+        return [m.charge(P, B)]
     costs, per = _totals(queries)
     with ExitStack() as locks:
         for k in sorted(per):  # one global order: two batches never wait on each other

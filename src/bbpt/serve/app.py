@@ -21,7 +21,8 @@ wrong content type, 422 a malformed request (naming the field), 429 ``budget_exh
 the counts. Client input never yields a 5xx.
 
 Every refusal (key, limits, shapes, quota, budget) comes before any text is tokenised or any
-image decoded or encoded, so a refused request costs the server almost nothing. The work
+image encoded, so a refused request costs the server almost nothing (an upload is decoded
+first: its content hash is what the image quota counts). The work
 itself (parsing bodies, decoding, tokenising, encoding, forwards, packing replies, the
 database) runs in a thread pool of ``workers`` threads, never on the event loop: a big query
 does not hold up ``/v1/health`` or anyone else's request. The per-request limits keep each
@@ -48,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BadInput, BBPTError
 from ..models import BlackBox, Images, QueryMeter, SoftPrompt, TextPrompt, VisualPrompt, create_backbone
-from ..models.blackbox import ByteLRU, FeatureCache, _preview
+from ..models.blackbox import _image_tokens, ByteLRU, FeatureCache, _preview
 from .batcher import Batcher
 from .store import IdempotencyMismatch, OverBudget, QuotaExceeded, Store
 from .wire import CONTENT_TYPE, WireError, pack, unpack
@@ -145,7 +146,7 @@ class Server:
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args))
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)  # work under way ends before the database closes
         self.store.close()
 
     # ---- uploaded image features survive restarts and evictions (kept in the store, by model)
@@ -156,12 +157,18 @@ class Server:
     def _save_features(self, feats: dict[str, torch.Tensor]) -> None:
         self.store.put_features(self.model_id, [(i, f.float().cpu().numpy().tobytes()) for i, f in feats.items()])
 
+    def _visual_tokens(self) -> int | None:
+        """The server's visual-token limit: ``max_visual_tokens``, by default the ViT's own 1 + G."""
+        if self.cfg.max_visual_tokens is not None:
+            return self.cfg.max_visual_tokens
+        return _image_tokens(self.backbone)
+
     def box(self, classes: list[str]) -> BlackBox:
         key = json.dumps(classes)
         box = self.boxes.get(key)
         if box is None:
             box = BlackBox(self.backbone, classes, QueryMeter(max_images_per_call=self.cfg.max_images_per_call),
-                           precision=self.cfg.precision, max_visual_tokens=self.cfg.max_visual_tokens,
+                           precision=self.cfg.precision, max_visual_tokens=self._visual_tokens(),
                            _cache=self.cache, _text_cache=self.texts)
             self.boxes.put(key, box, 2 * len(key) + 64 * len(classes))  # about: the key and the list of names
         return box
@@ -518,18 +525,18 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             if (key.id, idem) in server.inflight:
                 raise APIError(409, "a request with this Idempotency-Key is in progress; retry shortly",
                                code="idempotency_in_progress", param="Idempotency-Key")
-        meta, tensors = await server.run(_parse, raw)
-        purpose, box, prompt, images, visual, P = await server.run(_query_parts, server, meta, tensors)
-        cost = box.meter.cost(P, len(images))
-        try:
-            await server.run(server.store.check, key, cost)
-        except OverBudget as e:
-            raise over_budget(e) from None
-        await server.run(_check_text, box, prompt)
         token = (key.id, idem) if idem is not None else None
-        if token:
+        if token:  # taken with no await since the check above: one request per key at a time does the work
             server.inflight.add(token)
         try:
+            meta, tensors = await server.run(_parse, raw)
+            purpose, box, prompt, images, visual, P = await server.run(_query_parts, server, meta, tensors)
+            cost = box.meter.cost(P, len(images))
+            try:
+                await server.run(server.store.check, key, cost)
+            except OverBudget as e:
+                raise over_budget(e) from None
+            await server.run(_check_text, box, prompt)
             try:
                 logits = await server.batcher.submit((box, prompt, images, visual), P * len(box.classnames))
             except BBPTError as e:
