@@ -647,7 +647,9 @@ def test_text_and_feature_caches_are_bounded_by_bytes(mini):
     for i in range(40):
         box.query(TextPrompt((f"a {i} {{}}.", f"the {i} {{}}.")), imgs)
         assert box._texts.nbytes <= 20_000
-    assert len(box._texts) == 3 and box._texts.nbytes == 3 * 2 * 3080  # the last three
+    names = sum(map(len, NAMES))  # an entry counts its ids and its key's strings (class names, templates)
+    keys = sum(4 + len(str((f"a {i} {{}}.", f"the {i} {{}}."))) for i in (37, 38, 39))
+    assert len(box._texts) == 3 and box._texts.nbytes == 3 * (2 * 3080 + names) + keys  # the last three
     assert torch.equal(box.query(TextPrompt("a {} photo."), imgs), first)  # evicted, tokenised again: the same
     soft = SoftPrompt(torch.zeros(1, 4, box.ctx_dim))
     assert torch.equal(box.for_classes(["cat"]).query(soft, imgs), BlackBox(mini, ["cat"]).query(soft, imgs))
