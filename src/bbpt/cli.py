@@ -33,12 +33,13 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
     _state["debug"] = debug
 
 
-def _parse_sets(sets: list[str]) -> dict:
+def _parse_sets(sets: list[str], flag: str = "--set") -> dict:
     """``key=value`` pairs; values parsed as JSON when they can be (numbers, true, lists)."""
     out = {}
     for s in sets or []:
         if "=" not in s:
-            raise BadInput(f"--set {s!r}: expected KEY=VALUE, e.g. --set budget=2000")
+            example = "--set budget=2000" if flag == "--set" else f"{flag} image_size=224"
+            raise BadInput(f"{flag} {s!r}: expected KEY=VALUE, e.g. {example}")
         k, v = s.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)
@@ -67,7 +68,15 @@ def run(
     max_steps: Optional[int] = typer.Option(None, help="Stop after N method steps (quick looks)."),
     eval_every: int = typer.Option(0, help="Budget units between curve points (and checkpoints); 0: about 20 points."),
     remote: Optional[str] = typer.Option(None, help="Query a `bbpt serve` server at this URL instead of a local "
-                                         "model (API key from $BBPT_API_KEY)."),
+                                         "model (the same as --box URL)."),
+    box: Optional[str] = typer.Option(None, help="The black box: local (default: --model in this process), a `bbpt "
+                                      "serve` URL, hf:URL (Hugging Face zero-shot-image-classification) or openai:URL "
+                                      "(OpenAI-style /embeddings). `bbpt methods --box BOX` lists what runs on it."),
+    box_option: List[str] = typer.Option([], "--box-option", help="Transport option KEY=VALUE (repeatable), e.g. "
+                                         "--box-option image_size=224 --box-option concurrency=8."),
+    key_file: Optional[str] = typer.Option(None, help="File whose first line is the box's API key (else $BBPT_API_KEY, "
+                                           "$HF_TOKEN or $OPENAI_API_KEY, else ~/.config/bbpt/keys.toml). No option "
+                                           "takes the key itself: it would land in the shell's history."),
     force: bool = typer.Option(False, help="Replace what --out holds (a finished or another run) instead of refusing."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
@@ -84,14 +93,15 @@ def run(
         options["budget"] = budget
     cli = dict(method=method, dataset=dataset, shots=shots, seed=seed, model=model, pretrained=pretrained,
                device=device, precision=precision, test_subset=test_subset, max_steps=max_steps,
-               eval_every=eval_every, remote=remote)
+               eval_every=eval_every, remote=remote, box=box,
+               box_options=_parse_sets(box_option, "--box-option") or None)
     # explicit CLI values win over the file; the file wins over defaults
     for k, v in cli.items():
         src = ctx.get_parameter_source(k)
         if k not in fields or (src is not None and src.name != "DEFAULT"):
             fields[k] = v
     cfg = engine.make_run_config(**fields, options=options)
-    result = engine.run(cfg, out=out, progress=not quiet, force=force, log=_log)
+    result = engine.run(cfg, out=out, progress=not quiet, force=force, log=_log, key_file=key_file)
     q = result["queries"]
     typer.echo(
         f"{result['method']} on {result['dataset']} ({result['shots']}-shot, seed {result['seed']}): "
@@ -163,15 +173,27 @@ def _kind(annotation) -> str:
 
 @app.command()
 def methods(name: Optional[str] = typer.Argument(None, help="One method to describe (default: all)."),
-            sources: bool = typer.Option(False, "--sources", help="Also say where each default comes from.")):
+            sources: bool = typer.Option(False, "--sources", help="Also say where each default comes from."),
+            box: Optional[str] = typer.Option(None, help="List which methods run on this black box (local, a bbpt "
+                                              "URL, hf:URL, openai:URL), and why the others cannot.")):
     """List the registered methods with every option: default, allowed range and help (and its source)."""
     from .methods import METHODS
     from .methods.base import option_range
 
+    if box is not None:
+        from . import boxes
+
+        spec = boxes.parse(box)
+        caps = boxes.capabilities(spec)
+        typer.echo(f"{spec} ({boxes.module(spec).SUMMARY}): {caps.describe()}")
+        for n in [name] if name else METHODS.names():
+            missing = METHODS.get(n).needs.missing(caps)
+            typer.echo(f"  {n:10s} {'runs' if not missing else 'refused: lacks ' + '; '.join(missing)}")
+        return
     for n in [name] if name else METHODS.names():
         cls = METHODS.get(n)
         kind = "black-box" if cls.black_box else "WHITE-BOX reference"
-        typer.echo(f"{n} [{kind}; budget in {cls.budget_unit}]")
+        typer.echo(f"{n} [{kind}; budget in {cls.budget_unit}; {cls.needs.describe()}]")
         for k, f in cls.Config.model_fields.items():
             d = f.default
             shown = f"{d:.4g}" if isinstance(d, float) else repr(d)

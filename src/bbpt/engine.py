@@ -37,7 +37,6 @@ from .errors import BadInput, BBPTError, BudgetExhausted, CorruptCheckpoint, exc
 from .methods import METHODS, FewShotData, make_config
 from .methods.base import Budget, Env, option_range
 from .models import BlackBox, BlackBoxAPI, Images, QueryMeter, create_backbone
-from .models.whitebox import WhiteBox
 from .progress import Progress, eval_bar
 from .results import write_outputs
 from .runfolder import CHECKPOINT, RunFolder, config_diff
@@ -67,7 +66,12 @@ class RunConfig(BaseModel):
     classes: Literal["all", "base", "new"] = Field("all", description="all classes, or CoOp's base / new half")
     test_subset: int | None = Field(None, ge=1, description="evaluate on a seeded, stratified subset of the test split")
     max_steps: int | None = Field(None, ge=1, description="stop after this many method steps (quick looks)")
-    remote: str | None = Field(None, min_length=1, description="URL of a `bbpt serve` black box (key: $BBPT_API_KEY)")
+    remote: str | None = Field(None, min_length=1, description="URL of a `bbpt serve` black box (the same as --box URL)")
+    # Added after runs were stored: left out of a sweep's run hash while unset (`identity`).
+    box: str | None = Field(None, min_length=1, description="the black box: local (default), a bbpt server's URL, "
+                            "or KIND:URL (hf:URL, openai:URL; `bbpt methods --box`)")
+    box_options: dict[str, Any] | None = Field(None, description="options of the box's transport (e.g. image_size, "
+                                               "concurrency; `bbpt methods --box KIND:URL` lists them)")
     options: dict[str, Any] = Field({}, description="method options over its paper defaults")
 
     @field_validator("device")
@@ -78,6 +82,15 @@ class RunConfig(BaseModel):
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", v):
             raise ValueError("use cpu, cuda, cuda:N or mps")
         return v
+
+
+LATE_FIELDS = ("box", "box_options")  # run fields added after sweeps were committed
+
+
+def identity(cfg: RunConfig) -> dict:
+    """The run's fields as stored and hashed: those of :data:`LATE_FIELDS` only when set, so
+    runs stored before they existed keep their hashes."""
+    return {k: v for k, v in cfg.model_dump().items() if not (k in LATE_FIELDS and v is None)}
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -256,19 +269,22 @@ class _Loop:
 
 def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, force: bool = False,
         keep_finished: bool = False, log: Callable[[str], None] | None = None,
-        on_step: Callable[[int, dict], None] | None = None) -> dict:
+        on_step: Callable[[int, dict], None] | None = None, key_file: str | None = None) -> dict:
     """Run one method on one task; returns the result dict (also written to ``out``).
 
     ``out`` holding an unfinished run of the same configuration resumes it; ``force``
     replaces what ``out`` holds; ``keep_finished`` returns a finished run of the same
     configuration instead of refusing (protocols and sweeps). ``log`` receives one-line
     notices (resuming, interrupted); ``on_step(steps, stats)`` is called after every step.
+    ``key_file``: a file holding the box's API key (else its environment variable or the keys
+    file, :mod:`bbpt.boxes.keys`). A method the box cannot serve is refused before anything.
     """
     t0 = time.time()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     cls = METHODS.get(cfg.method)
     mcfg = cls.resolve_config(make_config(cls, cfg.options), cfg.shots)
-    config = {**cfg.model_dump(), "options": mcfg.model_dump()}
+    check_box(cfg, cls)
+    config = {**identity(cfg), "options": mcfg.model_dump()}
     folder = RunFolder(out) if out is not None else None
     try:
         if folder is not None:
@@ -279,7 +295,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
         if mode == "resume":
             folder.clean_temp()  # what a killed write left
         ckpt = folder.load_checkpoint() if mode == "resume" else None
-        return _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force)
+        return _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force, key_file)
     finally:
         if folder is not None:
             folder.unlock()
@@ -297,7 +313,7 @@ def _discard_unless_spent(folder: RunFolder | None, mode: str, meters: Callable[
         raise
 
 
-def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force) -> dict:
+def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force, key_file=None) -> dict:
     set_seed(cfg.seed)
     task = subsample_classes(load_task(cfg.dataset), cfg.classes)
     train, val = fewshot_split(task, cfg.shots, cfg.seed)
@@ -306,11 +322,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
         check_images(images, split, progress=progress)
     unit = cls.unit(mcfg)
     meter = QueryMeter({unit: mcfg.budget} if mcfg.budget is not None else {}, cfg.max_images_per_call)
-    if cfg.remote is None:
-        backbone = _backbone(cfg)
-        box = BlackBox(backbone, task.classnames, meter, precision=cfg.precision)
-    else:
-        backbone, box = None, _remote_box(cfg, task.classnames, meter)
+    box = _open_box(cfg, task.classnames, meter, key_file)
     eval_box = box.for_classes(task.classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call), "eval")
     data = FewShotData(train, box.image_size, views=train_views(mcfg, task, train, box.image_size, cfg.seed))
     for chunk in data.chunks(box.encode_chunk):  # features of the few-shot set once, in a fixed order
@@ -319,7 +331,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
         data.attach(box)  # training views: uploaded in fixed blocks as they are first drawn
     val_data = FewShotData(val, box.image_size)
     env = Env(box, data, {"name": task.name, "classnames": task.classnames, "templates": task.templates},
-              cfg.seed, cls, white_box=lambda: _white_box(cfg, backbone, task.classnames, meter))
+              cfg.seed, cls, white_box=lambda: box.white_box(meter))
     method = cls(mcfg, env)
     if folder is not None and mode == "new":
         folder.start(config, force)  # everything loaded: now the folder is this run's (checked again)
@@ -365,7 +377,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
                 "black_box": cls.black_box,
                 "budget": {unit: mcfg.budget} if unit == "api_calls" else {"api_calls": None, unit: mcfg.budget},
                 "queries": meter.counts,
-                **({"aux_queries": side.counts, "queries_total": {k: v + side.counts[k] for k, v in meter.counts.items()}}
+                **({"aux_queries": side.counts, "queries_total": _summed(meter.counts, side.counts)}
                    if side is not None else {}),
                 "eval_queries": eval_box.meter.counts,
                 "accuracy": {"test": None if test_r is None else test_r["accuracy"],
@@ -496,27 +508,34 @@ def _backbone(cfg: RunConfig):
     return BACKBONE_CACHE[key]
 
 
-def _remote_box(cfg: RunConfig, classnames: list[str], meter: QueryMeter):
-    """The black box of the `bbpt serve` server at ``cfg.remote``, checked against the run."""
-    from .serve.client import RemoteBlackBox
-
-    box = RemoteBlackBox(cfg.remote, os.environ.get("BBPT_API_KEY", ""), classnames, meter)
-    served = (box.info["model"], box.info["pretrained"])
-    if served != (cfg.model, cfg.pretrained):
-        raise BadInput(f"the server at {cfg.remote} serves {served[0]} ({served[1] or 'its default weights'}), not "
-                       f"{cfg.model} ({cfg.pretrained or 'default weights'}); pass --model {served[0]}"
-                       + (f" --pretrained {served[1]}" if served[1] else ""))
-    if box.max_images_per_call != cfg.max_images_per_call:
-        raise BadInput(f"the server prices {box.max_images_per_call} images per api_call, the run "
-                       f"{cfg.max_images_per_call}; set max_images_per_call to {box.max_images_per_call}")
-    return box
+def _summed(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
 
 
-def _white_box(cfg: RunConfig, backbone, classnames: list[str], meter: QueryMeter) -> WhiteBox:
-    if backbone is None:
-        raise BadInput(f"{cfg.method} is white-box: it needs the model itself, which a remote black box does not "
-                       "give; run it without --remote")
-    return WhiteBox(backbone, classnames, meter)
+def box_spec(cfg: RunConfig):
+    """The run's box (:func:`bbpt.boxes.parse`): ``box``, else ``remote`` (a bbpt server's URL)."""
+    from . import boxes
+
+    if cfg.box is not None and cfg.remote is not None:
+        raise BadInput(f"--box {cfg.box} and --remote {cfg.remote} both name the black box; give --box alone")
+    return boxes.parse(cfg.box or cfg.remote)
+
+
+def check_box(cfg: RunConfig, cls) -> None:
+    """Refuse, before anything is loaded or queried, a method the run's box cannot serve."""
+    from . import boxes
+
+    boxes.check_fit(cls, box_spec(cfg))
+
+
+def _open_box(cfg: RunConfig, classnames: list[str], meter: QueryMeter, key_file: str | None):
+    """The run's black box, by its transport (:mod:`bbpt.boxes`), checked against the run."""
+    from . import boxes
+
+    return boxes.open_box(box_spec(cfg), classnames, meter, key_file=key_file,
+                          **{"backbone_loader": lambda: _backbone(cfg), "model": cfg.model, "pretrained": cfg.pretrained,
+                             "device": cfg.device, "precision": cfg.precision,
+                             "max_images_per_call": cfg.max_images_per_call, **(cfg.box_options or {})})
 
 
 class _Saved:

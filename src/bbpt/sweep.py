@@ -155,7 +155,7 @@ def weights_fingerprint(model: str, pretrained: str | None) -> str | None:
 def expand(spec: dict, out: str | Path) -> list[tuple[dict, Path]]:
     """Every run of the grid as (RunConfig fields, folder); the folder named by the hash of the
     configuration the engine would store (run fields + resolved method options)."""
-    from .engine import make_run_config
+    from .engine import identity, make_run_config
     from .methods import METHODS, make_config
 
     out = Path(out)
@@ -171,7 +171,7 @@ def expand(spec: dict, out: str | Path) -> list[tuple[dict, Path]]:
         run = {**spec.get("run", {}), **({"classes": "base"} if spec.get("protocol") == "base_to_new" else {})}
         cfg = make_run_config(**{**run, "method": method, "dataset": dataset, "shots": shots, "seed": seed,
                                  "options": options})
-        resolved = {**cfg.model_dump(), "options": cls.resolve_config(make_config(cls, cfg.options), shots).model_dump(),
+        resolved = {**identity(cfg), "options": cls.resolve_config(make_config(cls, cfg.options), shots).model_dump(),
                     "weights": weights_fingerprint(cfg.model, cfg.pretrained),
                     **({"revision": cls.revision} if cls.revision else {})}
         h = config_hash(resolved)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pydantic import Field
 
+from ..boxes.capabilities import Needs
 from ..models.blackbox import Images, TextPrompt
 from ..optim import ZOSGD, OneSidedRGF, PolyDecay
 from .base import BatchStream, MethodConfig, Preset, Query, register_method, ZerothOrderMethod
@@ -91,6 +92,7 @@ def inner_size(size: int, ratio: float) -> int:
 @register_method
 class BAR(ZerothOrderMethod):
     name = "bar"
+    needs = Needs(frozenset({"templates", "pixels"}))
     cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BARConfig
     presets = PRESETS

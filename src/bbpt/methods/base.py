@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..boxes.capabilities import Needs
 from ..data.core import ImageSet
 from ..errors import BadInput
 from ..models.blackbox import BlackBoxAPI, Images, SoftPrompt, TextPrompt, VisualPrompt
@@ -299,6 +300,9 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     budget_unit: ClassVar[str] = "api_calls"
     black_box: ClassVar[bool] = True  # False only for the white-box reference (CoOp)
+    # what its queries send and read (bbpt.boxes.capabilities): a box lacking any is refused
+    # before the first query, naming the methods that fit it
+    needs: ClassVar[Needs] = Needs(frozenset({"soft_context"}))
     # whether its training queries send keyed images, whose features the black box caches
     # (False: prompted pixels or visual tokens, re-encoded every query; views are not uploaded)
     cached_images: ClassVar[bool] = True

@@ -60,6 +60,7 @@ from torch.func import functional_call
 
 from pydantic import Field
 
+from ..boxes.capabilities import Needs
 from ..errors import BadInput, CorruptCheckpoint
 from ..models.blackbox import Images, TextPrompt
 from ..optim import SPSA, ZOSGD
@@ -204,6 +205,7 @@ def prompted(pixels: torch.Tensor, prompt: torch.Tensor, p_eps: float, std: tupl
 @register_method
 class BlackVIP(ZerothOrderMethod):
     name = "blackvip"
+    needs = Needs(frozenset({"templates", "pixels"}))
     cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BlackVIPConfig
     presets = PRESETS

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..boxes.capabilities import Needs
 from ..errors import BadInput
 from ..models.blackbox import SoftPrompt, VisualPrompt
 from ..optim import CMAES
@@ -95,6 +96,7 @@ class BPTVLMConfig(MethodConfig):
 @register_method
 class BPTVLM(ZerothOrderMethod):
     name = "bptvlm"
+    needs = Needs(frozenset({"soft_context", "visual_tokens"}))
     cached_images = False  # prompted pixels / visual tokens: every query re-encodes its images
     Config = BPTVLMConfig
     budget_unit = "prompt_evals"

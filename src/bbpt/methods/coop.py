@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..boxes.capabilities import Needs
 from ..models.blackbox import SoftPrompt
 from .base import Method, MethodConfig, epoch_stop, register_method
 from .common import initial_context
@@ -59,6 +60,7 @@ class CoOpConfig(MethodConfig):
 @register_method
 class CoOp(Method):
     name = "coop"
+    needs = Needs(frozenset({"model"}), frozenset({"logits"}))
     Config = CoOpConfig
     black_box = False
     state = ("ctx", "opt", "rng", "epoch")

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from ..boxes.capabilities import Needs
 from ..models.blackbox import SoftPrompt
 from ..optim import CMAES
 from ..params import RandomProjection
@@ -165,6 +166,7 @@ def head_from_state(state: dict[str, torch.Tensor]) -> nn.Sequential:
 @register_method
 class CraFT(ZerothOrderMethod):
     name = "craft"
+    needs = Needs(frozenset({"soft_context"}), frozenset({"logits"}))
     Config = CraFTConfig
     budget_unit = "prompt_evals"
     presets = PRESETS

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..boxes.capabilities import Needs
 from ..models.blackbox import TextPrompt
 from .base import Method, MethodConfig, register_method
 
@@ -23,6 +24,7 @@ class ZeroShotConfig(MethodConfig):
 @register_method
 class ZeroShot(Method):
     name = "zeroshot"
+    needs = Needs(frozenset({"templates"}))
     Config = ZeroShotConfig
 
     def step(self, budget):

@@ -42,13 +42,16 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from ..errors import BadInput
 from .backbone import Backbone
 from .meter import QueryMeter, charge_all, check_all
+
+if TYPE_CHECKING:
+    from ..boxes.capabilities import Capabilities
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENCODE_BYTES = 128 << 20  # pixels per image-tower forward (222 images at 224 px, 2048 at 32 px)
@@ -360,6 +363,11 @@ class BlackBoxAPI(Protocol):
     def upload(self, images: Images) -> int: ...  # keyed images' features, encoded once; free
     def for_classes(self, classnames: Sequence[str], meter: QueryMeter | None = None,
                     purpose: str | None = None) -> BlackBoxAPI: ...  # the same model over other classes
+    @property
+    def capabilities(self) -> "Capabilities": ...  # what it accepts, returns, bills (bbpt.boxes.capabilities)
+    # boxes that return embeddings (capabilities.returns has "embeddings"); charged (QueryMeter.embed_cost)
+    def embed_images(self, images: Images) -> torch.Tensor: ...  # (B, E), L2-normalised
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor: ...  # (N, E), L2-normalised
 
 
 class QueryChecks:
@@ -590,6 +598,49 @@ class BlackBox(QueryChecks):
             fast=self.fast, precision=self.precision, text_chunk=self.text_chunk, image_chunk=self.image_chunk,
             max_visual_tokens=self._max_visual_tokens, _cache=self._cache, _text_cache=self._texts,
         )
+
+    @property
+    def capabilities(self):
+        from ..boxes.local import capabilities
+
+        return capabilities()
+
+    def white_box(self, meter: QueryMeter):
+        """The model itself, for the white-box reference alone (CoOp; ``Env.white_box``)."""
+        from .whitebox import WhiteBox
+
+        return WhiteBox(self._bb, self.classnames, meter)
+
+    # ---- embeddings (a multimodal embedding API's service) -----------------------------------
+    @torch.no_grad()
+    def embed_images(self, images: Images) -> torch.Tensor:
+        """L2-normalised image embeddings (B, E) of one batch of images: charged as an
+        embedding request (:meth:`QueryMeter.embed_cost`), cached by key like any query."""
+        self._check_images(images)
+        if images.per_candidate:
+            raise BadInput("embed_images takes one batch of images (B, 3, S, S); send prompted images one batch at a time")
+        if images.pixels is None:
+            missing = self._cache.missing(images.keys) if self.fast else list(images.keys)
+            if missing:
+                raise BadInput(f"{len(missing)} image id(s) were never uploaded, e.g. {missing[0]!r}; upload them first")
+        self.meter.charge_cost(self.meter.embed_cost(0, len(images)))
+        with self._autocast():
+            return self._image_features(images, None)[0].float().cpu()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings (N, E) of ``texts``: charged as an embedding request."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not len(texts):
+            raise BadInput("embed_texts takes a non-empty list of strings")
+        ids = self._tokenize_checked(list(texts), lambda t, n, limit: (
+            f"text {_preview(t)!r} has {n} tokens, more than the model's {limit}; shorten it"))
+        self.meter.charge_cost(self.meter.embed_cost(len(texts), 0))
+        tower = self._bb.text
+        with self._autocast():
+            L = tower.real_length(ids)
+            feats = [tower.encode(tower.embed(ids[i:i + self.text_chunk, :L]), ids[i:i + self.text_chunk, :L], cut=False)
+                     for i in range(0, len(ids), self.text_chunk)]
+        return torch.nn.functional.normalize(torch.cat(feats).float(), dim=-1).cpu()
 
     @torch.no_grad()
     def embed_words(self, text: str) -> torch.Tensor:

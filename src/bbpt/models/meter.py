@@ -9,6 +9,12 @@ Units (the papers count queries in two ways; we count both, plus the images behi
   number (CraFT / SharpZO / BBT's unit when the images are the whole few-shot set): ``P``.
 - ``images_forwarded``: image-prompt pairs scored, ``P * B`` (what an API bills per image).
 
+An embedding request (a box that returns embeddings) of T texts and I images costs
+``ceil(T / max_images_per_call) + ceil(I / max_images_per_call)`` api_calls, T prompt_evals
+(each text is a prompt the API ran) and I images_forwarded (:meth:`QueryMeter.embed_cost`).
+What the API itself bills (``requests``, ``tokens``, ...) is counted beside, as
+``billed_<unit>`` (:meth:`QueryMeter.record_billed`), when it differs from bbpt's units.
+
 A budget is a hard stop on any of the first two units: a query that would go past it is
 refused whole with :class:`BudgetExhausted`, carrying the counts. Several queries answered
 together (:func:`charge_all`, a server's batch) are charged all or nothing: if the whole
@@ -45,6 +51,7 @@ class QueryMeter:
         self.max_images_per_call = max_images_per_call
         self._counts = {u: 0 for u in UNITS}
         self.images_encoded = 0
+        self._billed: dict[str, int] = {}  # the API's own units, where they differ from UNITS
         self._lock = threading.Lock()
 
     def _over(self, c: dict) -> bool:
@@ -59,6 +66,35 @@ class QueryMeter:
             "prompt_evals": num_prompts if num_images else 0,
             "images_forwarded": num_prompts * num_images,
         }
+
+    def embed_cost(self, num_texts: int, num_images: int) -> dict:
+        """What an embedding request of ``num_texts`` texts and ``num_images`` images costs."""
+        per = self.max_images_per_call
+        return {"api_calls": math.ceil(num_texts / per) + math.ceil(num_images / per),
+                "prompt_evals": num_texts, "images_forwarded": num_images}
+
+    def charge_cost(self, c: dict) -> dict:
+        """Count a query of cost ``c`` (a dict over :data:`UNITS`), or raise BudgetExhausted
+        without counting anything."""
+        with self._lock:
+            if self._over(c):
+                raise BudgetExhausted(self._counts, self.budget, c)
+            for u in UNITS:
+                self._counts[u] += c[u]
+        return c
+
+    def check_cost(self, c: dict) -> dict:
+        """BudgetExhausted if a query of cost ``c`` would pass the budget; counts nothing."""
+        with self._lock:
+            if self._over(c):
+                raise BudgetExhausted(self._counts, self.budget, c)
+        return c
+
+    def record_billed(self, unit: str, n: int) -> None:
+        """Count ``n`` of the API's own billing unit (``requests``, ``tokens``, ...), beside
+        bbpt's units (never a budget unit)."""
+        with self._lock:
+            self._billed[unit] = self._billed.get(unit, 0) + int(n)
 
     def check(self, num_prompts: int, num_images: int) -> dict:
         """Raise :class:`BudgetExhausted` if the query would pass the budget; count nothing
@@ -85,8 +121,9 @@ class QueryMeter:
 
     @property
     def counts(self) -> dict:
+        """bbpt's units, then ``billed_<unit>`` for each API unit counted (if any)."""
         with self._lock:
-            return dict(self._counts)
+            return {**self._counts, **{f"billed_{u}": n for u, n in sorted(self._billed.items())}}
 
     def remaining(self, unit: str = "api_calls") -> int | None:
         """Units left before the hard stop (None: no budget in that unit)."""
@@ -95,12 +132,14 @@ class QueryMeter:
 
     def state_dict(self) -> dict:
         with self._lock:
-            return {"counts": dict(self._counts), "images_encoded": self.images_encoded, "budget": dict(self.budget)}
+            return {"counts": dict(self._counts), "images_encoded": self.images_encoded, "budget": dict(self.budget),
+                    **({"billed": dict(self._billed)} if self._billed else {})}
 
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
             self._counts = {u: int(state["counts"][u]) for u in UNITS}
             self.images_encoded = int(state.get("images_encoded", 0))
+            self._billed = {str(u): int(n) for u, n in state.get("billed", {}).items()}
 
     def __repr__(self) -> str:
         return f"QueryMeter(counts={self.counts}, budget={self.budget})"

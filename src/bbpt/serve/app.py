@@ -10,6 +10,8 @@
 | ``POST /v1/embed_words`` | word embeddings of a text (initial soft prompts); not charged      |
 | ``POST /v1/embed_patches`` | a ViT's input tokens for images (visual prompt scale); not charged |
 | ``GET /v1/usage``        | the key's counts, per purpose, and its budget                      |
+| ``POST /v1/zero-shot-image-classification`` | Hugging Face's protocol (:mod:`bbpt.serve.protocols`) |
+| ``POST /v1/embeddings``  | OpenAI's embeddings protocol, texts and images (ditto)             |
 
 Tensors travel as safetensors (:mod:`bbpt.serve.wire`). Authentication: ``Authorization:
 Bearer bbpt-...`` (:mod:`bbpt.serve.store`). Errors are ``{"error": {"message", "type",
@@ -585,6 +587,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise _bad(str(e), "pixels") from None
         return Response(await server.run(pack, {}, {"tokens": tok}), media_type=CONTENT_TYPE)
 
+    from . import protocols  # Hugging Face zero-shot and OpenAI embeddings, on the same keys and limits
+
+    protocols.register(app, state, cfg, API_VERSION, auth, body, over_budget, _bad, _limit, _check_chars, _check_classes,
+                       _decode_image, OverBudget)
     app.state.bbpt = state
     return app
 

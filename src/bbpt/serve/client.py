@@ -227,6 +227,19 @@ class RemoteBlackBox(QueryChecks):
         return RemoteBlackBox(self._s.url, None, classnames, meter if meter is not None else self.meter,
                               purpose or self.purpose, _session=self._s)
 
+    @property
+    def capabilities(self):
+        from ..boxes.bbpt import capabilities
+
+        return capabilities(self._s.url)
+
+    def embed_images(self, images: Images) -> torch.Tensor:
+        raise BadInput(f"bbpt's query API at {self._s.url} returns logits, not embeddings; for embeddings use its "
+                       f"OpenAI-style endpoint: --box openai:{self._s.url}/v1")
+
+    def embed_texts(self, texts) -> torch.Tensor:
+        return self.embed_images(None)
+
     def usage(self) -> dict:
         """The key's counts on the server, per purpose."""
         return self._s.json("GET", "/v1/usage")
