@@ -175,11 +175,17 @@ def _kind(annotation) -> str:
 def methods(name: Optional[str] = typer.Argument(None, help="One method to describe (default: all)."),
             sources: bool = typer.Option(False, "--sources", help="Also say where each default comes from."),
             box: Optional[str] = typer.Option(None, help="List which methods run on this black box (local, a bbpt "
-                                              "URL, hf:URL, openai:URL), and why the others cannot.")):
+                                              "URL, hf:URL, openai:URL), and why the others cannot."),
+            matrix: bool = typer.Option(False, "--matrix", help="Print the method x transport table (Markdown).")):
     """List the registered methods with every option: default, allowed range and help (and its source)."""
     from .methods import METHODS
     from .methods.base import option_range
 
+    if matrix:
+        from . import boxes
+
+        typer.echo(boxes.matrix({n: METHODS.get(n).needs for n in ([name] if name else METHODS.names())}))
+        return
     if box is not None:
         from . import boxes
 

@@ -107,3 +107,18 @@ def check_fit(method_cls, spec: str | BoxSpec | None, caps: Capabilities | None 
     msg = refusal(method_cls.name, method_cls.needs, caps, str(spec), others)
     if msg is not None:
         raise BadInput(msg)
+
+
+def matrix(methods: dict[str, Needs]) -> str:
+    """The method x transport table, Markdown: "runs", or what the box lacks."""
+    mods = transports()
+    kinds = sorted(mods, key=lambda k: (k != "local", k != "bbpt", k))
+    head = "| method | " + " | ".join(f"`{k}`" for k in kinds) + " |"
+    rows = [head, "|" + "---|" * (len(kinds) + 1)]
+    for name, needs in methods.items():
+        cells = []
+        for k in kinds:
+            missing = needs.missing(mods[k].capabilities(None))
+            cells.append("runs" if not missing else "lacks " + "; ".join(m.split(" (")[0] for m in missing))
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
