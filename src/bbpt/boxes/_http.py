@@ -2,13 +2,14 @@
 many small requests in parallel, images as PNG bytes, and the black-box members a box of
 text-and-images APIs has no use for.
 
-Retries: connection errors, 429 (rate limits) and 502/503/504 are retried with exponential
-backoff and jitter for up to ``retry_for`` seconds; any other 4xx is the input's fault and
+Retries (:mod:`bbpt.boxes.retry`, tenacity): connection errors, 429 (rate limits) and
+502/503/504 are retried with exponential backoff and jitter for up to ``retry_for`` seconds; any other 4xx is the input's fault and
 raised at once as :class:`BadInput`; a 401 / 403 names the key.
 """
 from __future__ import annotations
 
 import io
+import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -80,6 +81,7 @@ class HTTPBox(QueryChecks):
         self._http = _client or httpx.Client(timeout=timeout, headers=headers,
                                              limits=httpx.Limits(max_connections=concurrency))
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"bbpt-{self.kind}")
+        self._jitter = random.Random(0)  # retry jitter: not the global RNG (a run's RNG state stays the run's)
 
     def _options(self) -> dict:
         return dict(image_size=self._size, concurrency=self.concurrency, timeout=self.timeout, retry_for=self.retry_for)
@@ -149,14 +151,11 @@ class HTTPBox(QueryChecks):
     def post(self, path: str, **kw):
         """POST with retries (tenacity); the response of a 2xx, else BadInput / RemoteAPIError."""
         import httpx
-        import tenacity
 
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type((httpx.TransportError, _Retry)),
-            wait=tenacity.wait_random_exponential(multiplier=0.2, max=10),
-            stop=tenacity.stop_after_delay(self.retry_for), reraise=True)
+        from .retry import retrying
+
         try:
-            for attempt in retrying:
+            for attempt in retrying(self.retry_for, self._jitter, (httpx.TransportError, _Retry)):
                 with attempt:
                     r = self._http.post(self.url + path, **kw)
                     if r.status_code in RETRY_STATUS:

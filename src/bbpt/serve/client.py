@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 import uuid
 from typing import Sequence
 
@@ -36,6 +35,10 @@ UPLOAD_BYTES = 32 << 20  # pixels per upload request
 
 class RemoteError(BBPTError):
     """The server could not be reached or answered with an error that is not the input's fault."""
+
+
+class _Busy(Exception):
+    """A reply worth retrying (502/503/504, an idempotent twin in progress)."""
 
 
 class _Session:
@@ -81,25 +84,22 @@ class _Session:
 
     def request(self, method: str, path: str, **kw):
         """The response, retrying connection errors and 502/503/504 (and an idempotent request
-        still in progress) with exponential backoff for up to ``retry_for`` seconds."""
+        still in progress) with backoff for up to ``retry_for`` seconds (:mod:`bbpt.boxes.retry`)."""
         import httpx
 
-        t_end, wait = time.monotonic() + self.retry_for, 0.05
-        while True:
-            try:
-                r = self.http.request(method, path, **kw)
-                retry = r.status_code in RETRY_STATUS or (
-                    r.status_code == 409 and _code(r) == "idempotency_in_progress")
-                if not retry:
-                    return r
-                why = f"HTTP {r.status_code}"
-            except httpx.TransportError as e:
-                why = f"{type(e).__name__}: {e}"
-            if time.monotonic() + wait > t_end:
-                raise RemoteError(f"server {self.url} unreachable for {self.retry_for:.0f}s ({why}); "
-                                  "check that `bbpt serve` is running there")
-            time.sleep(wait * (0.5 + self._jitter.random()))
-            wait = min(2.0, wait * 2)
+        from ..boxes.retry import retrying
+
+        try:
+            for attempt in retrying(self.retry_for, self._jitter, (httpx.TransportError, _Busy)):
+                with attempt:
+                    r = self.http.request(method, path, **kw)
+                    if r.status_code in RETRY_STATUS or (r.status_code == 409 and _code(r) == "idempotency_in_progress"):
+                        raise _Busy(f"HTTP {r.status_code}")
+        except (httpx.TransportError, _Busy) as e:
+            why = str(e) if isinstance(e, _Busy) else f"{type(e).__name__}: {e}"
+            raise RemoteError(f"server {self.url} unreachable for {self.retry_for:.0f}s ({why}); "
+                              "check that `bbpt serve` is running there") from None
+        return r
 
     def json(self, method: str, path: str, **kw) -> dict:
         r = self.request(method, path, **kw)
