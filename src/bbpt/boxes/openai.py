@@ -29,7 +29,7 @@ KIND = "openai"
 SCHEMES: tuple[str, ...] = ()
 KEY_ENV = "OPENAI_API_KEY"
 SUMMARY = "OpenAI-style /embeddings (Infinity, bbpt serve): texts and images in, embeddings out"
-BATCH = 64  # inputs per embeddings request
+BATCH = 32  # inputs per embeddings request: Infinity's default limit (OpenAI allows 2048)
 
 
 def capabilities(url: str | None = None) -> Capabilities:
@@ -44,11 +44,15 @@ def open(url, classnames, meter, *, key=None, max_images_per_call=None, model=No
 
 class EmbeddingsBox(HTTPBox):
     """Options beyond :class:`HTTPBox`'s: ``model`` (the name sent in each request; default
-    "default"), ``logit_scale`` (100)."""
+    "default"), ``logit_scale`` (100), ``batch`` (inputs per request, 32)."""
 
     kind = KIND
 
-    def __init__(self, url, classnames, meter, key, *, model: str = "default", logit_scale: float = 100.0, **kw):
+    def __init__(self, url, classnames, meter, key, *, model: str = "default", logit_scale: float = 100.0,
+                 batch: int = BATCH, **kw):
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise BadInput(f"--box-option batch={batch!r} must be an integer >= 1 (inputs per embeddings request)")
+        self.batch = batch
         if not isinstance(model, str) or not model:
             raise BadInput(f"--box-option model={model!r} must be the model name the API expects")
         if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not logit_scale > 0:
@@ -58,7 +62,7 @@ class EmbeddingsBox(HTTPBox):
         self._text_cache: dict[str, torch.Tensor] = {}  # template -> (C, E): a paid request, asked once
 
     def _options(self) -> dict:
-        return {**super()._options(), "model": self.model, "logit_scale": self.logit_scale}
+        return {**super()._options(), "model": self.model, "logit_scale": self.logit_scale, "batch": self.batch}
 
     @property
     def capabilities(self) -> Capabilities:
@@ -89,7 +93,7 @@ class EmbeddingsBox(HTTPBox):
                 raise RemoteAPIError(f"{self.url}/embeddings answered {len(vecs)} embeddings for {len(part)} inputs")
             return torch.from_numpy(np.stack(vecs)), used
 
-        parts = [inputs[i:i + BATCH] for i in range(0, len(inputs), BATCH)]
+        parts = [inputs[i:i + self.batch] for i in range(0, len(inputs), self.batch)]
         got = self.map(ask, parts)
         emb = torch.cat([e for e, _ in got]).float()
         self.meter.record_billed("requests", len(parts))
@@ -100,9 +104,8 @@ class EmbeddingsBox(HTTPBox):
         if isinstance(texts, str) or not len(texts) or not all(isinstance(t, str) for t in texts):
             raise BadInput("embed_texts takes a non-empty list of strings")
         cost = self.meter.check_cost(self.meter.embed_cost(len(texts), 0))
-        emb, tokens = self._embed(list(texts), "text")
+        emb = self._texts(list(texts))
         self.meter.charge_cost(cost)
-        self.meter.record_billed("tokens", tokens)
         return emb
 
     def embed_images(self, images: Images) -> torch.Tensor:
@@ -111,16 +114,27 @@ class EmbeddingsBox(HTTPBox):
         if images.pixels is None or images.per_candidate:
             raise BadInput("embed_images takes one batch of pixels (B, 3, S, S)")
         cost = self.meter.check_cost(self.meter.embed_cost(0, len(images)))
-        uris = self.map(lambda x: "data:image/png;base64," + base64.b64encode(png_bytes(x)).decode(), list(images.pixels))
-        emb, _ = self._embed(uris, "image")
+        emb = self._images(images.pixels)
         self.meter.charge_cost(cost)
-        self.meter.record_billed("images", len(images))
+        return emb
+
+    def _texts(self, texts: list[str]) -> torch.Tensor:
+        emb, tokens = self._embed(texts, "text")
+        self.meter.record_billed("tokens", tokens)
+        return emb
+
+    def _images(self, px: torch.Tensor) -> torch.Tensor:
+        uris = self.map(lambda x: "data:image/png;base64," + base64.b64encode(png_bytes(x)).decode(), list(px))
+        emb, _ = self._embed(uris, "image")
+        self.meter.record_billed("images", len(px))
         return emb
 
     # ---- class scores from embeddings -------------------------------------------------------------
     def query(self, prompt: TextPrompt | SoftPrompt, images: Images, visual: VisualPrompt | None = None) -> torch.Tensor:
-        """Logits (P, B, C) = logit_scale x cosine of image and class-text embeddings; the
-        embedding requests behind them are what is charged (each template's C texts once)."""
+        """Logits (P, B, C) = logit_scale x cosine of image and class-text embeddings. Charged
+        all or nothing, as the embedding requests behind it: each new template's C texts
+        once, and each candidate's B images as one request (P x ceil(B / max_images_per_call)
+        api_calls, as a scoring query)."""
         if not isinstance(prompt, TextPrompt) or visual is not None:
             raise self._no("soft prompts or visual prompt tokens: send a TextPrompt")
         P = self.check_shapes(prompt, images, visual)
@@ -128,9 +142,11 @@ class EmbeddingsBox(HTTPBox):
             raise self._no("uploaded images: send pixels")
         new = [t for t in dict.fromkeys(prompt.templates) if t not in self._text_cache]
         px = images.pixels if images.per_candidate else images.pixels[None]  # (Pi, B, 3, S, S)
-        self.meter.check_cost(self.meter.embed_cost(len(new) * self.num_classes, px.shape[0] * px.shape[1]))
-        for t in new:
-            self._text_cache[t] = self.embed_texts([t.format(c) for c in self.classnames])  # (C, E)
-        img = torch.stack([self.embed_images(Images(x)) for x in px])  # (Pi, B, E)
+        parts = [self.meter.embed_cost(len(new) * self.num_classes, 0)] + [self.meter.embed_cost(0, px.shape[1])] * len(px)
+        cost = self.meter.check_cost({u: sum(c[u] for c in parts) for u in parts[0]})  # the budget, before any request
+        fresh = {t: self._texts([t.format(c) for c in self.classnames]) for t in new}  # (C, E) each
+        img = torch.stack([self._images(x) for x in px])  # (Pi, B, E)
+        self.meter.charge_cost(cost)
+        self._text_cache.update(fresh)
         txt = torch.stack([self._text_cache[t] for t in prompt.templates])  # (Pt, C, E)
         return self.logit_scale * torch.einsum("pbe,pce->pbc", img.expand(P, -1, -1), txt.expand(P, -1, -1))
