@@ -4,7 +4,6 @@ those protocols' own clients (huggingface_hub, openai) and run end to end throug
 transports. Servers: `bbpt serve` subprocesses on 127.0.0.1, started and stopped here."""
 import base64
 import http.server
-import io
 import subprocess
 import sys
 import threading
@@ -276,3 +275,11 @@ def test_bar_trains_on_probabilities_only_metered_exactly(server, key, tmp_path,
     # the protocol bills per request (one image, one template): the server's count of them is the run's
     assert used["train"]["api_calls"] == q["billed_requests"] and used["train"]["images_forwarded"] == q["images_forwarded"]
     assert r["accuracy"]["test"] is not None
+
+
+def test_the_readme_matrix_is_what_bbpt_methods_matrix_prints():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- methods --matrix -->\n")[1].split("\n<!-- /methods --matrix -->")[0]
+    assert block == boxes.matrix({n: METHODS.get(n).needs for n in METHODS.names()})
