@@ -104,7 +104,8 @@ def vocabulary(how: str, task: dict) -> list[str]:
 def project_rows(p: torch.Tensor) -> None:
     """Each row of ``p`` (n, N) onto the simplex in place, by the official bisection on the
     shift v (``solve_v_total_exact``, run_glue_discrete_LM.py 97-123): from [0, max p], halve
-    until |Σ clamp(p − v, 0, 1) − 1| < 1e-3 or 21 halvings, then p ← clamp(p − v, 0, 1)."""
+    until |Σ clamp(p − v, 0, 1) − 1| < 1e-3 or 21 halvings, then p ← clamp(p − v, 0, 1). As v >= 0
+    it only removes mass: a row that AdamW left summing below 1 stays below (sampling renormalises)."""
     for row in p:
         lo, hi, tries = 0, row.max(), 0
         while True:
