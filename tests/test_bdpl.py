@@ -154,3 +154,10 @@ def test_bdpl_trains_through_the_openai_embeddings_protocol_metered_exactly(serv
     assert {u: used["train"][u] for u in ("api_calls", "prompt_evals", "images_forwarded")} == \
         {u: q[u] for u in ("api_calls", "prompt_evals", "images_forwarded")}
     assert r["accuracy"]["test"] is not None
+
+
+def test_keep_template_puts_the_words_before_the_tasks_template(mini):
+    m, _, task = build("bdpl", mini, shots=1, keep_template=True, **SMALL)
+    assert m.prompt().templates == ("the the the " + task.templates[0],)
+    m, _, _ = build("bdpl", mini, shots=1, **SMALL)
+    assert m.prompt().templates == ("the the the {}.",)  # the argmax of uniform rows: the first word

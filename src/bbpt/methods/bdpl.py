@@ -66,7 +66,8 @@ class BDPLConfig(MethodConfig):
 
     sources = {
         "budget": "bbpt: ZIP's comparison, 5000 api_calls for every method (official run.sh: --api_limit 8000)",
-        "batch_size": "official run.sh: --per_device_train_batch_size 128",
+        "batch_size": "official run.sh: --per_device_train_batch_size 128 (its DataLoader keeps an epoch's last partial "
+                      "batch; bbpt's BatchStream drops it when there are >= 128 images, as Dassl's loaders)",
         "prompt_length": f"{OFFICIAL}: --prompt_length 10 (argparse default 6)",
         "search_space": f"{OFFICIAL}: --prompt_search_space 200 (argparse default 20)",
         "sample_size": f"{OFFICIAL}: --sample_size 20",
