@@ -94,7 +94,7 @@ def test_zip_on_a_probability_box_is_refused_before_any_query(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert lines[0].startswith(f"error: method zip cannot run on hf:{url}: the box lacks soft_context (soft prompts); "
-                               "methods that fit it: bar, blackvip, ")
+                               "methods that fit it: bar, bdpl, blackvip, ")
     assert _Counting.hits == 0 and not (tmp_path / "r").exists()
 
 

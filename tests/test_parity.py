@@ -16,7 +16,8 @@ from bbpt.methods import METHODS
 
 HERE = Path(__file__).parent
 PINNED = {"LOG-postech/ZIP": "2ba908b", "mrflogs/CraFT": "1a4c251", "yifanycc/sharpzo": "13b491f",
-          "changdaeoh/BlackVIP": "66606fb", "ECNU-ICALK/BPT-VLM": "15f2e25", "txsun1997/Black-Box-Tuning": "e4013f7"}
+          "changdaeoh/BlackVIP": "66606fb", "ECNU-ICALK/BPT-VLM": "15f2e25", "txsun1997/Black-Box-Tuning": "e4013f7",
+          "shizhediao/Black-Box-Prompt-Learning": "3fd736a"}
 FIXTURES = all_fixtures()
 REASONS = tomllib.loads((HERE / "parity" / "no_fixture.toml").read_text())
 

@@ -26,6 +26,7 @@ SHIPPED = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("b
 # smaller searches where a method has these options (by field name, so new methods need no entry)
 # (and the paths that carry the most state: SharpZO's stage 2, CraFT's re-asked bias)
 SMALL = {"intrinsic_dim": 16, "dim_text": 16, "dim_visual": 16, "popsize": 4, "epochs": 6, "n_perturb": 2, "q": 2,
+         "sample_size": 4,
          "change_point": 2, "bias": "reask"}
 
 
@@ -47,7 +48,7 @@ class Crash(Exception):
 
 
 def test_shipped_methods_are_all_registered():
-    assert {"zip", "zosgd", "bbt", "craft", "sharpzo", "bptvlm", "blackvip", "bar", "coop", "zeroshot"} <= set(SHIPPED)
+    assert {"zip", "zosgd", "bbt", "craft", "sharpzo", "bptvlm", "blackvip", "bar", "coop", "zeroshot", "bdpl"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -240,7 +240,7 @@ def test_remote_box_matches_the_in_process_box(server, key):
 # ---- every method, unchanged, through the API ----------------------------------------------------
 SHIPPED = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("bbpt.")]
 SMALL = {"intrinsic_dim": 16, "dim_text": 16, "dim_visual": 16, "popsize": 4, "epochs": 3, "n_perturb": 2, "q": 2,
-         "change_point": 2}
+         "change_point": 2, "sample_size": 4}
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -26,6 +26,7 @@ PINNED = {  # ../shared/reference/methods.md
     "changdaeoh/BlackVIP": "66606fb",
     "ECNU-ICALK/BPT-VLM": "15f2e25",
     "txsun1997/Black-Box-Tuning": "e4013f7",
+    "shizhediao/Black-Box-Prompt-Learning": "3fd736a",
 }
 
 
