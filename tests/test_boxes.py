@@ -245,6 +245,14 @@ def test_the_embeddings_box_gives_embeddings_and_scale_x_cosine_logits(server, k
     assert torch.allclose(got[0], 50.0 * local.embed_images(Images(px)) @ txt.T, atol=1e-4)
     c = meter.counts
     assert c["images_forwarded"] == 6 and c["prompt_evals"] == 3 and c["billed_images"] == 6
+    k = server.key("emb-meter")  # the run's meter counts each request as the server does
+    m2 = QueryMeter()
+    b2 = boxes.open_box(f"openai:{server.url}/v1", NAMES, m2, key=k, image_size=32, batch=2)
+    b2.query(TextPrompt(("a photo of a {}.", "a {}")), Images(px))  # 2 x 3 texts, 3 images: 2 x 2 + 2 requests
+    used = _usage(server, k)
+    assert {u: used[u] for u in ("api_calls", "prompt_evals", "images_forwarded")} == \
+        {"api_calls": 6, "prompt_evals": 6, "images_forwarded": 3} == {u: m2.counts[u] for u in used if u in m2.counts}
+    assert m2.counts["billed_requests"] == 6
 
 
 # ---- methods end to end through the transports ----------------------------------------------------

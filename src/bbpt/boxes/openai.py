@@ -103,7 +103,7 @@ class EmbeddingsBox(HTTPBox):
         """(N, E) L2-normalised text embeddings; charged as an embedding request."""
         if isinstance(texts, str) or not len(texts) or not all(isinstance(t, str) for t in texts):
             raise BadInput("embed_texts takes a non-empty list of strings")
-        cost = self.meter.check_cost(self.meter.embed_cost(len(texts), 0))
+        cost = self.meter.check_cost(self._cost(len(texts), 0))
         emb = self._texts(list(texts))
         self.meter.charge_cost(cost)
         return emb
@@ -113,10 +113,21 @@ class EmbeddingsBox(HTTPBox):
         self._check_images(images)
         if images.pixels is None or images.per_candidate:
             raise BadInput("embed_images takes one batch of pixels (B, 3, S, S)")
-        cost = self.meter.check_cost(self.meter.embed_cost(0, len(images)))
+        cost = self.meter.check_cost(self._cost(0, len(images)))
         emb = self._images(images.pixels)
         self.meter.charge_cost(cost)
         return emb
+
+    def _cost(self, texts: int, images: int) -> dict:
+        """What the requests for ``texts`` texts or ``images`` images cost: each request of
+        up to ``batch`` inputs is one embedding request (:meth:`QueryMeter.embed_cost`), as
+        the server counts it."""
+        n, out = texts or images, dict.fromkeys(("api_calls", "prompt_evals", "images_forwarded"), 0)
+        for i in range(0, n, self.batch):
+            k = min(self.batch, n - i)
+            c = self.meter.embed_cost(k if texts else 0, 0 if texts else k)
+            out = {u: out[u] + c[u] for u in out}
+        return out
 
     def _texts(self, texts: list[str]) -> torch.Tensor:
         emb, tokens = self._embed(texts, "text")
@@ -132,9 +143,8 @@ class EmbeddingsBox(HTTPBox):
     # ---- class scores from embeddings -------------------------------------------------------------
     def query(self, prompt: TextPrompt | SoftPrompt, images: Images, visual: VisualPrompt | None = None) -> torch.Tensor:
         """Logits (P, B, C) = logit_scale x cosine of image and class-text embeddings. Charged
-        all or nothing, as the embedding requests behind it: each new template's C texts
-        once, and each candidate's B images as one request (P x ceil(B / max_images_per_call)
-        api_calls, as a scoring query)."""
+        all or nothing, as the embedding requests behind it (``batch`` inputs a request): each
+        new template's C texts once, and each candidate's B images."""
         if not isinstance(prompt, TextPrompt) or visual is not None:
             raise self._no("soft prompts or visual prompt tokens: send a TextPrompt")
         P = self.check_shapes(prompt, images, visual)
@@ -142,7 +152,7 @@ class EmbeddingsBox(HTTPBox):
             raise self._no("uploaded images: send pixels")
         new = [t for t in dict.fromkeys(prompt.templates) if t not in self._text_cache]
         px = images.pixels if images.per_candidate else images.pixels[None]  # (Pi, B, 3, S, S)
-        parts = [self.meter.embed_cost(len(new) * self.num_classes, 0)] + [self.meter.embed_cost(0, px.shape[1])] * len(px)
+        parts = [self._cost(self.num_classes, 0)] * len(new) + [self._cost(0, px.shape[1])] * len(px)
         cost = self.meter.check_cost({u: sum(c[u] for c in parts) for u in parts[0]})  # the budget, before any request
         fresh = {t: self._texts([t.format(c) for c in self.classnames]) for t in new}  # (C, E) each
         img = torch.stack([self._images(x) for x in px])  # (Pi, B, E)
