@@ -331,7 +331,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
         data.attach(box)  # training views: uploaded in fixed blocks as they are first drawn
     val_data = FewShotData(val, box.image_size)
     env = Env(box, data, {"name": task.name, "classnames": task.classnames, "templates": task.templates},
-              cfg.seed, cls, white_box=lambda: box.white_box(meter))
+              cfg.seed, cls, white_box=lambda: box.white_box(meter), val=val_data)
     method = cls(mcfg, env)
     if folder is not None and mode == "new":
         folder.start(config, force)  # everything loaded: now the folder is this run's (checked again)

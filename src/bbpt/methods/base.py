@@ -269,14 +269,17 @@ class Env:
     """What the engine hands every method, the same way for all of them.
 
     ``box``: the metered black box (the training budget); ``data``: the few-shot training
-    images; ``task``: name, classnames, templates; ``seed``. On request: :meth:`side_box`,
+    images; ``task``: name, classnames, templates; ``seed``; ``val``: the few-shot validation
+    images (CoOp's min(k, 4) per class), for the methods whose official code selects a
+    hyperparameter on them (the linear probe's C, Tip-Adapter's α and β). On request: :meth:`side_box`,
     the same black box metered apart (queries a paper does not count, such as CraFT's head
     training; reported as ``aux_queries``), and :meth:`white_box`, the model itself, which
     only a method declaring ``black_box = False`` (the CoOp reference) receives.
     """
 
-    def __init__(self, box: BlackBoxAPI, data: FewShotData, task: dict, seed: int, method: type, white_box: Callable):
-        self.box, self.data, self.task, self.seed = box, data, task, seed
+    def __init__(self, box: BlackBoxAPI, data: FewShotData, task: dict, seed: int, method: type, white_box: Callable,
+                 val: FewShotData | None = None):
+        self.box, self.data, self.task, self.seed, self.val = box, data, task, seed, val
         self._method, self._white_box = method, white_box
         self.side_meter = None
         self._side: BlackBoxAPI | None = None
