@@ -17,7 +17,8 @@ from bbpt.methods import METHODS
 HERE = Path(__file__).parent
 PINNED = {"LOG-postech/ZIP": "2ba908b", "mrflogs/CraFT": "1a4c251", "yifanycc/sharpzo": "13b491f",
           "changdaeoh/BlackVIP": "66606fb", "ECNU-ICALK/BPT-VLM": "15f2e25", "txsun1997/Black-Box-Tuning": "e4013f7",
-          "shizhediao/Black-Box-Prompt-Learning": "3fd736a"}
+          "shizhediao/Black-Box-Prompt-Learning": "3fd736a",
+          "saic-fi/LFA": "2ee3bba", "gaopengcuhk/Tip-Adapter": "d0e2d6f"}
 FIXTURES = all_fixtures()
 REASONS = tomllib.loads((HERE / "parity" / "no_fixture.toml").read_text())
 

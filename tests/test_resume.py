@@ -51,17 +51,24 @@ def test_shipped_methods_are_all_registered():
     assert {"zip", "zosgd", "bbt", "craft", "sharpzo", "bptvlm", "blackvip", "bar", "coop", "zeroshot", "bdpl"} <= set(SHIPPED)
 
 
+ORIG_CHARGES = {"charge": QueryMeter.charge, "charge_cost": QueryMeter.charge_cost}
+
+
+def on_charge(monkeypatch, before) -> None:
+    """Call ``before()`` ahead of every charge on any meter: queries (``charge``) and
+    embedding requests (``charge_cost``); ``before=None`` restores the meter."""
+    for attr, orig in ORIG_CHARGES.items():
+        if before is None:
+            monkeypatch.setattr(QueryMeter, attr, orig)
+        else:
+            monkeypatch.setattr(QueryMeter, attr, lambda self, *a, _orig=orig: (before(), _orig(self, *a))[1])
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_resume_is_exact(name, tmp_path, monkeypatch):
     cfg = config(name)
     charges = []
-    orig_charge = QueryMeter.charge
-
-    def counting(self, *a):
-        charges.append(1)
-        return orig_charge(self, *a)
-
-    monkeypatch.setattr(QueryMeter, "charge", counting)
+    on_charge(monkeypatch, lambda: charges.append(1))
     ref = run(cfg, out=tmp_path / "ref", progress=False)
     n_charges = len(charges)
     want, want_prompt = outputs(tmp_path / "ref")
@@ -87,36 +94,34 @@ def test_resume_is_exact(name, tmp_path, monkeypatch):
     j = rng.randint(1, n_charges)
     seen = []
 
-    def interrupting(self, *a):
+    def interrupting():
         seen.append(1)
         if len(seen) == j:
             os.kill(os.getpid(), signal.SIGINT)
-        return orig_charge(self, *a)
 
-    monkeypatch.setattr(QueryMeter, "charge", interrupting)
+    on_charge(monkeypatch, interrupting)
     try:
         run(cfg, out=tmp_path / "q", progress=False)
         assert j > n_charges - 2  # only a signal in the last test batch lets the run finish
     except RunInterrupted:
-        monkeypatch.setattr(QueryMeter, "charge", orig_charge)
+        on_charge(monkeypatch, None)
         run(cfg, out=tmp_path / "q", progress=False, log=lambda m: None)
-    monkeypatch.setattr(QueryMeter, "charge", orig_charge)
+    on_charge(monkeypatch, None)
     assert outputs(tmp_path / "q") == (want, want_prompt), (name, j, n_charges)
 
     # 3. a crash at a random query (any meter: training, side or evaluation), then resume
     j = rng.randint(1, n_charges)
     seen.clear()
 
-    def crashing(self, *a):
+    def crashing():
         seen.append(1)
         if len(seen) == j:
             raise Crash
-        return orig_charge(self, *a)
 
-    monkeypatch.setattr(QueryMeter, "charge", crashing)
+    on_charge(monkeypatch, crashing)
     with pytest.raises(Crash):
         run(cfg, out=tmp_path / "crash", progress=False)
-    monkeypatch.setattr(QueryMeter, "charge", orig_charge)
+    on_charge(monkeypatch, None)
     assert not (tmp_path / "crash" / "result.json").exists()
     run(cfg, out=tmp_path / "crash", progress=False, log=lambda m: None)
     assert outputs(tmp_path / "crash") == (want, want_prompt), (name, j, n_charges)

@@ -27,6 +27,8 @@ PINNED = {  # ../shared/reference/methods.md
     "ECNU-ICALK/BPT-VLM": "15f2e25",
     "txsun1997/Black-Box-Tuning": "e4013f7",
     "shizhediao/Black-Box-Prompt-Learning": "3fd736a",
+    "saic-fi/LFA": "2ee3bba",
+    "gaopengcuhk/Tip-Adapter": "d0e2d6f",
 }
 
 
