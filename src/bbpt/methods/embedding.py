@@ -28,10 +28,17 @@ import torch.nn.functional as F
 from ..boxes.capabilities import Needs
 from ..errors import BudgetExhausted
 from ..models.blackbox import BlackBoxAPI, Images, TextPrompt
-from .base import Budget, FewShotData, Method
+from .base import Budget, FewShotData, Method, MethodConfig
 
 EMBEDDINGS_OUT = frozenset({"embeddings"})
 TEXT_AND_PIXELS = Needs(frozenset({"templates", "pixels"}), EMBEDDINGS_OUT)
+
+
+class EmbeddingConfig(MethodConfig):
+    """Options of the methods on embeddings; ``batch_size`` (a query's images) is unused."""
+
+    sources = {"batch_size": "bbpt: unused by the methods on embeddings (images are sent encode_chunk to a request, "
+                             "and the fit sees them all)"}
 
 
 def chunks(images: Images, n: int) -> list[Images]:

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from .base import MethodConfig, Preset, register_method
-from .embedding import EmbeddingMethod
+from .base import Preset, register_method
+from .embedding import EmbeddingConfig, EmbeddingMethod
 
 RELEASE = "saic-fi/LFA @2ee3bba"
 README_ITERS = {"caltech101": 1000, "dtd": 1000, "eurosat": 100, "food101": 100, "fgvc": 1000, "oxford_flowers": 100,
@@ -49,7 +49,7 @@ PRESETS = {name: Preset(f"README.md, Standard Few-shot classification ({RELEASE}
            for name, n in README_ITERS.items()}
 
 
-class LFAConfig(MethodConfig):
+class LFAConfig(EmbeddingConfig):
     budget: int | None = Field(None, ge=1, description="api_calls; none: no limit (a fixed, small number of "
                                "embedding requests)")
     beta_procrustes: float | None = Field(None, ge=0, le=1, description="β of the initialisation; none: "

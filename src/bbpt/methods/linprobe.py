@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..boxes.capabilities import Needs
-from .base import MethodConfig, register_method
-from .embedding import EMBEDDINGS_OUT, EmbeddingMethod
+from .base import register_method
+from .embedding import EmbeddingConfig, EMBEDDINGS_OUT, EmbeddingMethod
 
 COOP_C_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)  # lpclip/linear_probe.py 54
 LPCLIP = "CoOp lpclip/linear_probe.py (KaiyangZhou/CoOp @ff61507)"
 
 
-class LinearProbeConfig(MethodConfig):
+class LinearProbeConfig(EmbeddingConfig):
     budget: int | None = Field(None, ge=1, description="api_calls; none: no limit (the fit costs a fixed, small "
                                "number of embedding requests)")
     augment: bool = Field(False, description="embed training views instead of the test transform")
@@ -50,7 +50,8 @@ class LinearProbeConfig(MethodConfig):
         "C": "official " + LPCLIP + " 53-118: grid 1e6 ... 1e-6 on the val split, then bisection",
         "search_steps": "official " + LPCLIP + ": --num_step 8",
         "max_iter": "official " + LPCLIP + " 57: LogisticRegression(max_iter=1000)",
-        "tol": "scikit-learn LogisticRegression's default tol=1e-4 (the gradient tolerance of its L-BFGS)",
+        "tol": "official " + LPCLIP + ": scikit-learn LogisticRegression's default tol=1e-4 (its L-BFGS gradient "
+               "tolerance)",
     }
 
 

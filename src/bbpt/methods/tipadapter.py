@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import MethodConfig, Preset, register_method
-from .embedding import EmbeddingMethod
+from .base import Preset, register_method
+from .embedding import EmbeddingConfig, EmbeddingMethod
 
 RELEASE = "gaopengcuhk/Tip-Adapter @d0e2d6f"
 CONFIGS = {  # configs/<name>.yaml: search_scale [β, α], init_alpha (search_step [200, 20], init_beta 1 in all)
@@ -47,7 +47,7 @@ PRESETS = {name: Preset(f"configs/{name}.yaml ({RELEASE})", {
 }) for name, ((sb, sa), a) in CONFIGS.items()}
 
 
-class TipAdapterConfig(MethodConfig):
+class TipAdapterConfig(EmbeddingConfig):
     budget: int | None = Field(None, ge=1, description="api_calls; none: no limit (a fixed, small number of "
                                "embedding requests)")
     init_alpha: float = Field(1.17, ge=0, description="α, the cache's weight, before (or without) the search")
