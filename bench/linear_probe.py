@@ -3,40 +3,35 @@
     python bench/linear_probe.py [--shots 16] [--seed 1]
     python bench/linear_probe.py --pretrained bench/weights/mini-v1.safetensors,default   # side by side
 
-For each offline task: zero-shot test accuracy, and a k-shot linear probe (logistic
-regression on the L2-normalised image features, Adam, weight decay 1e-3, 300 steps) - the
-head-room that tuning has on this model. A white-box diagnostic: it reads image features,
-which no black-box method may do.
+For each offline task: zero-shot test accuracy, and a k-shot linear probe - the head-room
+that tuning has on this model. The probe is the `linprobe` method's (bbpt.methods.linprobe:
+L2 logistic regression on the L2-normalised image features, C by CoOp's search on the
+few-shot val split); here it reads the backbone's features directly, a white-box shortcut
+for the same numbers `bbpt run --method linprobe` gets through the embeddings API.
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from bbpt.data import fewshot_split, load_task
 from bbpt.data.offline import TASKS
+from bbpt.methods.linprobe import coop_search, correct, logistic_regression
 from bbpt.models import create_backbone
 from bbpt.models.pretrain import zero_shot
 
 
 def probe(bb, name: str, shots: int, seed: int) -> float:
     task = load_task(name)
-    train, _ = fewshot_split(task, shots, seed)
+    train, val = fewshot_split(task, shots, seed)
     with torch.no_grad():
-        x = bb.encode_images(train.pixels(size=bb.image_size))
-        xt = bb.encode_images(task.test.pixels(size=bb.image_size))
-    y, yt = torch.from_numpy(train.labels), torch.from_numpy(task.test.labels)
-    torch.manual_seed(seed)
-    W = torch.zeros(x.shape[1], task.num_classes, requires_grad=True)
-    opt = torch.optim.Adam([W], lr=0.05)
-    for _ in range(300):
-        loss = F.cross_entropy(20 * x @ W, y) + 1e-3 * (W**2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return float(((xt @ W).argmax(-1) == yt).float().mean())
+        x, xv, xt = (torch.nn.functional.normalize(bb.encode_images(s.pixels(size=bb.image_size)), dim=-1)
+                     for s in (train, val, task.test))
+    y, yv, yt = (torch.from_numpy(s.labels) for s in (train, val, task.test))
+    fit = lambda c: logistic_regression(x, y, task.num_classes, c)  # noqa: E731
+    _, (W, b) = coop_search(fit, lambda m: correct(*m, xv, yv))
+    return correct(W, b, xt, yt) / len(yt)
 
 
 def main(argv=None) -> None:
