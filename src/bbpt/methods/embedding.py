@@ -12,9 +12,11 @@ closed form or by local optimisation on those vectors, and never query during th
   tensors (``extra_state``: what ``bbpt eval --prompt`` re-applies); before the fit it
   returns zeros (chance), so the curve's first point costs nothing.
 
-Costs (:meth:`QueryMeter.embed_cost`): images are sent ``encode_chunk`` at a time, each
-request ``ceil(B / 128)`` api_calls and B images_forwarded; the C x T class texts go in one
-request, ``ceil(C T / 128)`` api_calls and C T prompt_evals.
+Costs (:meth:`QueryMeter.embed_cost`): images are sent ``max_images_per_call`` (128) to a
+request, each ``ceil(B / 128)`` api_calls and B images_forwarded, so N images cost
+``ceil(N / 128)`` api_calls whatever the transport (each box splits a request further as it
+needs: the local one by ``encode_chunk`` forwards, the HTTP ones by their wire batch); the
+C x T class texts go in one request, ``ceil(C T / 128)`` api_calls and C T prompt_evals.
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ TEXT_AND_PIXELS = Needs(frozenset({"templates", "pixels"}), EMBEDDINGS_OUT)
 class EmbeddingConfig(MethodConfig):
     """Options of the methods on embeddings; ``batch_size`` (a query's images) is unused."""
 
-    sources = {"batch_size": "bbpt: unused by the methods on embeddings (images are sent encode_chunk to a request, "
-                             "and the fit sees them all)"}
+    sources = {"batch_size": "bbpt: unused by the methods on embeddings (images are sent max_images_per_call to "
+                             "a request, and the fit sees them all)"}
 
 
 def chunks(images: Images, n: int) -> list[Images]:
@@ -51,8 +53,8 @@ def chunks(images: Images, n: int) -> list[Images]:
 
 
 def embed_images(box: BlackBoxAPI, images: Images) -> torch.Tensor:
-    """(B, E) L2-normalised embeddings, ``box.encode_chunk`` images per request."""
-    return torch.cat([box.embed_images(c) for c in chunks(images, box.encode_chunk)]).float()
+    """(B, E) L2-normalised embeddings, ``box.max_images_per_call`` images per request."""
+    return torch.cat([box.embed_images(c) for c in chunks(images, box.max_images_per_call)]).float()
 
 
 def class_texts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -106,7 +108,7 @@ class EmbeddingMethod(Method):
 
     def fit_cost(self, passes: list[Images]) -> dict:
         """Everything step 1 will be charged, in every unit (before it sends anything)."""
-        per, n = self.box.max_images_per_call, self.box.encode_chunk
+        per = n = self.box.max_images_per_call
         sizes = [len(c) for p in passes for c in chunks(p, n)]
         if self.val is not None:
             sizes += [len(c) for c in chunks(self.val.images(), n)]
