@@ -173,3 +173,13 @@ def test_end_to_end_through_the_openai_embeddings_protocol(method, server, tmp_p
     used = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]
     assert {u: used["train"][u] for u in ("api_calls", "prompt_evals", "images_forwarded")} == expected(method)
     assert abs(there["accuracy"]["test"] - here["accuracy"]["test"]) <= 0.02
+
+
+def test_requests_hold_at_most_128_images(monkeypatch):
+    """160 few-shot images go in two requests (128 + 32): ceil(160 / 128) api_calls."""
+    sizes = []
+    orig = BlackBox.embed_images
+    monkeypatch.setattr(BlackBox, "embed_images", lambda self, images: (sizes.append(len(images)), orig(self, images))[1])
+    r = run(quick("tipadapter", shots=16, options={"search": False}), progress=False)
+    assert r["queries"] == {"api_calls": 3, "prompt_evals": 10, "images_forwarded": 160}
+    assert sizes[:2] == [128, 32]
