@@ -13,10 +13,12 @@ closed form or by local optimisation on those vectors, and never query during th
   returns zeros (chance), so the curve's first point costs nothing.
 
 Costs (:meth:`QueryMeter.embed_cost`): images are sent ``max_images_per_call`` (128) to a
-request, each ``ceil(B / 128)`` api_calls and B images_forwarded, so N images cost
-``ceil(N / 128)`` api_calls whatever the transport (each box splits a request further as it
-needs: the local one by ``encode_chunk`` forwards, the HTTP ones by their wire batch); the
-C x T class texts go in one request, ``ceil(C T / 128)`` api_calls and C T prompt_evals.
+request, each ``ceil(B / 128)`` api_calls and B images_forwarded; the C x T class texts go in
+one request, ``ceil(C T / 128)`` api_calls and C T prompt_evals. That is what the in-process
+box charges. A transport that splits a request further charges as its API counts (the
+``openai`` one: each wire request of ``batch`` inputs, 32 by default), so the step's check
+before it sends anything is a lower bound there: a budget between the two stops the run
+inside the step (``stopped_by: budget``, nothing fitted).
 """
 from __future__ import annotations
 
@@ -107,7 +109,8 @@ class EmbeddingMethod(Method):
         return 1
 
     def fit_cost(self, passes: list[Images]) -> dict:
-        """Everything step 1 will be charged, in every unit (before it sends anything)."""
+        """What step 1 will be charged, in every unit, at the in-process box's rates (a lower
+        bound where a transport splits requests further), before it sends anything."""
         per = n = self.box.max_images_per_call
         sizes = [len(c) for p in passes for c in chunks(p, n)]
         if self.val is not None:
