@@ -29,13 +29,12 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+OUT=$(realpath -m "$OUT")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 export HF_HUB_OFFLINE=1
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's bbpt
-mkdir -p "$OUT"
-rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/gpu_check.md
 
 if [ "$SMOKE" = 1 ]; then
   DEV=cpu
@@ -56,6 +55,9 @@ else
   SERVE=(--device cuda --seconds 4 --clients 1,8,32)
   LIMITS=(90 200 50 120)  # seconds per part: 460 s at most, with start-up under 8 minutes
 fi
+
+mkdir -p "$OUT"
+rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/gpu_check.md
 
 PARTS=(query_speed zip_imagenet_scale blackvip_step serve)
 SCRIPTS=(bench/query_speed.py bench/zip_imagenet_scale.py bench/image_tower.py bench/serve.py)

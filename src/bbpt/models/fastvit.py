@@ -1,15 +1,16 @@
 """A faster CPU forward for open_clip ViT image towers (``mini`` and the library's ViTs).
 
 The same operations as open_clip's forward, in the same order, so the same float32 values
-(bit-equal on the machines measured; ``tests/test_mini.py`` holds logits within 1e-5). What
+(bit-equal on the machines measured; ``tests/test_image_tower.py`` holds logits within 1e-5). What
 is saved is the traffic around the matmuls:
 
 - images go through the layers ``block`` at a time (measured by ``bench/image_tower.py``),
   so a block's activations stay in the core's cache whatever size of forward the black box
   asks for; open_clip runs each layer over the whole forward (2048 images: 70 MB of MLP
   activations per layer, far out of cache);
-- attention runs on views of the fused qkv output (no head split copies), without
-  ``nn.MultiheadAttention``'s Python checks; the residual adds and GELU run in place.
+- attention is the library's own kernels (qkv without bias, then one pass that adds the
+  bias, scales q and splits the heads; batched q·kᵀ, softmax, ·v) without
+  ``nn.MultiheadAttention``'s Python checks; residual adds and GELU run in place.
 
 Reordering more (SDPA's blocked softmax, residual adds fused into the matmuls, the input
 normalisation folded into the patch embedding) is faster still but moves mini's logits by
@@ -85,9 +86,8 @@ class Block:
     def __call__(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """x (B·T, W), the residual stream, updated in place."""
         W, H = x.shape[1], self.heads
-        d = W // H
-        qkv = F.linear(_norm(x, self.ln1), self.wqkv, self.bqkv).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * d**-0.5, qkv[1], qkv[2]  # (B, H, T, d) each
+        qkv = torch.mm(_norm(x, self.ln1), self.wqkv.t()).view(B, T, 3 * W)
+        q, k, v = torch._transform_bias_rescale_qkv(qkv, self.bqkv, H)  # (B, H, T, d) each: + bias, q / √d
         o = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v  # (B, H, T, d)
         a = F.linear(o.transpose(1, 2).reshape(B * T, W), self.wo, self.bo)  # (B·T, W)
         x.add_(a if self.ls1 is None else a.mul_(self.ls1))
