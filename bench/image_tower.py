@@ -10,9 +10,9 @@
    tower's matmuls (qkv, attention, out, MLP, patch embedding, projection), counted by
    ``torch.utils.flop_counter`` on the fast forward; the counter misses the fused
    ``nn.MultiheadAttention`` of the library's forward, whose count it also prints.
-3. One BlackVIP and one BAR query step (mnist, 16 shots, default options: 10 and 2 candidates
-   on 128 prompted images), reference and fast, the coordinator and pixel work included,
-   and the share of a step spent in the tower.
+3. One query step of BlackVIP, BAR and BPT-VLM (mnist, 16 shots, default options), reference
+   and fast, the coordinator and pixel work included, and the share of a step spent in the
+   tower (``encode_images``, ``patch_tokens``, ``encode_tokens``).
 4. The text side of whole-set candidates on ``union`` (40 classes; P soft-prompt candidates of
    4 context vectors per query, BBT's P = 20 and CraFT's 40): the text tower's GFLOP/s against
    the matmul rate (image features cached, as those methods query).
@@ -132,19 +132,25 @@ def step_rates(bb, names, steps: int) -> list[dict]:
         for tower in ("reference", "fast"):
             towers(bb, tower)
             step, meter = build(name, bb)
-            spent, enc = [0.0], bb.encode_images
+            spent = [0.0]
 
-            def timed_encode(px, enc=enc):
-                out = []
-                spent[0] += _timed(lambda: out.append(enc(px)))
-                return out[0]
+            def timed(fn):
+                def call(*a, **k):
+                    res = []
+                    spent[0] += _timed(lambda: res.append(fn(*a, **k)))
+                    return res[0]
+                return call
 
             step()  # warm-up
-            bb.encode_images, spent[0], before = timed_encode, 0.0, meter.counts["images_forwarded"]
+            spent[0], before = 0.0, meter.counts["images_forwarded"]
+            parts = ("encode_images", "patch_tokens", "encode_tokens")
+            for a in parts:  # the tower's time within a step
+                setattr(bb, a, timed(getattr(bb, a)))
             try:
                 dt = _timed(lambda: [step() for _ in range(steps)]) / steps
             finally:
-                del bb.encode_images
+                for a in parts:
+                    delattr(bb, a)
             out[tower] = dt
             out[f"{tower}_tower_share"] = spent[0] / steps / dt
             out["images_per_step"] = (meter.counts["images_forwarded"] - before) // steps
@@ -180,10 +186,13 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default="128,256,512,1024,2048", help="images per forward")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=6, help="timed method steps (after one warm-up)")
-    ap.add_argument("--methods", default="blackvip,bar")
+    ap.add_argument("--methods", default="blackvip,bar,bptvlm")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; sweep workers run 1)")
     ap.add_argument("--candidates", default="20,40", help="text side: P soft-prompt candidates on union")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bb = create_backbone(args.model, device=args.device)
     sizes = [int(s) for s in args.sizes.split(",")]
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_name(),
