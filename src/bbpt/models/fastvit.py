@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BLOCK = 64  # images per pass through the layers (bench/image_tower.py; see the README)
+BLOCK = 128  # images per pass through the layers (bench/image_tower.py; see the README)
 
 
 def _gelu_(x: torch.Tensor) -> torch.Tensor:
