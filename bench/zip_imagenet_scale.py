@@ -58,6 +58,7 @@ def main(argv=None) -> None:
     ap.add_argument("--api-calls", type=int, default=5000)
     ap.add_argument("--val-per-class", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="ViT-B-16", help="open_clip architecture, random weights")
     ap.add_argument("--view-pool", type=int, default=None, help="views per image (default: bbpt's 16)")
     ap.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--root", type=Path, default=Path("/tmp/bbpt-imagenet-scale"))
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     # 16 train images per class for 16 shots, and at least 5 for the carved validation split
     tree = make_tree(args.root / f"C{args.classes}-val{args.val_per_class}", args.classes, 21, args.val_per_class)
     t_tree = time.time() - t0
-    cfg = make_run_config(method="zip", dataset=str(tree), model="ViT-B-16", pretrained="random", shots=16,
+    cfg = make_run_config(method="zip", dataset=str(tree), model=args.model, pretrained="random", shots=16,
                           device=args.device, precision=args.precision or ("bf16" if args.device.startswith("cuda") else "fp32"),
                           options={"budget": args.api_calls,
                                    **({"view_pool": args.view_pool} if args.view_pool is not None else {})})
