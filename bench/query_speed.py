@@ -20,6 +20,7 @@ for H100 / H200 / A100 bf16 dense); "x bound" is the measured time over that bou
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -78,6 +79,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the FLOP bound (default: by GPU name)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -99,6 +101,7 @@ def main(argv=None) -> None:
     print()
     print("| classes C | reference ms/query | fast ms/query | speed-up | GFLOP/query | fast TFLOP/s | x FLOP bound |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     for C in (int(c) for c in args.classes.split(",")):
         names = classnames(C)
         ref = BlackBox(bb, names, fast=False, precision="fp16" if on_cuda else "fp32")
@@ -114,6 +117,12 @@ def main(argv=None) -> None:
         bound = f"{t_fast / (fl / (peak * 1e12)):.2f}x" if peak else "-"
         print(f"| {C} | {t_ref * 1e3:.2f} | {t_fast * 1e3:.3f} | {t_ref / t_fast:.1f}x | {fl / 1e9:.2f} | "
               f"{fl / t_fast / 1e12:.2f} | {bound} |", flush=True)
+        rows.append({"classes": C, "reference_ms": t_ref * 1e3, "fast_ms": t_fast * 1e3, "speedup": t_ref / t_fast,
+                     "gflop_per_query": fl / 1e9, "x_flop_bound": t_fast / (fl / (peak * 1e12)) if peak else None})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "arch": args.arch, "batch": args.batch, "prompts": args.prompts,
+                       "peak_tflops": peak, "mini_load_ms": mini_load * 1e3, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,16 @@
     python bench/suite_cost.py              # tally the committed grids of bench/sweeps/*.toml
     python bench/suite_cost.py --measure    # and one slice run at --workers 1 and 2, side by side
     python bench/suite_cost.py --measure --budget 1000   # a shorter slice
+    python bench/suite_cost.py --speedup blackvip=2.1,bar=1.9   # the tally projected after a speed-up
 
 Tally: per sweep file, how many of its runs are finished (committed result.json), and their
 recorded wall seconds summed per method. Sweep runs record the seconds of a worker holding
 cores / workers torch threads, so the sum over W workers is the suite's wall time at W
 workers when the pool stays full.
+
+Speed-up: the runs were timed when they ran; ``--speedup METHOD=FACTOR,...`` divides each
+named method's recorded seconds by a measured factor (``bench/image_tower.py``'s step
+speed-up at one thread, as sweep workers run), a projection of the suite after a change.
 
 Measure: the slice (``--slice`` methods on ``--task``, seed 1, at ZIP's comparison settings)
 as a sweep at --workers 1 (two torch threads per run) and at --workers 2 (one each), each
@@ -41,14 +46,21 @@ def _result(folder: Path) -> dict | None:
         return None
 
 
-def tally(files: list[Path]) -> list[str]:
+def _scaled(r: dict | None, speedup: dict[str, float]) -> dict | None:
+    if r is None or r.get("method") not in speedup or "wall_seconds" not in r:
+        return r
+    return {**r, "wall_seconds": r["wall_seconds"] / speedup[r["method"]]}
+
+
+def tally(files: list[Path], speedup: dict[str, float] | None = None) -> list[str]:
     """Finished runs' recorded seconds; each unfinished run estimated from finished runs of the
     same method, dataset and options in any sweep, else of the same method and options on any
     dataset (an underestimate for `union`), else of the same method and dataset with other
     options (budget, classes), else of the same method; "none" where no run of the
     method has finished (counted as 0 s)."""
     specs = [(f, load_sweep(f)) for f in files]
-    grids = [(f, [(c, _result(d)) for c, d in expand(spec, ROOT / spec["out"])]) for f, spec in specs]
+    grids = [(f, [(c, _scaled(_result(d), speedup or {})) for c, d in expand(spec, ROOT / spec["out"])])
+             for f, spec in specs]
     exact, loose, near, method_only = {}, {}, {}, {}
     for _, runs in grids:
         for c, r in runs:
@@ -123,8 +135,18 @@ def main(argv=None) -> None:
     ap.add_argument("--slice", default="zip,bbt,craft,bar")
     ap.add_argument("--task", default="mnist")
     ap.add_argument("--budget", type=int, default=None, help="each slice method's budget (default: the sweep's 5000)")
+    ap.add_argument("--speedup", default=None, help="METHOD=FACTOR,...: also the tally with those methods' seconds "
+                    "divided by FACTOR")
     args = ap.parse_args(argv)
-    lines = tally(sorted((ROOT / "bench/sweeps").glob("*.toml")))
+    files = sorted((ROOT / "bench/sweeps").glob("*.toml"))
+    lines = tally(files)
+    if args.speedup:
+        try:
+            speedup = {m: float(f) for m, f in (kv.split("=") for kv in args.speedup.split(","))}
+        except ValueError:
+            sys.exit(f"--speedup {args.speedup!r}: expected METHOD=FACTOR,..., e.g. blackvip=2.1,bar=1.9")
+        lines += ["", "Projected: " + ", ".join(f"{m} seconds / {f:g}" for m, f in speedup.items()), ""]
+        lines += tally(files, speedup)
     if args.measure:
         lines += [""] + measure(args.slice.split(","), args.task, args.budget)
     print("\n".join(lines))

@@ -118,12 +118,17 @@ class Backbone:
     # ---- images ----------------------------------------------------------------------------
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] RGB (B, 3, S, S) -> model input."""
+        pixels = self.check_pixels(pixels)
+        return torch.sub(pixels.to(self.device, torch.float32), self._mean).div_(self._std)  # one copy
+
+    def check_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB (B, 3, S, S) as float32 on the device; any other shape is refused."""
         if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
             raise BadInput(
                 f"images must be (B, 3, {self.image_size}, {self.image_size}) RGB in [0, 1] for "
                 f"{self.name}; got {tuple(pixels.shape)} (ImageSet.pixels(size=...) makes them)"
             )
-        return torch.sub(pixels.to(self.device, torch.float32), self._mean).div_(self._std)  # one copy
+        return pixels.to(self.device, torch.float32)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels (B, 3, S, S) -> L2-normalised image features (B, E)."""

@@ -2,6 +2,7 @@
 resolved here, once, from public attributes."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -10,6 +11,9 @@ import torch.nn as nn
 from ..errors import BadInput, CorruptCheckpoint, MissingWeights, UnknownName
 from .backbone import (CLIP_MEAN, CLIP_STD, RANDOM_TAGS, WEIGHTS_DIR, Backbone, TextEncoder, embedded_config,
                        first_line, load_weights, normalized, quiet_root_log)
+from .fastvit import FastViT, fast_tower
+
+TOWERS = ("fast", "reference")
 
 
 class OpenClipText(TextEncoder):
@@ -75,6 +79,31 @@ class OpenClipBackbone(Backbone):
                                                      "ln_post", "transformer", "proj"))
                          and getattr(v, "attn_pool", None) is None and getattr(v, "pool_type", "tok") in ("tok", "avg")) else None
         self._finish()
+        self._fast: tuple[tuple, FastViT | None] = ((), None)  # (the weights' stamp, the fast forward)
+        self.image_tower = os.environ.get("BBPT_IMAGE_TOWER", "fast")
+
+    # ---- which image-tower forward ----------------------------------------------------------------
+    @property
+    def image_tower(self) -> str:
+        """``fast`` (:mod:`bbpt.models.fastvit`, on CPU, where it covers the tower) or
+        ``reference`` (the library's own forward). Default: ``$BBPT_IMAGE_TOWER`` or fast."""
+        return self._tower
+
+    @image_tower.setter
+    def image_tower(self, value: str) -> None:
+        if value not in TOWERS:
+            raise BadInput(f"image tower {value!r} is not one of {', '.join(TOWERS)} (BBPT_IMAGE_TOWER)")
+        self._tower = value
+
+    def fast_vit(self) -> FastViT | None:
+        """The fast forward in use, None for the library's: rebuilt whenever the tower's weights
+        changed (moved, loaded, trained), so it never runs on stale folded weights."""
+        if self._tower != "fast" or self.vit is None or self.device.type != "cpu":
+            return None
+        stamp = tuple((p.data_ptr(), p._version) for p in self.vit.parameters())
+        if stamp != self._fast[0]:
+            self._fast = (stamp, fast_tower(self.vit, self.image_size, self.mean, self.std))
+        return self._fast[1]
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts).to(self.device)
@@ -87,6 +116,9 @@ class OpenClipBackbone(Backbone):
         return self.model.encode_text(self.tokenize(texts)).float()
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        fast = self.fast_vit()
+        if fast is not None:
+            return normalized(fast.encode_images(self.check_pixels(pixels)))
         return normalized(self.model.encode_image(self.normalize(pixels)))
 
     @property
@@ -94,7 +126,9 @@ class OpenClipBackbone(Backbone):
         return None if self.vit is None else int(self.vit.conv1.out_channels)
 
     def patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        v = self._vit()
+        v, fast = self._vit(), self.fast_vit()
+        if fast is not None:
+            return fast.patch_tokens(self.check_pixels(pixels))
         x = v.conv1(self.normalize(pixels).to(v.conv1.weight.dtype))  # (B, W, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B, G, W)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -103,7 +137,9 @@ class OpenClipBackbone(Backbone):
     def encode_tokens(self, x: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Visual prompt tokens go after the patches, without positional embedding, before
         ln_pre (as BPT-VLM); pooled as the tower pools (CLS or mean of the rest, ln_post)."""
-        v = self._vit()
+        v, fast = self._vit(), self.fast_vit()
+        if fast is not None:
+            return normalized(fast.encode_tokens(x, prompt))
         if prompt is not None:
             x = torch.cat([x, prompt.to(x.dtype)], dim=1)  # (N, 1 + G + n, W)
         x = v.transformer(v.ln_pre(x))

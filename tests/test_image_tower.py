@@ -1,0 +1,88 @@
+"""The fast image-tower forward (bbpt.models.fastvit) equals the library's: logits within 1e-5."""
+import open_clip
+import pytest
+import torch
+
+from bbpt.errors import BadInput
+from bbpt.models import BlackBox, Images, TextPrompt, VisualPrompt, create_backbone
+from bbpt.models.backbone import CLIP_MEAN, CLIP_STD
+from bbpt.models.fastvit import BLOCK
+from bbpt.models.openclip import OpenClipBackbone
+
+NAMES = ["cat", "dog", "car", "tree", "shirt"]
+
+
+def both(bb, fn):
+    """fn() under the reference forward, then under the fast one (which must be in use: the
+    library's tower forward is made to fail)."""
+    bb.image_tower = "reference"
+    ref = fn()
+    bb.image_tower = "fast"
+    assert bb.fast_vit() is not None
+    forward = bb.model.visual.forward
+    bb.model.visual.forward = lambda *a, **k: pytest.fail("the fast tower called the library's forward")
+    try:
+        return ref, fn()
+    finally:
+        bb.model.visual.forward = forward
+
+
+def check_box(bb, n=BLOCK + 13):
+    """Every query shape the methods send: plain, prompted per candidate, visual tokens."""
+    g = torch.Generator().manual_seed(0)
+    S = bb.image_size
+    box = BlackBox(bb, NAMES, fast=False)
+    text = TextPrompt("a photo of a {}.")
+    px = torch.rand(n, 3, S, S, generator=g)
+    per = torch.rand(3, 5, 3, S, S, generator=g)
+    tok = torch.randn(2, 4, bb.visual_width, generator=g) * 0.5
+    for images, visual in ((Images(px), None), (Images(per), None), (Images(px), VisualPrompt(tok))):
+        ref, fast = both(bb, lambda: box.query(text, images, visual))
+        assert (fast - ref).abs().max() <= 1e-5
+        assert ref.std() > 1e-3  # scores that say something, not a constant
+    ref, fast = both(bb, lambda: bb.patch_tokens(px))
+    assert (fast - ref).abs().max() <= 1e-6
+
+
+def test_fast_tower_equals_reference_on_mini():
+    bb = create_backbone("mini")
+    assert bb.image_tower == "fast"
+    check_box(bb, n=2 * BLOCK + 7)  # more than one block, and a partial one
+
+
+@pytest.mark.parametrize("vision", [
+    {"ls_init_value": 0.5, "pool_type": "avg", "no_ln_pre": True},  # LayerScale, mean pooling, no ln_pre
+    {"final_ln_after_pool": True},
+])
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_fast_tower_equals_reference_on_open_clip_vits(vision, quick_gelu):
+    torch.manual_seed(0)
+    text = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
+    model = open_clip.model.CLIP(64, {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8,
+                                      **vision}, text, quick_gelu=quick_gelu)
+    for p in model.parameters():  # random, not init values (LayerScale's gamma, zero biases)
+        p.data.normal_(0, 0.2 if p.ndim > 1 else 0.5)
+    bb = OpenClipBackbone("test-vit", "random", model, open_clip.get_tokenizer("ViT-B-32"), 32, CLIP_MEAN, CLIP_STD,
+                          torch.device("cpu"))
+    check_box(bb, n=BLOCK + 3)
+
+
+def test_fast_tower_follows_new_weights():
+    """The fast forward reads the tower's weights as they are now (loaded, trained, moved)."""
+    bb, other = create_backbone("mini"), create_backbone("mini", "random")
+    px = torch.rand(4, 3, 32, 32)
+    before = bb.encode_images(px)
+    bb.model.load_state_dict(other.model.state_dict())
+    after = bb.encode_images(px)
+    assert (after - before).abs().max() > 1e-2
+    ref, fast = both(bb, lambda: bb.encode_images(px))
+    assert (fast - ref).abs().max() <= 1e-6
+
+
+def test_towers_it_does_not_cover_keep_the_library_forward(monkeypatch):
+    assert create_backbone("RN50", "random").fast_vit() is None  # no ViT
+    monkeypatch.setenv("BBPT_IMAGE_TOWER", "reference")
+    assert create_backbone("mini").fast_vit() is None
+    monkeypatch.setenv("BBPT_IMAGE_TOWER", "fastest")
+    with pytest.raises(BadInput, match="image tower 'fastest' is not one of fast, reference"):
+        create_backbone("mini")
