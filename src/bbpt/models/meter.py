@@ -99,21 +99,11 @@ class QueryMeter:
     def check(self, num_prompts: int, num_images: int) -> dict:
         """Raise :class:`BudgetExhausted` if the query would pass the budget; count nothing
         (a remote client checks before it sends and charges once the server answered)."""
-        c = self.cost(num_prompts, num_images)
-        with self._lock:
-            if self._over(c):
-                raise BudgetExhausted(self._counts, self.budget, c)
-        return c
+        return self.check_cost(self.cost(num_prompts, num_images))
 
     def charge(self, num_prompts: int, num_images: int) -> dict:
         """Count a query, or raise :class:`BudgetExhausted` without counting anything."""
-        c = self.cost(num_prompts, num_images)
-        with self._lock:
-            if self._over(c):
-                raise BudgetExhausted(self._counts, self.budget, c)
-            for u in UNITS:
-                self._counts[u] += c[u]
-        return c
+        return self.charge_cost(self.cost(num_prompts, num_images))
 
     def record_encoded(self, n: int) -> None:
         with self._lock:
