@@ -14,6 +14,7 @@ from bbpt.engine import evaluate, make_run_config, run
 from bbpt.errors import BadInput, BudgetExhausted
 from bbpt.methods import METHODS, make_config
 from bbpt.methods.bdpl import WORDS, CategoricalPolicy, vocabulary
+from bbpt.models import create_backbone
 from bbpt.models import QueryMeter
 from bbpt.results import load_prompt
 
@@ -111,6 +112,9 @@ def test_bdpl_fits_every_transport(kind):
     assert boxes.check_fit(METHODS.get("bdpl"), spec) is None
 
 
+MINI_SCALE = float(create_backbone("mini").logit_scale)  # what a user of an embeddings API looks up (CLIP's: 100)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from test_serve import Server
@@ -140,23 +144,25 @@ def test_bdpl_trains_through_the_hf_protocol_metered_exactly(server, tmp_path, m
 
 def test_bdpl_trains_through_the_openai_embeddings_protocol_metered_exactly(server, tmp_path, monkeypatch):
     """BDPL against `bbpt serve`'s OpenAI-style /embeddings: the sampled templates' class texts
-    and the images are embedded there, the logits (scale x cosine) computed here; the texts and
-    images the run counts are the server's."""
+    and the images are embedded there, the logits (scale x cosine) computed here. bbpt's units
+    are the in-process box's (I api_calls a step), so a budget buys the same steps on every box;
+    the requests and images the API counted are the run's billed_*."""
     k = server.key("bdpl-openai")
     monkeypatch.setenv("OPENAI_API_KEY", k)
-    r = run(make_run_config(method="bdpl", dataset="shapes", shots=1, seed=2, test_subset=30,
-                            box=f"openai:{server.url}/v1", box_options={"image_size": 32},
-                            options={**SMALL, "sample_size": 2, "batch_size": 4, "budget": 30}),
-             out=tmp_path / "oa", progress=False)
+    kw = dict(method="bdpl", dataset="shapes", shots=1, seed=2, test_subset=30,
+              options={**SMALL, "sample_size": 2, "batch_size": 4, "budget": 6})
+    here = run(make_run_config(**kw), out=tmp_path / "local", progress=False)
+    r = run(make_run_config(**kw, box=f"openai:{server.url}/v1", box_options={"image_size": 32, "logit_scale": MINI_SCALE}),
+            out=tmp_path / "oa", progress=False)
     q = r["queries"]
-    assert r["steps"] >= 2 and 0 < q["api_calls"] <= 30
-    used = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]
-    # texts embedded (each a prompt the API ran) and images embedded; the server's request count
-    # follows the box's request batching (openai.BATCH inputs), not bbpt's api_calls
-    assert {u: used["train"][u] for u in ("prompt_evals", "images_forwarded")} == \
-        {u: q[u] for u in ("prompt_evals", "images_forwarded")}
-    assert q["billed_images"] == q["images_forwarded"] and q["billed_tokens"] > 0
-    assert r["accuracy"]["test"] is not None
+    assert r["steps"] == here["steps"] == 3 and {u: q[u] for u in here["queries"]} == here["queries"] \
+        == {"api_calls": 6, "prompt_evals": 6, "images_forwarded": 6 * 4}  # 2 templates x 4 images a step
+    used = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]["train"]
+    assert (used["api_calls"], used["images_forwarded"]) == (q["billed_requests"], q["billed_images"])
+    assert q["billed_images"] == 3 * 4 and q["billed_tokens"] > 0  # each batch's 4 images once a step
+    # the same embeddings and the model's own logit scale: the same trajectory as in process
+    assert [round(c["train_loss"], 4) for c in r["curve"]] == [round(c["train_loss"], 4) for c in here["curve"]]
+    assert r["accuracy"]["test"] == here["accuracy"]["test"]
 
 
 def test_keep_template_puts_the_words_before_the_tasks_template(mini):

@@ -8,8 +8,10 @@ models, and as ``bbpt serve`` does at ``/v1/embeddings``: a text or an image in,
 Methods on embeddings (LFA, the linear probe, Tip-Adapter) call :meth:`embed_images` and
 :meth:`embed_texts`. Methods on class scores get logits computed here from the embeddings:
 ``logit_scale`` x cosine (CLIP's 100 by default; ``--box-option logit_scale=...``), so a
-zero-shot template or a pixel prompt runs on an embedding API too. Billing: the API counts
-tokens (texts) and images; both are recorded beside bbpt's units.
+zero-shot template or a pixel prompt runs on an embedding API too. Metering: bbpt's units
+are those of every box (a scoring query: :meth:`QueryMeter.cost`; an embedding call:
+:meth:`QueryMeter.embed_cost`), so a budget means the same steps on any box; what the API
+bills (requests, tokens, images) is recorded beside them as ``billed_*``.
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ class EmbeddingsBox(HTTPBox):
         """(N, E) L2-normalised text embeddings; charged as an embedding request."""
         if isinstance(texts, str) or not len(texts) or not all(isinstance(t, str) for t in texts):
             raise BadInput("embed_texts takes a non-empty list of strings")
-        cost = self.meter.check_cost(self._cost(len(texts), 0))
+        cost = self.meter.check_cost(self.meter.embed_cost(len(texts), 0))  # as on every box; before any request
         emb = self._texts(list(texts))
         self.meter.charge_cost(cost)
         return emb
@@ -113,21 +115,10 @@ class EmbeddingsBox(HTTPBox):
         self._check_images(images)
         if images.pixels is None or images.per_candidate:
             raise BadInput("embed_images takes one batch of pixels (B, 3, S, S)")
-        cost = self.meter.check_cost(self._cost(0, len(images)))
+        cost = self.meter.check_cost(self.meter.embed_cost(0, len(images)))
         emb = self._images(images.pixels)
         self.meter.charge_cost(cost)
         return emb
-
-    def _cost(self, texts: int, images: int) -> dict:
-        """What the requests for ``texts`` texts or ``images`` images cost: each request of
-        up to ``batch`` inputs is one embedding request (:meth:`QueryMeter.embed_cost`), as
-        the server counts it."""
-        n, out = texts or images, dict.fromkeys(("api_calls", "prompt_evals", "images_forwarded"), 0)
-        for i in range(0, n, self.batch):
-            k = min(self.batch, n - i)
-            c = self.meter.embed_cost(k if texts else 0, 0 if texts else k)
-            out = {u: out[u] + c[u] for u in out}
-        return out
 
     def _texts(self, texts: list[str]) -> torch.Tensor:
         emb, tokens = self._embed(texts, "text")
@@ -142,9 +133,11 @@ class EmbeddingsBox(HTTPBox):
 
     # ---- class scores from embeddings -------------------------------------------------------------
     def query(self, prompt: TextPrompt | SoftPrompt, images: Images, visual: VisualPrompt | None = None) -> torch.Tensor:
-        """Logits (P, B, C) = logit_scale x cosine of image and class-text embeddings. Charged
-        all or nothing, as the embedding requests behind it (``batch`` inputs a request): each
-        new template's C texts once, and each candidate's B images."""
+        """Logits (P, B, C) = logit_scale x cosine of image and class-text embeddings. bbpt's
+        units are a scoring query's on every box (:meth:`QueryMeter.cost`: P x ceil(B / 128)
+        api_calls), so a budget buys the same steps here as in process; what the API bills
+        (requests of ``batch`` inputs: each new template's C texts once, each candidate's B
+        images) is counted beside them as ``billed_*``."""
         if not isinstance(prompt, TextPrompt) or visual is not None:
             raise self._no("soft prompts or visual prompt tokens: send a TextPrompt")
         P = self.check_shapes(prompt, images, visual)
@@ -152,8 +145,7 @@ class EmbeddingsBox(HTTPBox):
             raise self._no("uploaded images: send pixels")
         new = [t for t in dict.fromkeys(prompt.templates) if t not in self._text_cache]
         px = images.pixels if images.per_candidate else images.pixels[None]  # (Pi, B, 3, S, S)
-        parts = [self._cost(self.num_classes, 0)] * len(new) + [self._cost(0, px.shape[1])] * len(px)
-        cost = self.meter.check_cost({u: sum(c[u] for c in parts) for u in parts[0]})  # the budget, before any request
+        cost = self.meter.check(P, len(images))  # the budget, before any request
         fresh = {t: self._texts([t.format(c) for c in self.classnames]) for t in new}  # (C, E) each
         img = torch.stack([self._images(x) for x in px])  # (Pi, B, E)
         self.meter.charge_cost(cost)
