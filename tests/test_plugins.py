@@ -11,11 +11,13 @@ import subprocess
 import sys
 import textwrap
 from importlib.metadata import EntryPoint
+from types import SimpleNamespace
 
 import pytest
 
-from bbpt import plugins
+from bbpt import boxes, plugins
 from bbpt.errors import UnknownName
+from bbpt.models.catalog import BACKBONES, register_backbone
 from bbpt.registry import Registry
 
 DEMO = {
@@ -135,12 +137,20 @@ BROKEN = {
 
         [project.entry-points."bbpt.datasets"]
         clash = "bbpt_broken.clash"
+
+        [project.entry-points."bbpt.backbones"]
+        taken = "bbpt_broken.taken"
     """,
     "bbpt_broken/__init__.py": "",
     "bbpt_broken/clash.py": '''
         from bbpt.data.offline import TASKS
 
         TASKS.register("shapes", TASKS.get("mnist"))
+    ''',
+    "bbpt_broken/taken.py": '''
+        from bbpt.models import register_backbone
+
+        register_backbone("mine", lambda name, pretrained, device: None, names=["mini", "mini-2"])
     ''',
 }
 
@@ -217,6 +227,11 @@ def test_broken_and_clashing_plugins_are_one_line(tmp_path):
         "error: plugin entry point clash = bbpt_broken.clash (group bbpt.datasets, package bbpt-broken 0.2) "
         "failed to load: dataset 'shapes' is registered already (by bbpt) and a plugin cannot replace it; give the "
         "plugin's another name; fix the plugin or `pip uninstall bbpt-broken`"]
+    p = bbpt(site, "models", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        "error: plugin entry point taken = bbpt_broken.taken (group bbpt.backbones, package bbpt-broken 0.2) "
+        "failed to load: backbone 'mini' is claimed already by the family 'embedded' (by bbpt) and a plugin cannot "
+        "replace it; rename the plugin's; fix the plugin or `pip uninstall bbpt-broken`"]
 
 
 # ---- in process: when a group is loaded, and how often -----------------------------------------------
@@ -264,3 +279,25 @@ def test_a_plugin_never_replaces_a_name(fake_group):
                            r"\(by bbpt\) and a plugin cannot replace it"):
             reg.names()
     assert reg.get("builtin") == 1
+
+
+def test_a_plugin_family_or_transport_claims_nothing_taken(monkeypatch):
+    monkeypatch.setattr(plugins, "_current", ["plugin 'x' (package x 1)"])  # as while a plugin loads
+    before = BACKBONES.items(with_plugins=False)
+    cases = [(dict(prefix="hf:big/"), r"backbone 'hf:big/\*' is claimed already by the family 'hf' \(by bbpt\)"),
+             (dict(names=["tiny", "RN50"]), "backbone 'RN50' is claimed already by the family 'open_clip'"),
+             (dict(prefix="R"), "backbone 'RN101', 'RN101-quickgelu', 'RN50' is claimed already by the family "
+                                "'open_clip'"),
+             (dict(names=["x"], family="hf"), "backbone family 'hf' is registered already")]
+    for kw, message in cases:
+        with pytest.raises(plugins.NameTaken, match=message):
+            register_backbone(kw.pop("family", "new"), lambda *a: None, **kw)
+    assert BACKBONES.items(with_plugins=False) == before
+    mod = dict(KIND="hf", SUMMARY="", capabilities=None, open=None)
+    with pytest.raises(plugins.NameTaken, match="box transport 'hf' is registered already"):
+        boxes._add_plugin(SimpleNamespace(**mod))
+    with pytest.raises(plugins.NameTaken, match="URL scheme 'https' belongs to the box transport 'bbpt' already"):
+        boxes._add_plugin(SimpleNamespace(**{**mod, "KIND": "new", "SCHEMES": ("https",)}))
+    with pytest.raises(TypeError, match="is not a transport module: it lacks SUMMARY, open"):
+        boxes._add_plugin(SimpleNamespace(KIND="new", capabilities=None))
+    assert "new" not in boxes.transports(with_plugins=False) and boxes._PLUGINS == {}
