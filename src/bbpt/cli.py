@@ -151,15 +151,11 @@ def datasets():
 
 @app.command()
 def models():
-    """List the backbones: the embedded model, open_clip architectures, Hugging Face models."""
-    from .models.catalog import embedded_models, open_clip_models  # names only: no torch, no open_clip
+    """List the backbones: the embedded model, open_clip architectures, Hugging Face models, plugins'."""
+    from .models.catalog import listing  # names only: no torch, no open_clip
 
-    for name in embedded_models():
-        typer.echo(f"{name:24s} embedded (weights shipped with bbpt)")
-    typer.echo("open_clip architectures (need --pretrained TAG, a checkpoint path, or 'random'):")
-    typer.echo("  " + ", ".join(open_clip_models()))
-    typer.echo("Hugging Face CLIP / SigLIP: hf:ORG/NAME (from the local cache when HF_HUB_OFFLINE=1) or "
-               "hf:/path/to/save_pretrained/folder; --pretrained random for untrained weights")
+    for line in listing():
+        typer.echo(line)
 
 
 def _kind(annotation) -> str:

@@ -14,7 +14,9 @@ Each transport is a module of this package that defines ``KIND`` (its name), ``S
 variable, or None), ``SUMMARY``, ``capabilities(url)`` and ``open(url, classnames, meter,
 key=..., **options)``. Only that module knows its wire format; the engine calls
 :func:`open_box` and never names a transport. A fifth transport is one new module here
-(found by :func:`transports`) plus its tests.
+(found by :func:`transports`) plus its tests, or a plugin's module (entry-point group
+``bbpt.transports``, :mod:`bbpt.plugins`): loaded when a ``--box`` names no built-in
+transport or the transports are listed; its ``KIND`` and ``SCHEMES`` may not be taken already.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class BoxSpec:
         return self.kind if self.url is None else f"{self.kind}:{self.url}"
 
 
-def transports() -> dict[str, ModuleType]:
+def builtin_transports() -> dict[str, ModuleType]:
     """Every transport module of this package, by ``KIND``."""
     out = {}
     for info in pkgutil.iter_modules(__path__):
@@ -49,25 +51,71 @@ def transports() -> dict[str, ModuleType]:
     return out
 
 
-def parse(spec: str | None) -> BoxSpec:
-    """``--box``'s value -> (transport kind, URL). None and ``local`` are the in-process box;
-    ``KIND:URL`` names the transport; a bare URL goes to the transport claiming its scheme."""
-    kinds = transports()
-    if spec is None or spec == "local":
-        return BoxSpec("local", None)
+_PLUGINS: dict[str, ModuleType] = {}  # the plugins' transports, by KIND (filled once, by plugins.load)
+_TRANSPORT_NAMES = ("KIND", "SUMMARY", "capabilities", "open")  # what a plugin's transport module must define
+
+
+def _add_plugin(mod) -> None:
+    from ..plugins import NameTaken
+
+    missing = [a for a in _TRANSPORT_NAMES if not hasattr(mod, a)]
+    if missing:
+        raise TypeError(f"{getattr(mod, '__name__', mod)!r} is not a transport module: it lacks {', '.join(missing)}")
+    taken = {**builtin_transports(), **_PLUGINS}
+    if mod.KIND in taken:
+        raise NameTaken(f"box transport {mod.KIND!r} is registered already and a plugin cannot replace it; "
+                        "give the plugin's another KIND")
+    for scheme in getattr(mod, "SCHEMES", ()):
+        owner = next((k for k, m in taken.items() if scheme in getattr(m, "SCHEMES", ())), None)
+        if owner is not None:
+            raise NameTaken(f"URL scheme {scheme!r} belongs to the box transport {owner!r} already and a plugin "
+                            "cannot take it; drop it from the plugin's SCHEMES")
+    _PLUGINS[mod.KIND] = mod
+
+
+def transports(with_plugins: bool = True) -> dict[str, ModuleType]:
+    """Every transport by ``KIND``: this package's modules, then the plugins' (loaded once)."""
+    out = builtin_transports()
+    if with_plugins:
+        from .. import plugins
+
+        plugins.load("bbpt.transports", _add_plugin)
+        out.update(_PLUGINS)
+    return out
+
+
+def _resolve(spec: str, kinds: dict[str, ModuleType]) -> BoxSpec | None:
     head, sep, rest = spec.partition(":")
     if sep and head in kinds and not rest.startswith("//"):
         return BoxSpec(head, rest or None)
     for kind, mod in kinds.items():
         if sep and head.lower() in getattr(mod, "SCHEMES", ()):
             return BoxSpec(kind, spec)
+    return None
+
+
+def parse(spec: str | None) -> BoxSpec:
+    """``--box``'s value -> (transport kind, URL). None and ``local`` are the in-process box;
+    ``KIND:URL`` names the transport; a bare URL goes to the transport claiming its scheme.
+    The plugins' transports are loaded only when no built-in one fits."""
+    if spec is None or spec == "local":
+        return BoxSpec("local", None)
+    found = _resolve(spec, transports(with_plugins=False))
+    if found is not None:
+        return found
+    kinds = transports()
+    found = _resolve(spec, kinds)
+    if found is not None:
+        return found
     forms = ", ".join(f"{k}:URL" for k in sorted(kinds) if k != "local")
     raise BadInput(f"--box {spec!r} names no transport; give a URL of a bbpt server (http://HOST:PORT), "
                    f"or KIND:URL with KIND one of {', '.join(sorted(kinds))} ({forms})")
 
 
 def module(spec: BoxSpec) -> ModuleType:
-    kinds = transports()
+    kinds = transports(with_plugins=False)
+    if spec.kind not in kinds:
+        kinds = transports()
     if spec.kind not in kinds:
         raise UnknownName("box transport", spec.kind, kinds, "`bbpt methods --box KIND:URL`")
     return kinds[spec.kind]

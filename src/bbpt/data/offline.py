@@ -193,7 +193,8 @@ def fetch_shapes(root: Path | None = None) -> dict:
 
 
 # ---- the registry ----------------------------------------------------------------------
-TASKS: Registry[OfflineTask] = Registry("dataset", hint="`bbpt datasets` lists them; or pass a path to an image folder.")
+TASKS: Registry[OfflineTask] = Registry("dataset", hint="`bbpt datasets` lists them; or pass a path to an image folder.",
+                                        group="bbpt.datasets")  # plugins add theirs (bbpt.plugins)
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FASHION = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]

@@ -415,7 +415,7 @@ class ZerothOrderMethod(Method):
                 **self.after_tell(losses, budget)}
 
 
-METHODS: Registry[type[Method]] = Registry("method", hint="`bbpt methods` lists them.")
+METHODS: Registry[type[Method]] = Registry("method", hint="`bbpt methods` lists them.", group="bbpt.methods")
 
 
 def register_method(cls: type[Method]) -> type[Method]:

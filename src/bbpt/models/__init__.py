@@ -11,18 +11,19 @@ from typing import TYPE_CHECKING
 _HOME = {
     "Backbone": "backbone", "create_backbone": "backbone", "embedded_models": "backbone", "open_clip_models": "backbone",
     "BlackBox": "blackbox", "BlackBoxAPI": "blackbox", "Images": "blackbox", "SoftPrompt": "blackbox",
-    "TextPrompt": "blackbox", "VisualPrompt": "blackbox", "QueryMeter": "meter",
+    "TextPrompt": "blackbox", "VisualPrompt": "blackbox", "QueryMeter": "meter", "register_backbone": "catalog",
 }
 _SUBMODULES = {"backbone", "blackbox", "catalog", "hf", "meter", "openclip", "pretrain", "whitebox"}
 
 __all__ = [
     "Backbone", "BlackBox", "BlackBoxAPI", "Images", "QueryMeter", "SoftPrompt", "TextPrompt", "VisualPrompt",
-    "create_backbone", "embedded_models", "open_clip_models",
+    "create_backbone", "embedded_models", "open_clip_models", "register_backbone",
 ]
 
 if TYPE_CHECKING:
     from .backbone import Backbone, create_backbone, embedded_models, open_clip_models
     from .blackbox import BlackBox, BlackBoxAPI, Images, SoftPrompt, TextPrompt, VisualPrompt
+    from .catalog import register_backbone
     from .meter import QueryMeter
 
 

@@ -175,7 +175,7 @@ def normalized(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-# ---- the registry: a backend per name pattern ---------------------------------------------------
+# ---- names and devices (the registry of families: bbpt.models.catalog) -------------------------
 def embedded_models() -> list[str]:
     """Names of the architectures that ship with bbpt (``configs/*.json``)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -204,26 +204,22 @@ def check_device(device: str) -> torch.device:
 
 
 def create_backbone(name: str = "mini", pretrained: str | None = None, device: str = "cpu") -> Backbone:
-    """Build a backbone by name (see the module's table).
+    """Build a backbone by name: the family registered for it (:mod:`bbpt.models.catalog`;
+    the module's table lists bbpt's own).
 
     pretrained: for open_clip, a tag (``openai``, ``laion2b_s34b_b88k``, ...), a local
     checkpoint, or ``random`` (untrained: tests and speed benchmarks). For ``mini``, None
     means the shipped weights, a path other weights, ``random`` untrained ones. For ``hf:``,
     None means the folder's / hub id's weights, ``random`` its config with untrained ones.
     """
+    from .catalog import find_family, model_names
+
     dev = check_device(device)
-    if name.startswith("hf:"):
-        from .hf import create_hf
-
-        return create_hf(name[3:], pretrained, dev)
-    from . import openclip
-
-    if name in embedded_models():
-        return openclip.create_embedded(name, pretrained, dev)
-    if name not in open_clip_models():
-        raise UnknownName("model", name, embedded_models() + open_clip_models(),
+    family = find_family(name)
+    if family is None:
+        raise UnknownName("model", name, model_names(),
                           hint="`bbpt models` lists them; Hugging Face models are hf:ID or hf:/path/to/dir.")
-    return openclip.create_open_clip(name, pretrained, dev)
+    return family.build(name, pretrained, dev)
 
 
 @contextlib.contextmanager
