@@ -11,7 +11,6 @@ with its one-line error listed under the table. Written as ``report.md`` and one
 """
 from __future__ import annotations
 
-import base64
 import io
 import json
 import math
@@ -86,7 +85,7 @@ def group(results: list[dict]) -> dict[tuple, list[dict]]:
     return g
 
 
-def _fmt(iv: dict) -> str:
+def interval_text(iv: dict) -> str:
     if iv["std"] is None:
         return f"{iv['mean']:.1f} (n=1)"
     lo, hi = iv["ci95"]
@@ -252,83 +251,110 @@ def _diff_label(row: dict, rows: list[dict]) -> str:
     return "(" + ", ".join(f"{k}={row['options'][k]}" for k in keys) + ")"
 
 
-def _table(rep: dict, cell, avg_of, title: str, extra: str | None = None) -> list[str]:
+def grid(rep: dict) -> list[dict]:
+    """The method × dataset table as data, one entry per row label: "cells", per dataset its row of
+    rep["rows"], "failed" (bbpt refused every run there) or None; "complete" (a row on every dataset,
+    so an average exists); "calls", the api_calls spent (per dataset, mean over seeds) as text."""
     rows, datasets = rep["rows"], rep["datasets"]
     failed = {(f["method"], f["dataset"]) for f in rep.get("failed", [])}
-    labels = list(dict.fromkeys([r["label"] for r in rows] + [f["method"] for f in rep.get("failed", [])]))
-    head = "| method | " + " | ".join(datasets) + (" | average" if len(datasets) > 1 else "") + " | api_calls spent |"
-    lines = [title, "", head, "|---|" + "---|" * (len(datasets) + 1 + (len(datasets) > 1))]
-    for lab in labels:
+    out = []
+    for lab in dict.fromkeys([r["label"] for r in rows] + [f["method"] for f in rep.get("failed", [])]):
         mine = {r["dataset"]: r for r in rows if r["label"] == lab}
         method = next((r["method"] for r in mine.values()), lab)
-        cells = [cell(mine[d]) if d in mine else "failed" if (method, d) in failed else "-" for d in datasets]
+        spent = sorted({round(r["api_calls"]) for r in mine.values()})
+        out.append({"label": lab, "complete": len(mine) == len(datasets),
+                    "cells": [mine[d] if d in mine else "failed" if (method, d) in failed else None for d in datasets],
+                    "calls": "-" if not spent else f"{spent[0]}" if len(spent) == 1 else f"{spent[0]}-{spent[-1]}"})
+    return out
+
+
+def _table(rep: dict, cell, avg_of, title: str) -> list[str]:
+    datasets = rep["datasets"]
+    head = "| method | " + " | ".join(datasets) + (" | average" if len(datasets) > 1 else "") + " | api_calls spent |"
+    lines = [title, "", head, "|---|" + "---|" * (len(datasets) + 1 + (len(datasets) > 1))]
+    for g in grid(rep):
+        cells = [cell(c) if isinstance(c, dict) else c or "-" for c in g["cells"]]
         if len(datasets) > 1:
-            cells.append(f"{statistics.mean(avg_of(mine[d]) for d in datasets):.1f}" if len(mine) == len(datasets) else "-")
-        spent = sorted({round(r["api_calls"]) for r in mine.values()})  # per dataset, mean over seeds
-        calls = "-" if not spent else f"{spent[0]}" if len(spent) == 1 else f"{spent[0]}-{spent[-1]}"
-        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {calls} |")
-    return lines + ([""] + [extra] if extra else [])
+            cells.append(f"{statistics.mean(avg_of(c) for c in g['cells']):.1f}" if g["complete"] else "-")
+        lines.append(f"| {g['label']} | " + " | ".join(cells) + f" | {g['calls']} |")
+    return lines
 
 
-def _subset_note(rep: dict) -> list[str]:
-    """The warning a report on --test-subset runs carries, as the runs themselves print it."""
-    if not rep.get("test_subset_runs"):
-        return []
-    sizes = ", ".join(map(str, rep["test_subset"]))
-    return [f"**Not comparable to full-test numbers**: {rep['test_subset_runs']} of these {rep['finished']} runs were "
-            f"evaluated on a seeded, stratified subset of the test split (--test-subset {sizes} images), not the whole "
-            "split.", ""]
+def captions(rep: dict) -> dict[str, str]:
+    """The text above each table (inline markdown: **bold**, `code`), shared by report.md and report.html."""
+    what = "Test-subset accuracy" if rep.get("test_subset_runs") else "Test accuracy"
+    m = "H" if rep["metric"] == "H" else "test accuracy"
+    done = ""
+    if rep["planned"]:
+        n_failed = sum(len(f["seeds"]) for f in rep.get("failed", []))
+        done = f" ({rep['finished']} of the sweep's {rep['planned']} runs finished" + (f", {n_failed} failed" if n_failed
+                                                                                         else "") + ")"
+    out = {"accuracy": f"{what} (%), mean ± std over seeds [95 % CI, Student t]; runs under {rep['root']}{done}."
+           + (" Base-to-new runs: the base classes." if rep["metric"] == "H" else ""),
+           "failed": "Failed runs (`failed` in a cell: bbpt refused the run with this error, and the refused query was "
+                     "not charged):",
+           "b2n": "Base-to-new: base / new / H (%), mean over seeds; H ± std [95 % CI]; average: mean H.",
+           "paired": f"Paired differences A − B in {m} (points, over the seeds both have), with where A's mean "
+                     "validation curve first reaches B's final mean validation accuracy:"}
+    if rep.get("test_subset_runs"):  # the warning a report on --test-subset runs carries, as the runs print it
+        out["subset"] = (f"**Not comparable to full-test numbers**: {rep['test_subset_runs']} of these {rep['finished']} "
+                         "runs were evaluated on a seeded, stratified subset of the test split (--test-subset "
+                         f"{', '.join(map(str, rep['test_subset']))} images), not the whole split.")
+    if rep.get("against"):
+        out["against"] = (f"Against {rep['against']['name']} (the same method, task and seeds there): {m}, baseline → "
+                          "this sweep (difference [95 % CI], paired over seeds):")
+    return out
+
+
+def failure_text(f: dict) -> str:
+    return f"{f['method']} on {f['dataset']}, seed{'s' if len(f['seeds']) > 1 else ''} {','.join(map(str, f['seeds']))}: " \
+        f"{f['error']}"
+
+
+def b2n_text(r: dict) -> str:
+    b, n, hm = (r["b2n"][k] for k in ("base", "new", "H"))
+    return f"{b['mean']:.1f} / {n['mean']:.1f} / **{interval_text(hm)}**"
+
+
+def against_text(q: dict | None) -> str:
+    """A cell of the baseline table: baseline → now (difference [95 % CI])."""
+    if q is None:
+        return "-"
+    ci = q["diff"]["ci95"]
+    return f"{q['baseline']:.1f} → {q['now']:.1f} ({q['diff']['mean']:+.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}])" if ci
+                                                                                else ", n=1)")
+
+
+def reach_text(r: dict | None) -> str:
+    """api_calls at which A reaches B's final validation accuracy (B's spend)."""
+    if r is None:
+        return "-"
+    return f"{r['at']:.0f} ({r['b_spent']:.0f})" if r["at"] is not None else f"never ({r['b_spent']:.0f})"
 
 
 def markdown(rep: dict) -> str:
-    what = "Test-subset accuracy" if rep.get("test_subset_runs") else "Test accuracy"
-    lines = _subset_note(rep) + _table(rep, lambda r: _fmt(r["test"]), lambda r: r["test"]["mean"],
-                   f"{what} (%), mean ± std over seeds [95 % CI, Student t]; runs under {rep['root']}"
-                   + (f" ({rep['finished']} of the sweep's {rep['planned']} runs finished"
-                      + (f", {sum(len(f['seeds']) for f in rep['failed'])} failed" if rep.get("failed") else "") + ")."
-                      if rep["planned"] else ".")
-                   + (" Base-to-new runs: the base classes." if rep["metric"] == "H" else ""))
+    cap = captions(rep)
+    lines = [cap["subset"], ""] if "subset" in cap else []
+    lines += _table(rep, lambda r: interval_text(r["test"]), lambda r: r["test"]["mean"], cap["accuracy"])
     if rep.get("failed"):  # why a cell says "failed": the run's one-line refusal
-        lines += ["", "Failed runs (`failed` in a cell: bbpt refused the run with this error, and the refused query was "
-                  "not charged):", ""]
-        lines += [f"- {f['method']} on {f['dataset']}, seed{'s' if len(f['seeds']) > 1 else ''} "
-                  f"{','.join(map(str, f['seeds']))}: {f['error']}" for f in rep["failed"]]
+        lines += ["", cap["failed"], ""] + [f"- {failure_text(f)}" for f in rep["failed"]]
     if rep["metric"] == "H":
-        def b2n(r):
-            b, n, hm = (r["b2n"][k] for k in ("base", "new", "H"))
-            return f"{b['mean']:.1f} / {n['mean']:.1f} / **{_fmt(hm)}**"
-        lines += [""] + _table(rep, b2n, lambda r: r["b2n"]["H"]["mean"],
-                               "Base-to-new: base / new / H (%), mean over seeds; H ± std [95 % CI]; average: mean H.")
+        lines += [""] + _table(rep, b2n_text, lambda r: r["b2n"]["H"]["mean"], cap["b2n"])
     if rep.get("against") and rep["against"]["rows"]:
-        a, ds = rep["against"], rep["datasets"]
-        m = "H" if rep["metric"] == "H" else "test accuracy"
-        lines += ["", f"Against {a['name']} (the same method, task and seeds there): {m}, baseline → this sweep "
-                  "(difference [95 % CI], paired over seeds):", "",
-                  "| method | " + " | ".join(ds) + (" | average" if len(ds) > 1 else "") + " |",
+        ds = rep["datasets"]
+        lines += ["", cap["against"], "", "| method | " + " | ".join(ds) + (" | average" if len(ds) > 1 else "") + " |",
                   "|---|" + "---|" * (len(ds) + (len(ds) > 1))]
-
-        def one(q):
-            if q is None:
-                return "-"
-            ci = q["diff"]["ci95"]
-            return (f"{q['baseline']:.1f} → {q['now']:.1f} ({q['diff']['mean']:+.1f}"
-                    + (f" [{ci[0]:.1f}, {ci[1]:.1f}])" if ci else ", n=1)"))
-        for r in a["rows"]:
-            cells = [one(r["datasets"].get(d)) for d in ds] + ([one(r["average"])] if len(ds) > 1 else [])
+        for r in rep["against"]["rows"]:
+            cells = [against_text(r["datasets"].get(d)) for d in ds] + ([against_text(r["average"])] if len(ds) > 1 else [])
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     if rep["paired"]:
-        m = "H" if rep["metric"] == "H" else "test accuracy"
-        lines += ["", f"Paired differences A − B in {m} (points, over the seeds both have), with where A's mean "
-                  "validation curve first reaches B's final mean validation accuracy:", "",
+        lines += ["", cap["paired"], "",
                   "| A − B | dataset | seeds | difference [95 % CI] | holds | A reaches B's final val at (B spent) |",
                   "|---|---|---|---|---|---|"]
         for p in rep["paired"]:
             for q in p["datasets"] + ([p["average"]] if p["average"] else []):
-                r = q.get("reach")
-                at = "-" if r is None else (f"{r['at']:.0f} ({r['b_spent']:.0f})" if r["at"] is not None
-                                              else f"never ({r['b_spent']:.0f})")
                 lines.append(f"| {p['a']} − {p['b']} | {q['dataset']} | {','.join(map(str, q['seeds']))} | "
-                             f"{_fmt(q['diff'])} | {holds(q['diff'])} | {at} |")
+                             f"{interval_text(q['diff'])} | {holds(q['diff'])} | {reach_text(q.get('reach'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -365,17 +391,6 @@ def curve_png(rows: list[dict], dataset: str) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
-
-
-def html(rep: dict, md: str, pngs: dict[str, bytes]) -> str:
-    import html as h
-
-    parts = [f"<h1>bbpt report</h1><pre>{h.escape(md)}</pre>"]
-    for d, png in pngs.items():
-        b64 = base64.b64encode(png).decode()
-        parts.append(f"<h2>{h.escape(d)}</h2><img alt='curve {h.escape(d)}' src='data:image/png;base64,{b64}'>")
-    return "<!doctype html><html><head><meta charset='utf-8'><title>bbpt report</title></head><body>" + "".join(parts) + \
-        "</body></html>\n"
 
 
 def report(root: str | Path, compare=None, out: str | Path | None = None) -> dict:
@@ -417,6 +432,8 @@ def report(root: str | Path, compare=None, out: str | Path | None = None) -> dic
     pngs = {d: curve_png(rep["rows"], d) for d in rep["datasets"]}
     for d, png in pngs.items():  # also as files, for pages that link images (a README)
         (out / f"curve_{d.replace('/', '_')}.png").write_bytes(png)
-    (out / "report.html").write_text(html(rep, md, pngs))
+    from .report_html import page
+
+    (out / "report.html").write_text(page(rep, pngs))
     rep["markdown"], rep["out"] = md, str(out)
     return rep
