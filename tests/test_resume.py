@@ -149,9 +149,9 @@ def test_interrupt_during_the_test_split_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_checkpoint_every_60_s_between_curve_points(tmp_path, monkeypatch):
-    import bbpt.engine as engine
+    import bbpt.loop as loop
 
-    monkeypatch.setattr(engine, "CHECKPOINT_SECONDS", 0.0)  # every step
+    monkeypatch.setattr(loop, "CHECKPOINT_SECONDS", 0.0)  # every step
     saved = []
     from bbpt.runfolder import RunFolder
 

@@ -16,261 +16,48 @@ second signal exits at once, the last checkpoint already on disk.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import signal
+import random
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .config import LATE_FIELDS, MAX_SEED, RunConfig, identity, load_config_file, make_run_config
 from .data import check_images, fewshot_split, load_task, stratified_subset, subsample_classes
 from .data.core import ImageSet
 from .data.views import TrainViews, ViewSpec
-from .errors import BadInput, BBPTError, BudgetExhausted, CorruptCheckpoint, excerpt
+from .errors import BadInput, BBPTError
+from .evaluation import SavedPrompt, _Saved, evaluate, evaluate_prompt  # noqa: F401 -- _Saved: the old name
+from .loop import CHECKPOINT_SECONDS, TEST_SUBSET_SEED, Loop, LoopState
 from .methods import METHODS, FewShotData, make_config
-from .methods.base import Budget, Env, option_range
-from .models import BlackBox, BlackBoxAPI, Images, QueryMeter, create_backbone
-from .progress import Progress, eval_bar
-from .results import write_outputs
-from .runfolder import CHECKPOINT, RunFolder, config_diff
-from .state import global_rng_state, set_global_rng_state
+from .methods.base import Env
+from .models import QueryMeter
+from .models.cache import backbone_cache
+from .run_result import RunResult
+from .runfolder import RunFolder
+from .signals import Interrupts, RunInterrupted
 
-CHECKPOINT_SECONDS = 60.0
-MAX_SEED = 2**31 - 1
-TEST_SUBSET_SEED = 0  # the same subset for every method and seed, so quick looks compare
-
-
-class RunConfig(BaseModel):
-    """Everything that determines a run; stored in run.json and result.json."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # strict: true is not 1; inf / nan are no values
-
-    method: str = Field("zip", min_length=1, description="method name (`bbpt methods`)")
-    dataset: str = Field("fashion-mnist", min_length=1, description="registered task or image-folder path")
-    model: str = Field("mini", min_length=1, description="backbone (`bbpt models`)")
-    pretrained: str | None = Field(None, min_length=1, description="open_clip tag, checkpoint path, or 'random'")
-    shots: int = Field(16, ge=1, le=100_000, description="training images per class")
-    seed: int = Field(1, ge=0, le=MAX_SEED, description="seed of the few-shot sample and of the method")
-    device: str = Field("cpu", description="cpu, cuda, cuda:N or mps")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or bf16 / fp16 autocast on CUDA")
-    eval_every: int = Field(0, ge=0, description="budget units between curve points; 0: about 20 points")
-    eval_batch: int = Field(500, ge=1, le=100_000, description="images per evaluation query")
-    max_images_per_call: int = Field(128, ge=1, le=100_000, description="the API's images per call (ZIP's 128)")
-    classes: Literal["all", "base", "new"] = Field("all", description="all classes, or CoOp's base / new half")
-    test_subset: int | None = Field(None, ge=1, description="evaluate on a seeded, stratified subset of the test split")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many method steps (quick looks)")
-    remote: str | None = Field(None, min_length=1, description="URL of a `bbpt serve` black box (the same as --box URL)")
-    # Added after runs were stored: left out of a sweep's run hash while unset (`identity`).
-    box: str | None = Field(None, min_length=1, description="the black box: local (default), a bbpt server's URL, "
-                            "or KIND:URL (hf:URL, openai:URL; `bbpt methods --box`)")
-    box_options: dict[str, Any] | None = Field(None, description="options of the box's transport (e.g. image_size, "
-                                               "concurrency; `bbpt methods --box KIND:URL` lists them)")
-    options: dict[str, Any] = Field({}, description="method options over its paper defaults")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        import re
-
-        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", v):
-            raise ValueError("use cpu, cuda, cuda:N or mps")
-        return v
-
-
-LATE_FIELDS = ("box", "box_options")  # run fields added after sweeps were committed
-
-
-def identity(cfg: RunConfig) -> dict:
-    """The run's fields as stored and hashed: those of :data:`LATE_FIELDS` only when set, so
-    runs stored before they existed keep their hashes."""
-    return {k: v for k, v in cfg.model_dump().items() if not (k in LATE_FIELDS and v is None)}
-
-
-def load_config_file(path: str | Path) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        raise BadInput(f"config file {p} is a folder; pass a JSON or TOML file of run fields")
-    if not p.is_file():
-        raise BadInput(f"config file {p} does not exist; pass a JSON or TOML file of run fields")
-    kind = "TOML" if p.suffix == ".toml" else "JSON"
-    try:
-        if kind == "TOML":
-            import tomllib
-
-            data = tomllib.loads(p.read_text())
-        else:
-            data = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadInput(f"config file {p} is not valid {kind}: {str(e).splitlines()[0]}") from None
-    example = '{"dataset": "mnist", "shots": 16, "options": {"budget": 1000}}'
-    if not isinstance(data, dict):
-        raise BadInput(f"config file {p} holds a {kind} {type(data).__name__}; it must hold a mapping of run fields, "
-                       f"e.g. {example}")
-    if not isinstance(data.get("options", {}), dict):
-        raise BadInput(f"config file {p}: 'options' must be a mapping of method options, e.g. {example}")
-    return data
-
-
-def make_run_config(**kw) -> RunConfig:
-    try:
-        return RunConfig(**kw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = str(err["loc"][0]) if err["loc"] else "?"
-        if err["type"] == "extra_forbidden":
-            raise BadInput(f"unknown run field {loc!r}; run fields: {', '.join(RunConfig.model_fields)}") from None
-        field = RunConfig.model_fields.get(loc)
-        rng = option_range(field) if field is not None else ""
-        msg = "is out of range" if err["type"] in _RANGE_ERRORS else "is invalid: " + err["msg"].removeprefix("Value error, ")
-        raise BadInput(f"--{loc.replace('_', '-')} {err.get('input')!r} {msg}" + (f" (allowed: {rng})" if rng else "")) from None
-
-
-_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+__all__ = [  # what `from bbpt.engine import ...` gave before the split, and build_run
+    "CHECKPOINT_SECONDS", "LATE_FIELDS", "MAX_SEED", "TEST_SUBSET_SEED", "Interrupts", "Loop", "LoopState", "RunConfig",
+    "RunInterrupted", "RunResult", "SavedPrompt", "box_spec", "build_run", "check_box", "evaluate", "evaluate_prompt",
+    "identity", "load_config_file", "make_run_config", "run", "set_seed", "train_views",
+]
+_Loop = LoopState  # the names before the split
 
 
 def set_seed(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-class RunInterrupted(Exception):
-    """A run stopped by SIGINT / SIGTERM after checkpointing; ``result`` has ``status: interrupted``."""
-
-    def __init__(self, signum: int, out: Path | None, result: dict):
-        self.signum, self.out, self.result = signum, out, result
-        self.exit_code = 128 + signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-
-
-class Interrupts:
-    """SIGINT / SIGTERM while a run is in progress: the first asks the loop to stop after the
-    current step; the second exits the process at once (the last checkpoint is on disk).
-
-    Python runs signal handlers in the main thread between bytecodes, so during a long
-    forward pass a handler waits, and two signals in that time coalesce into one call. The
-    signals are therefore read from Python's wakeup fd (one byte per delivery, written by
-    the C-level handler at once) by a watcher thread, which can exit while the main thread
-    is still inside torch."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    THEN = {  # what the first signal does, by phase (the engine sets ``phase``) and whether there is a run folder
-        ("train", True): "stopping after the current step",
-        ("train", False): "stopping after the current step",
-        ("test", True): "stopping the test evaluation after its current batch; training is saved, rerun the command "
-                        "to evaluate",
-        ("test", False): "stopping the test evaluation after its current batch; nothing is saved (no --out)",
-    }
-
-    def __init__(self, where: Path | None):
-        self.where, self.signum = where, None
-        self.phase = "train"
-        self._old: dict = {}
-        self._pipe: tuple[int, int] | None = None
-
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signals reach the main thread only; a run in a thread is not interrupted
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        self._pipe = (r, w)
-        self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        threading.Thread(target=self._watch, args=(r,), daemon=True, name="bbpt-signals").start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._pipe is None:
-            return
-        signal.set_wakeup_fd(self._old_fd)
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        os.close(self._pipe[1])  # the watcher reads EOF and ends; it closes the read end
-
-    def _handle(self, signum, frame) -> None:
-        """The main thread's handler: marks the stop at once (the watcher may read later)."""
-        if self.signum is None:
-            self.signum = signum
-
-    def _watch(self, r: int) -> None:
-        seen = 0
-        try:
-            while True:
-                b = os.read(r, 1)
-                if not b:
-                    return
-                signum = b[0]
-                if signum not in self.SIGNALS:
-                    continue
-                seen += 1
-                name = signal.Signals(signum).name
-                if seen == 1:
-                    if self.signum is None:
-                        self.signum = signum
-                    os.write(2, f"\n{name}: {self.THEN[self.phase, self.where is not None]} (again to exit at once)\n".encode())
-                    continue
-                saved = f"; the last checkpoint is in {self.where}, rerun the command to resume" if self.where else ""
-                os.write(2, f"\n{name} again: exiting now{saved}\n".encode())
-                os._exit(128 + signum)
-        finally:
-            os.close(r)
-
-
-@torch.no_grad()
-def evaluate(method, box: BlackBoxAPI, images: ImageSet | FewShotData, batch: int, desc: str = "eval",
-             progress: bool = True, should_stop: Callable[[], bool] | None = None, cache: bool = False) -> dict:
-    """Accuracy and mean cross-entropy of ``method.predict`` (or any ``predict(box, images)``)
-    on ``images``, through ``box`` (an evaluation meter, not the training budget). Streams
-    the images ``batch`` at a time and, unless ``cache`` (the few-shot val set, evaluated at
-    every curve point), sends them without cache keys: memory stays flat in the split's size."""
-    data = images if isinstance(images, FewShotData) else FewShotData(images, box.image_size, preload=False)
-    correct, loss, n = 0, 0.0, len(data)
-    with eval_bar(progress and n > batch, n, desc) as bar:
-        for i in range(0, n, batch):
-            if should_stop is not None and should_stop():
-                return {"accuracy": None, "loss": None, "stopped": True}
-            idx = np.arange(i, min(i + batch, n))
-            imgs = data.images(idx)
-            logits = method.predict(box, imgs if cache else Images(imgs.pixels))  # (B, C)
-            y = data.labels[idx]
-            correct += int((logits.argmax(-1) == y).sum())
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            bar.update(len(idx))
-    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1)}
-
-
-class _Loop:
-    """The loop's own state, saved in every checkpoint."""
-
-    def __init__(self, every: int):
-        self.curve: list[dict] = []
-        self.steps, self.next_eval, self.every = 0, every, every
-        self.last_loss: float | None = None
-        self.stopped_by: str | None = None  # budget | key_budget | done | max_steps: training is over
-        self.stop_details: dict = {}  # what the stop adds to the result (a server key's counts)
-        self.elapsed = 0.0  # wall seconds of earlier sessions of this run
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, s: dict) -> None:
-        vars(self).update(s)
-
-
 def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, force: bool = False,
         keep_finished: bool = False, log: Callable[[str], None] | None = None,
-        on_step: Callable[[int, dict], None] | None = None, key_file: str | None = None) -> dict:
-    """Run one method on one task; returns the result dict (also written to ``out``).
+        on_step: Callable[[int, dict], None] | None = None, key_file: str | None = None) -> RunResult:
+    """Run one method on one task; returns its :class:`RunResult` (also written to ``out``).
 
     ``out`` holding an unfinished run of the same configuration resumes it; ``force``
     replaces what ``out`` holds; ``keep_finished`` returns a finished run of the same
@@ -291,11 +78,21 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
             folder.lock()  # an existing folder: held before it is read (a new one is locked at its start)
         mode = folder.check(config, force=force, keep_finished=keep_finished) if folder else "new"
         if mode == "finished":
-            return folder.result()
+            return RunResult.from_dict(folder.result())
         if mode == "resume":
             folder.clean_temp()  # what a killed write left
         ckpt = folder.load_checkpoint() if mode == "resume" else None
-        return _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force, key_file)
+        loop = build_run(cfg, folder=folder, progress=progress, log=log, on_step=on_step, key_file=key_file, t0=t0)
+        if folder is not None and mode == "new":
+            folder.start(config, force)  # everything loaded: now the folder is this run's (checked again)
+        with _discard_unless_spent(folder, mode, lambda: [loop.meter, loop.env.side_meter]):
+            if ckpt is not None:
+                loop.restore(ckpt)
+                log(f"resuming {folder.path}: {cfg.method} on {loop.task.name} from its checkpoint at step "
+                    f"{loop.state.steps} ({loop.meter.counts[loop.unit]} {loop.unit} spent)")
+            elif mode == "resume":
+                log(f"resuming {folder.path}: no checkpoint was written yet, starting the run from step 0")
+            return loop.run()
     finally:
         if folder is not None:
             folder.unlock()
@@ -313,7 +110,17 @@ def _discard_unless_spent(folder: RunFolder | None, mode: str, meters: Callable[
         raise
 
 
-def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step, force, key_file=None) -> dict:
+def build_run(cfg: RunConfig, *, folder: RunFolder | None = None, progress: bool = True,
+              log: Callable[[str], None] | None = None, on_step: Callable[[int, dict], None] | None = None,
+              key_file: str | None = None, t0: float | None = None) -> Loop:
+    """Everything one run needs, built from its configuration: the task's few-shot train / val
+    and test splits (checked before any query), the training box and its budgeted meter, the
+    evaluation box, the method; returned as a :class:`Loop` ready to :meth:`~Loop.run`. Seeds
+    the global RNGs first, so a run built twice steps alike."""
+    t0 = time.time() if t0 is None else t0
+    cls = METHODS.get(cfg.method)
+    mcfg = cls.resolve_config(make_config(cls, cfg.options), cfg.shots)
+    config = {**identity(cfg), "options": mcfg.model_dump()}
     set_seed(cfg.seed)
     task = subsample_classes(load_task(cfg.dataset), cfg.classes)
     train, val = fewshot_split(task, cfg.shots, cfg.seed)
@@ -333,153 +140,9 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
     env = Env(box, data, {"name": task.name, "classnames": task.classnames, "templates": task.templates},
               cfg.seed, cls, white_box=lambda: box.white_box(meter), val=val_data)
     method = cls(mcfg, env)
-    if folder is not None and mode == "new":
-        folder.start(config, force)  # everything loaded: now the folder is this run's (checked again)
-    with _discard_unless_spent(folder, mode, lambda: [meter, env.side_meter]):
-        total = mcfg.budget or (method.total_steps() or 0)
-        loop = _Loop(cfg.eval_every or max(1, total // 20))
-        meters = lambda: {"train": meter, "eval": eval_box.meter, "side": env.side_meter}  # noqa: E731
-        if ckpt is not None:
-            _restore(ckpt, config, folder, method, loop, env, meters)
-            log(f"resuming {folder.path}: {cfg.method} on {task.name} from its checkpoint at step {loop.steps} "
-                f"({meter.counts[unit]} {unit} spent)")
-        elif mode == "resume":
-            log(f"resuming {folder.path}: no checkpoint was written yet, starting the run from step 0")
-
-        def checkpoint() -> None:
-            nonlocal last_save
-            if folder is not None:
-                loop.elapsed = prior + time.time() - t0
-                folder.save_checkpoint({"method": method.state_dict(), "loop": loop.state_dict(), "rng": global_rng_state(),
-                                        "meters": {k: m.state_dict() if m else None for k, m in meters().items()},
-                                        "config": config})
-            last_save = time.time()
-
-        def done() -> int:
-            return meter.counts[unit] if mcfg.budget else loop.steps
-
-        def add_point() -> None:
-            if loop.last_loss is None:  # a method that has not trained yet: its loss on the train set, uncounted
-                loop.last_loss = evaluate(method, eval_box, data, cfg.eval_batch, "train", progress, cache=True)["loss"]
-            v = evaluate(method, eval_box, val_data, cfg.eval_batch, "val", progress, cache=True)
-            point = {"api_calls": meter.counts["api_calls"], "prompt_evals": meter.counts["prompt_evals"],
-                     "train_loss": loop.last_loss, "val_accuracy": v["accuracy"]}
-            loop.curve.append(point)
-            bar.point(done(), point)
-
-        def result(status: str, test_r: dict | None) -> dict:
-            side = env.side_meter
-            return {
-                "method": cfg.method, "dataset": task.name,
-                "model": cfg.model if cfg.pretrained is None else f"{cfg.model}:{cfg.pretrained}",
-                "shots": cfg.shots, "seed": cfg.seed, "status": status, "stopped_by": loop.stopped_by, **loop.stop_details,
-                "steps": loop.steps,
-                "black_box": cls.black_box,
-                "budget": {unit: mcfg.budget} if unit == "api_calls" else {"api_calls": None, unit: mcfg.budget},
-                "queries": meter.counts,
-                **({"aux_queries": side.counts, "queries_total": _summed(meter.counts, side.counts)}
-                   if side is not None else {}),
-                "eval_queries": eval_box.meter.counts,
-                "accuracy": {"test": None if test_r is None else test_r["accuracy"],
-                             "val": loop.curve[-1]["val_accuracy"] if loop.curve else None},
-                **({"test_subset": {"n": len(test), "of": len(task.test), "seed": TEST_SUBSET_SEED,
-                                    "comparable_to_full_test": False}} if cfg.test_subset is not None else {}),
-                "curve": loop.curve,
-                "wall_seconds": round(prior + time.time() - t0, 2),
-                "config": config,
-            }
-
-        def interrupted(signum: int, save: bool = True) -> RunInterrupted:
-            if save:  # not during the test split: the checkpoint before it is current, its meters included
-                checkpoint()
-            r = result("interrupted", None)
-            if folder is not None:
-                write_outputs(folder.path, r, method)
-            return RunInterrupted(signum, folder.path if folder else None, r)
-
-        prior, last_save = loop.elapsed, time.time()
-        budget = Budget.of(meter, unit, mcfg.budget)
-        bar = Progress(progress, f"{cfg.method} on {task.name}", total, unit if mcfg.budget else "step", done())
-        with Interrupts(folder.path if folder else None) as stop:
-            try:
-                if not loop.curve:
-                    add_point()  # the starting point (api_calls = 0)
-                    checkpoint()
-                while loop.stopped_by is None:
-                    if stop.signum is not None:
-                        raise interrupted(stop.signum)
-                    if cfg.max_steps is not None and loop.steps >= cfg.max_steps:
-                        loop.stopped_by = "max_steps"
-                        break
-                    try:
-                        stats = method.step(budget)
-                    except BudgetExhausted as e:
-                        if meter.counts[unit] == 0:  # not even one step fits: the budget is unusable
-                            raise e from None
-                        loop.stopped_by, loop.stop_details = e.stopped_by, e.details()
-                        if e.stopped_by != BudgetExhausted.stopped_by:  # not the run's own budget: say whose
-                            log(f"training stopped after {meter.counts[unit]} {unit} (stopped_by: {e.stopped_by}): {e}")
-                        break
-                    if stats is None:
-                        loop.stopped_by = "done"
-                        break
-                    loop.steps += 1
-                    loop.last_loss = stats.get("train_loss", loop.last_loss)
-                    bar.update(done(), loop.last_loss)
-                    if done() >= loop.next_eval:
-                        add_point()
-                        loop.next_eval = done() + loop.every
-                        checkpoint()
-                    elif time.time() - last_save >= CHECKPOINT_SECONDS:
-                        checkpoint()
-                    if on_step is not None:
-                        on_step(loop.steps, stats)
-                last = loop.curve[-1]
-                if (last["api_calls"], last["prompt_evals"]) != (meter.counts["api_calls"], meter.counts["prompt_evals"]):
-                    add_point()  # the end point
-                checkpoint()  # training is over: a resumed run goes straight to the test split
-                if stop.signum is not None:
-                    raise interrupted(stop.signum, save=False)
-                stop.phase = "test"
-                test_r = evaluate(method, eval_box, test, cfg.eval_batch, "test", progress,
-                                  should_stop=lambda: stop.signum is not None)
-                if test_r.get("stopped"):
-                    raise interrupted(stop.signum, save=False)
-                r = result("finished", test_r)
-                if folder is not None:
-                    write_outputs(folder.path, r, method)
-                if stop.signum is not None:  # it came during the last batch: nothing was left to stop
-                    where = f"its result is in {folder.path}" if folder is not None else "nothing is saved (no --out)"
-                    log(f"{signal.Signals(stop.signum).name} came during the test evaluation's last batch: the run "
-                        f"finished; {where}")
-            finally:
-                bar.close()
-        return r
-
-
-def _restore(ckpt: dict, config: dict, folder: RunFolder, method, loop: _Loop, env: Env, meters) -> None:
-    """Load a checkpoint into the run, or refuse in one line: one written by another run
-    (its configuration differs) or one that does not fit this method's state."""
-    where = folder.file(CHECKPOINT)
-    as_stored = lambda c: json.loads(json.dumps(c))  # noqa: E731 -- tuples are lists in JSON
-    diff = config_diff(as_stored(ckpt["config"]), as_stored(config)) if "config" in ckpt else []
-    if diff:
-        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-        raise CorruptCheckpoint(f"checkpoint {where} belongs to another run ({shown}); pass --force to start this run "
-                                "afresh, or choose another --out")
-    try:
-        method.load_state_dict(ckpt["method"])
-        loop.load_state_dict(ckpt["loop"])
-        if ckpt["meters"].get("side") is not None and env.side_meter is None:
-            env.side_box()  # created on demand by the first run: create it before restoring its counts
-        for k, m in meters().items():
-            if ckpt["meters"].get(k) is not None:
-                m.load_state_dict(ckpt["meters"][k])
-        set_global_rng_state(ckpt["rng"])
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise CorruptCheckpoint(f"checkpoint {where} does not fit this {config['method']} run ({type(e).__name__}: "
-                                f"{excerpt(e, 80)}); it was written by another run or another bbpt: pass --force to start "
-                                "afresh") from None
+    return Loop(cfg, cls, mcfg, config, task=task, test=test, data=data, val_data=val_data, unit=unit, meter=meter,
+                box=box, eval_box=eval_box, env=env, method=method, folder=folder, progress=progress,
+                log=log or (lambda msg: print(msg, file=sys.stderr)), on_step=on_step, t0=t0)
 
 
 def train_views(mcfg, task, train: ImageSet, size: int, seed: int) -> TrainViews | None:
@@ -494,22 +157,9 @@ def train_views(mcfg, task, train: ImageSet, size: int, seed: int) -> TrainViews
     return TrainViews(train, size, ViewSpec((crop, 1.0), flip, pool), seed)
 
 
-# A process that runs many runs (a sweep worker) sets this to {} to build each backbone once;
-# backbones are frozen and every run has its own black box (feature cache, meters).
-BACKBONE_CACHE: dict | None = None
-
-
 def _backbone(cfg: RunConfig):
-    if BACKBONE_CACHE is None:
-        return create_backbone(cfg.model, cfg.pretrained, cfg.device)
-    key = (cfg.model, cfg.pretrained, cfg.device)
-    if key not in BACKBONE_CACHE:
-        BACKBONE_CACHE[key] = create_backbone(*key)
-    return BACKBONE_CACHE[key]
-
-
-def _summed(a: dict, b: dict) -> dict:
-    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+    """The run's backbone, through the process's :data:`~bbpt.models.cache.backbone_cache`."""
+    return backbone_cache.get(cfg.model, cfg.pretrained, cfg.device)
 
 
 def box_spec(cfg: RunConfig):
@@ -536,41 +186,3 @@ def _open_box(cfg: RunConfig, classnames: list[str], meter: QueryMeter, key_file
                           **{"backbone_loader": lambda: _backbone(cfg), "model": cfg.model, "pretrained": cfg.pretrained,
                              "device": cfg.device, "precision": cfg.precision,
                              "max_images_per_call": cfg.max_images_per_call, **(cfg.box_options or {})})
-
-
-class _Saved:
-    """A saved prompt (+ extra state) behaving like a method for :func:`evaluate`."""
-
-    def __init__(self, cls, prompt, extra, source: Path | str = "the prompt file"):
-        self.cls, self.prompt, self.extra, self.source = cls, prompt, extra, source
-
-    def predict(self, box, images):
-        try:
-            return self.cls.apply(self.prompt, self.extra, box, images)
-        except (KeyError, RuntimeError) as e:  # a tensor the method reads by name is missing, or has another shape
-            if isinstance(e, RuntimeError) and not str(e).startswith("Error(s) in loading state_dict"):
-                raise
-            what = e.args[0] if isinstance(e, KeyError) and e.args else excerpt(e, 80)
-            raise CorruptCheckpoint(f"prompt file {self.source} does not fit {self.cls.name} ({what}); pass the "
-                                    "prompt.safetensors of that method's run folder") from None
-
-
-def evaluate_prompt(prompt_path: str | Path, dataset: str, model: str | None = None, pretrained: str | None = None,
-                    device: str = "cpu", split: str = "test", batch: int = 500, progress: bool = True) -> dict:
-    """Test accuracy of a saved prompt (``runs/x/prompt.safetensors``) on a task."""
-    from .results import load_prompt
-
-    if split not in ("test", "val", "train"):
-        raise BadInput(f"split {split!r} must be test, val or train")
-    prompt, extra, meta = load_prompt(prompt_path)
-    cls = METHODS.get(meta.get("method", "zeroshot"))
-    if model is None:
-        model, _, tag = meta.get("model", "mini").partition(":")
-        pretrained = pretrained or (tag or None)
-    task = load_task(dataset)
-    images = getattr(task, split)
-    check_images(images, split, progress=progress)
-    backbone = create_backbone(model, pretrained, device)
-    box = BlackBox(backbone, task.classnames, QueryMeter())
-    r = evaluate(_Saved(cls, prompt, extra, prompt_path), box, images, batch, split, progress)
-    return {"dataset": task.name, "split": split, "method": cls.name, "model": model, **r, "queries": box.meter.counts}
