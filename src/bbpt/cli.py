@@ -102,13 +102,13 @@ def run(
             fields[k] = v
     cfg = engine.make_run_config(**fields, options=options)
     result = engine.run(cfg, out=out, progress=not quiet, force=force, log=_log, key_file=key_file)
-    q = result["queries"]
+    q = result.queries
     typer.echo(
-        f"{result['method']} on {result['dataset']} ({result['shots']}-shot, seed {result['seed']}): "
-        f"test {100 * result['accuracy']['test']:.2f}%  val {100 * result['accuracy']['val']:.2f}%  "
+        f"{result.method} on {result.dataset} ({result.shots}-shot, seed {result.seed}): "
+        f"test {100 * result.accuracy.test:.2f}%  val {100 * result.accuracy.val:.2f}%  "
         f"api_calls {q['api_calls']}  prompt_evals {q['prompt_evals']}  images {q['images_forwarded']}  "
-        f"{result['wall_seconds']:.1f}s -> {out}/result.json"
-        + ("  [test subset: not comparable to full-test numbers]" if "test_subset" in result else "")
+        f"{result.wall_seconds:.1f}s -> {out}/result.json"
+        + ("  [test subset: not comparable to full-test numbers]" if result.test_subset is not None else "")
     )
 
 

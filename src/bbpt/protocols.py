@@ -21,13 +21,17 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import engine
+from .config import RunConfig
 from .data import check_images, load_task, subsample_classes
 from .data.core import ImageSet, Task
 from .data.shift import SHIFTS, shift_task
 from .errors import BadInput
 from .methods import METHODS
+from .evaluation import SavedPrompt, evaluate
 from .models import BlackBox, QueryMeter
+from .models.cache import backbone_cache
 from .results import load_prompt
+from .run_result import RunResult
 from .state import atomic_write_text
 
 
@@ -40,19 +44,19 @@ class _Evaluator:
     """Applies saved prompts to target test splits; one black box (and image-feature cache)
     per target, shared across seeds, with a fresh evaluation meter per call."""
 
-    def __init__(self, cfg: engine.RunConfig):
+    def __init__(self, cfg: RunConfig):
         self.cfg, self.backbone, self.boxes = cfg, None, {}
 
     def __call__(self, run_dir: Path, name: str, classnames: list[str], images: ImageSet, progress: bool) -> dict:
         cfg = self.cfg
         if self.backbone is None:  # a sweep worker's cached backbone where there is one
-            self.backbone = engine._backbone(cfg)
+            self.backbone = backbone_cache.get(cfg.model, cfg.pretrained, cfg.device)
         if name not in self.boxes:
             self.boxes[name] = BlackBox(self.backbone, classnames, QueryMeter(), precision=cfg.precision)
         box = self.boxes[name].for_classes(classnames, QueryMeter(max_images_per_call=cfg.max_images_per_call))
         prompt, extra, _ = load_prompt(run_dir / "prompt.safetensors")
-        saved = engine._Saved(METHODS.get(cfg.method), prompt, extra)
-        r = engine.evaluate(saved, box, images, cfg.eval_batch, name, progress, cache=True)  # features reused across seeds
+        saved = SavedPrompt(METHODS.get(cfg.method), prompt, extra)
+        r = evaluate(saved, box, images, cfg.eval_batch, name, progress, cache=True)  # features reused across seeds
         return {**r, "eval_queries": box.meter.counts}
 
 
@@ -78,17 +82,18 @@ def _run_protocol(protocol: str, method: str, dataset: str, targets: dict[str, T
     for s in seeds:  # an interruption (engine.RunInterrupted) propagates: the seed's folder resumes
         run_dir = out / f"seed{s}"
         result = engine.run(cfgs[s], out=run_dir, progress=progress, force=force, keep_finished=True)
-        if set(result.get(protocol, {}).get("targets", {})) == set(targets):
-            evals = result[protocol]["targets"]  # a finished seed of an earlier invocation
+        earlier = getattr(result, protocol) or {}
+        if set(earlier.get("targets", {})) == set(targets):
+            evals = earlier["targets"]  # a finished seed of an earlier invocation
         else:
             evals = {name: evaluator(run_dir, name, t.classnames, t.test, progress) for name, t in targets.items()}
-        values = row(result["accuracy"]["test"], evals)
-        result[protocol] = {**values, "targets": evals}
-        atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1) + "\n")  # rewritten with the evaluations
+        values = row(result.accuracy.test, evals)
+        result = result.with_fields(**{protocol: {**values, "targets": evals}})
+        atomic_write_text(run_dir / "result.json", result.to_json())  # rewritten with the evaluations
         rows.append({"seed": s, **values})
         runs[str(s)] = str(run_dir)
-    summary = {"protocol": protocol, "method": method, "dataset": dataset, "model": result["model"], "shots": shots,
-               "seeds": [r["seed"] for r in rows], "options": result["config"]["options"], "status": "finished",
+    summary = {"protocol": protocol, "method": method, "dataset": dataset, "model": result.model, "shots": shots,
+               "seeds": [r["seed"] for r in rows], "options": result.config["options"], "status": "finished",
                "rows": rows, "runs": runs}
     return summary, out
 
@@ -138,20 +143,20 @@ def base_to_new(method: str, dataset: str, shots: int = 16, seeds: Sequence[int]
     return _finish(summary, {"base": "base", "new": "new", "H": "H"}, out)
 
 
-def add_new_classes(cfg: engine.RunConfig, run_dir: Path, result: dict, evaluator: "_Evaluator | None" = None) -> dict:
+def add_new_classes(cfg: RunConfig, run_dir: Path, result: RunResult, evaluator: "_Evaluator | None" = None) -> RunResult:
     """Base-to-new for one finished run trained on the base classes (a sweep's run): tests its
     saved prompt on the new half and writes base, new and H to its result.json under
     ``base_to_new`` (kept when already there). Evaluation queries are not charged."""
-    if "base_to_new" in result:
+    if result.base_to_new is not None:
         return result
     if cfg.classes != "base":
         raise BadInput(f"base-to-new needs a run trained on the base classes (classes=base), not {cfg.classes!r}")
     new = subsample_classes(load_task(cfg.dataset), "new")
     ev = evaluator or _Evaluator(cfg)
     evals = {"new": ev(run_dir, "new", new.classnames, new.test, False)}
-    base, n = result["accuracy"]["test"], evals["new"]["accuracy"]
-    result["base_to_new"] = {"base": base, "new": n, "H": harmonic_mean(base, n), "targets": evals}
-    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
+    base, n = result.accuracy.test, evals["new"]["accuracy"]
+    result = result.with_fields(base_to_new={"base": base, "new": n, "H": harmonic_mean(base, n), "targets": evals})
+    atomic_write_text(run_dir / "result.json", result.to_json())
     return result
 
 

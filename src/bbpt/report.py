@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 from .errors import BadInput
+from .run_result import RunResult
 
 # two-sided 95 % Student t quantiles t_{0.975, df}, df = 1..30; beyond, the normal's 1.96
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -38,7 +39,8 @@ def interval(xs: list[float]) -> dict:
     return {"n": n, "mean": m, "std": sd, "ci95": [m - h, m + h]}
 
 
-def collect(root: str | Path, folders: list[Path] | None = None, failed: list[dict] | None = None) -> list[dict]:
+def collect(root: str | Path, folders: list[Path] | None = None,
+            failed: list[RunResult] | None = None) -> list[RunResult]:
     """Finished runs under root; with folders, only those runs' result.json (a sweep file's grid).
     failed: a list that receives the runs bbpt refused (status "failed", with their one-line error)."""
     root = Path(root)
@@ -48,39 +50,37 @@ def collect(root: str | Path, folders: list[Path] | None = None, failed: list[di
     files = sorted(root.rglob("result.json")) if folders is None else [Path(f) / "result.json" for f in folders]
     for f in files:
         try:
-            r = json.loads(f.read_text())
-        except (OSError, ValueError):
+            r = RunResult.load(f)
+        except (OSError, ValueError):  # not JSON, or not a run's result (pydantic's ValidationError is a ValueError)
             continue
-        r["_folder"] = str(f.parent)
-        if r.get("status") == "finished" and (r.get("accuracy") or {}).get("test") is not None:
+        if r.status == "finished" and r.test_accuracy is not None:
             out.append(r)
-        elif r.get("status") == "failed" and failed is not None:
+        elif r.status == "failed" and failed is not None:
             failed.append(r)
     if not out:
         raise BadInput(f"no finished runs (result.json with status finished) under {root}")
     return out
 
 
-def _failures(failed: list[dict], given: dict[str, str]) -> list[dict]:
+def _failures(failed: list[RunResult], given: dict[str, str]) -> list[dict]:
     """Failed runs grouped by (method, column, error): {"method", "dataset", "seeds", "error"}.
     given maps a finished run's task name to the sweep's (mnist-base -> mnist); a failed run
     records the sweep's name, so it is put in the column of the runs that did finish there."""
     column = {v: k for k, v in given.items()}
     out: dict[tuple, dict] = {}
     for r in failed:
-        d = column.get(r["dataset"], r["dataset"])
-        g = out.setdefault((r["method"], d, r.get("error", "")), {"method": r["method"], "dataset": d, "seeds": [],
-                                                                  "error": r.get("error", "")})
-        g["seeds"].append(r.get("seed"))
+        d, error = column.get(r.dataset, r.dataset), r.error or ""
+        g = out.setdefault((r.method, d, error), {"method": r.method, "dataset": d, "seeds": [], "error": error})
+        g["seeds"].append(r.seed)
     return [{**g, "seeds": sorted(g["seeds"])} for g in out.values()]
 
 
-def group(results: list[dict]) -> dict[tuple, list[dict]]:
+def group(results: list[RunResult]) -> dict[tuple, list[RunResult]]:
     """(method, dataset, shots, options-without-seed) -> runs, one per seed."""
-    g: dict[tuple, list[dict]] = {}
+    g: dict[tuple, list[RunResult]] = {}
     for r in results:
-        opts = json.dumps(r["config"]["options"], sort_keys=True)
-        key = (r["method"], r["dataset"], r["shots"], opts)
+        opts = json.dumps(r.config["options"], sort_keys=True)
+        key = (r.method, r.dataset, r.shots, opts)
         g.setdefault(key, []).append(r)
     return g
 
@@ -104,12 +104,12 @@ def _pairs(compare, methods: list[str]) -> list[tuple[str, str]]:
 
 
 def _mean_curve(row: dict) -> tuple[list[float], list[float]]:
-    curves = [c["curve"] for c in row["runs"] if c.get("curve")]
+    curves = [c.curve for c in row["runs"] if c.curve]
     if not curves:
         return [], []
     n = min(len(c) for c in curves)
-    return ([curves[0][i]["api_calls"] for i in range(n)],
-            [statistics.mean(100 * c[i]["val_accuracy"] for c in curves) for i in range(n)])
+    return ([curves[0][i].api_calls for i in range(n)],
+            [statistics.mean(100 * c[i].val_accuracy for c in curves) for i in range(n)])
 
 
 def reach(a: dict, b: dict) -> dict | None:
@@ -124,18 +124,18 @@ def reach(a: dict, b: dict) -> dict | None:
 
 
 def _paired(ra: dict, rb: dict, metric) -> dict | None:
-    sa = {x["seed"]: metric(x) for x in ra["runs"]}
-    sb = {x["seed"]: metric(x) for x in rb["runs"]}
+    sa = {x.seed: metric(x) for x in ra["runs"]}
+    sb = {x.seed: metric(x) for x in rb["runs"]}
     common = sorted(set(sa) & set(sb))
     return {"seeds": common, "diff": interval([sa[s] - sb[s] for s in common])} if common else None
 
 
-def _test(r: dict) -> float:
-    return 100 * r["accuracy"]["test"]
+def _test(r: RunResult) -> float:
+    return 100 * r.accuracy.test
 
 
-def _h(r: dict) -> float:
-    return 100 * r["base_to_new"]["H"]
+def _h(r: RunResult) -> float:
+    return 100 * r.base_to_new["H"]
 
 
 def _rank(order: list[str] | None):
@@ -149,7 +149,7 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
           folders: list[Path] | None = None) -> dict:
     """methods / datasets: the order of rows and columns (a sweep file's lists); others follow,
     sorted. folders: read only these runs (a sweep file's grid), not every result.json under root."""
-    failed: list[dict] = []
+    failed: list[RunResult] = []
     results = collect(root, folders, failed)
     if compare and isinstance(compare[0], str):
         compare = [tuple(compare)]
@@ -161,10 +161,10 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
         k = (method, dataset, shots)
         variants[k] = variants.get(k, 0) + 1
         row = {"method": method, "dataset": dataset, "shots": shots, "options": json.loads(opts),
-               "seeds": sorted(r["seed"] for r in rs), "test": interval([_test(r) for r in rs]),
-               "api_calls": statistics.mean(r["queries"]["api_calls"] for r in rs), "runs": rs}
-        if all("base_to_new" in r for r in rs):
-            row["b2n"] = {k: interval([100 * r["base_to_new"][k] for r in rs]) for k in ("base", "new", "H")}
+               "seeds": sorted(r.seed for r in rs), "test": interval([_test(r) for r in rs]),
+               "api_calls": statistics.mean(r.queries["api_calls"] for r in rs), "runs": rs}
+        if all(r.base_to_new is not None for r in rs):
+            row["b2n"] = {k: interval([100 * r.base_to_new[k] for r in rs]) for k in ("base", "new", "H")}
         rows.append(row)
     for row in rows:  # a method run with several option sets is labelled by what differs
         if variants[(row["method"], row["dataset"], row["shots"])] > 1:
@@ -172,7 +172,7 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
         else:
             row["label"] = row["method"]
     # columns ranked by the name the sweep file gives (a run records its task's name: mnist-base, a folder's basename)
-    given = {r["dataset"]: (r.get("config") or {}).get("dataset", r["dataset"]) for r in results}
+    given = {r.dataset: (r.config or {}).get("dataset", r.dataset) for r in results}
     failures = _failures(failed, given)
     datasets = sorted({r["dataset"] for r in rows} | {f["dataset"] for f in failures}, key=lambda d: dkey(given.get(d, d)))
     b2n = all("b2n" in r for r in rows)
@@ -190,20 +190,20 @@ def build(root: str | Path, compare: list[tuple[str, str]] | tuple[str, str] | N
                 continue
             per.append({"dataset": dataset, **p, "reach": reach(ra[0], rb[0])})
             for x in ra[0]["runs"]:
-                y = next((y for y in rb[0]["runs"] if y["seed"] == x["seed"]), None)
+                y = next((y for y in rb[0]["runs"] if y.seed == x.seed), None)
                 if y is not None:
-                    by_seed.setdefault(x["seed"], {})[dataset] = metric(x) - metric(y)
+                    by_seed.setdefault(x.seed, {})[dataset] = metric(x) - metric(y)
         if not per:
             continue
         full = [s for s, d in sorted(by_seed.items()) if len(d) == len(datasets)]
         average = ({"dataset": "average", "seeds": full, "diff": interval([statistics.mean(by_seed[s].values()) for s in full])}
                    if len(datasets) > 1 and full and len(per) == len(datasets) else None)
         paired.append({"a": a, "b": b, "datasets": per, "average": average})
-    subset = [r for r in results if r.get("test_subset")]  # evaluated on part of the test split (--test-subset)
+    subset = [r for r in results if r.test_subset]  # evaluated on part of the test split (--test-subset)
     return {"root": str(root), "rows": rows, "datasets": datasets, "compare": [list(p) for p in compare or []],
             "paired": paired, "metric": "H" if b2n else "test", "finished": len(results), "failed": failures,
             "planned": None if folders is None else len(folders),
-            "test_subset": sorted({r["test_subset"]["n"] for r in subset}), "test_subset_runs": len(subset)}
+            "test_subset": sorted({r.test_subset.n for r in subset}), "test_subset_runs": len(subset)}
 
 
 def against(rep: dict, base: dict, name: str) -> dict:
@@ -220,12 +220,12 @@ def against(rep: dict, base: dict, name: str) -> dict:
             p = _paired(r, other[0], metric) if len(other) == 1 else None
             if p is None:
                 continue
-            was = statistics.mean(metric(x) for x in other[0]["runs"] if x["seed"] in p["seeds"])
+            was = statistics.mean(metric(x) for x in other[0]["runs"] if x.seed in p["seeds"])
             cells[d] = {**p, "baseline": was, "now": was + p["diff"]["mean"]}
             for x in r["runs"]:
-                y = next((y for y in other[0]["runs"] if y["seed"] == x["seed"]), None)
+                y = next((y for y in other[0]["runs"] if y.seed == x.seed), None)
                 if y is not None:
-                    by_seed.setdefault(x["seed"], {})[d] = (metric(y), metric(x))
+                    by_seed.setdefault(x.seed, {})[d] = (metric(y), metric(x))
         if not cells:
             continue
         full = [s for s, v in sorted(by_seed.items()) if len(v) == len(rep["datasets"]) == len(cells)]
@@ -367,12 +367,12 @@ def curve_png(rows: list[dict], dataset: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=110)
     for r in (r for r in rows if r["dataset"] == dataset):
-        curves = [c["curve"] for c in r["runs"] if c.get("curve")]
+        curves = [c.curve for c in r["runs"] if c.curve]
         if not curves:
             continue
         n = min(len(c) for c in curves)
-        x = np.array([curves[0][i]["api_calls"] for i in range(n)])
-        y = np.array([[100 * c[i]["val_accuracy"] for i in range(n)] for c in curves])
+        x = np.array([curves[0][i].api_calls for i in range(n)])
+        y = np.array([[100 * c[i].val_accuracy for i in range(n)] for c in curves])
         m = y.mean(0)
         if r["api_calls"] == 0:  # no training (zero-shot): its accuracy as a level across the plot
             ax.axhline(m[0], ls="--", lw=1, color="black", label=r["label"])

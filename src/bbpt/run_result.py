@@ -38,7 +38,7 @@ class CurvePoint(_Part):
     validation accuracy there."""
 
     api_calls: int
-    prompt_evals: int
+    prompt_evals: int | None = None
     train_loss: Number | None = None
     val_accuracy: Number | None = None
 

@@ -216,8 +216,9 @@ def _run_one(fields: dict, folder: str, threads: int | None = None, protocol: st
         import torch
 
         torch.set_num_threads(threads)
-    if engine.BACKBONE_CACHE is None:
-        engine.BACKBONE_CACHE = {}
+    from .models.cache import backbone_cache
+
+    backbone_cache.keep()  # this worker's runs share each backbone
     cfg = engine.make_run_config(**fields)
 
     def redeliver(steps: int, stats: dict) -> None:  # the run's handler is installed by its first step
@@ -239,15 +240,15 @@ def _run_one(fields: dict, folder: str, threads: int | None = None, protocol: st
                        on_step=redeliver)
     except engine.RunInterrupted as e:  # checkpointed; a rerun of the sweep resumes it
         return {"folder": folder, "status": "interrupted", "signal": e.signum, "test": None,
-                "queries": e.result["queries"], "wall_seconds": e.result["wall_seconds"], "pid": os.getpid()}
+                "queries": e.result.queries, "wall_seconds": e.result.wall_seconds, "pid": os.getpid()}
     except BBPTError as e:  # this configuration cannot run (e.g. its first step does not fit the budget)
         return _failed(cfg, Path(folder), e)
     if protocol == "base_to_new":
         from .protocols import add_new_classes
 
         r = add_new_classes(cfg, Path(folder), r)
-    return {"folder": folder, "status": r["status"], "test": r["accuracy"]["test"], "queries": r["queries"],
-            "wall_seconds": r["wall_seconds"], "pid": os.getpid()}
+    return {"folder": folder, "status": r.status, "test": r.accuracy.test, "queries": r.queries,
+            "wall_seconds": r.wall_seconds, "pid": os.getpid()}
 
 
 def _failed(cfg, folder: Path, e: BBPTError) -> dict:
@@ -271,14 +272,16 @@ def _failed(cfg, folder: Path, e: BBPTError) -> dict:
 
 def _finished(folder: Path, protocol: str | None = None) -> dict | None:
     """A finished run's outcome (with its protocol's evaluations, when the sweep has one)."""
+    from .run_result import RunResult
+
     try:
-        r = json.loads((folder / "result.json").read_text())
-    except (OSError, ValueError):
+        r = RunResult.load(folder / "result.json")
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
         return None
-    if r.get("status") != "finished" or (protocol and protocol not in r):
+    if r.status != "finished" or (protocol and getattr(r, protocol, None) is None):
         return None
-    return {"folder": str(folder), "status": "finished", "test": r["accuracy"]["test"], "queries": r["queries"],
-            "wall_seconds": r["wall_seconds"], "pid": None, "skipped": True}
+    return {"folder": str(folder), "status": "finished", "test": r.accuracy.test, "queries": r.queries,
+            "wall_seconds": r.wall_seconds, "pid": None, "skipped": True}
 
 
 def sweep(spec: dict, out: str | Path, workers: int = 1, ray: str | None = None, ray_cpus: int | None = None,

@@ -171,12 +171,13 @@ def reproduce(method: str, dataset: str, root: str | Path, out: str | Path | Non
     runs = []
     for cfg in p.configs:  # finished seeds are kept, an interrupted one resumes
         r = engine.run(cfg, out=out / f"seed{cfg.seed}", progress=progress, force=force, keep_finished=True, log=log)
-        runs.append({"seed": cfg.seed, "test_accuracy": r["accuracy"]["test"], "queries": r["queries"],
-                     "wall_seconds": r["wall_seconds"], **({"test_subset": r["test_subset"]} if "test_subset" in r else {})})
+        runs.append({"seed": cfg.seed, "test_accuracy": r.accuracy.test, "queries": r.queries,
+                     "wall_seconds": r.wall_seconds,
+                     **({"test_subset": r.test_subset.model_dump()} if r.test_subset is not None else {})})
         if log is not None:
-            q = r["queries"]
-            log(f"  seed {cfg.seed}: test {100 * r['accuracy']['test']:.2f}%  api_calls {q['api_calls']}  "
-                f"prompt_evals {q['prompt_evals']}  {r['wall_seconds']:.1f}s -> {out / f'seed{cfg.seed}'}")
+            q = r.queries
+            log(f"  seed {cfg.seed}: test {100 * r.accuracy.test:.2f}%  api_calls {q['api_calls']}  "
+                f"prompt_evals {q['prompt_evals']}  {r.wall_seconds:.1f}s -> {out / f'seed{cfg.seed}'}")
     accs = [100 * r["test_accuracy"] for r in runs]
     paper_opts = p.row.options_for(p.dataset)
     changed = sorted(k for k, v in (options or {}).items() if paper_opts.get(k, _UNSET) != v)
