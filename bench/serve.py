@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_serve import Server  # noqa: E402  (the tests' subprocess server: free port, health wait)
 
 from bbpt.data import fewshot_split, load_task  # noqa: E402
-from bbpt.engine import make_run_config, run  # noqa: E402
+from bbpt.engine import RunResult, make_run_config, run  # noqa: E402
 from bbpt.serve.wire import CONTENT_TYPE, pack  # noqa: E402
 
 
-def zip_run(remote: str | None, key: str | None, threads: int | None = None, device: str = "cpu") -> tuple[float, dict]:
+def zip_run(remote: str | None, key: str | None, threads: int | None = None, device: str = "cpu") -> tuple[float, RunResult]:
     if key:
         os.environ["BBPT_API_KEY"] = key
     cfg = make_run_config(method="zip", dataset="fashion-mnist", shots=16, seed=1, remote=remote,
@@ -125,10 +125,10 @@ def zip_part(batched: Server, device: str) -> dict:
     u = httpx.get(batched.url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
     key1 = batched.key("zip-1thread")
     t_remote1, r_remote1 = zip_run(batched.url, key1, threads=1)
-    same = all(r["accuracy"] == r_local["accuracy"] and r["queries"] == r_local["queries"]
+    same = all(r.accuracy == r_local.accuracy and r.queries == r_local.queries
                for r in (r_remote, r_remote1))
     print("\nZIP, fashion-mnist, 16 shots, seed 1, 5000 api_calls")
-    print(f"  in process               {t_local:6.1f} s   test {100 * r_local['accuracy']['test']:.2f}%")
+    print(f"  in process               {t_local:6.1f} s   test {100 * r_local.accuracy.test:.2f}%")
     print(f"  remote                   {t_remote:6.1f} s   ratio {t_remote / t_local:.2f}x")
     print(f"  remote, client 1 thread  {t_remote1:6.1f} s   ratio {t_remote1 / t_local:.2f}x")
     print(f"  same result (accuracy, query counts): {same}")

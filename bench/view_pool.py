@@ -49,11 +49,11 @@ def main(argv=None) -> None:
                 r = run(cfg, out=args.out / "runs" / name.replace(" ", "") / task / f"seed{seed}", progress=False,
                         keep_finished=True)
                 res[(name, task, seed)] = r
-                print(f"{name:8s} {task:13s} seed {seed}: test {100 * r['accuracy']['test']:5.1f}%  "
-                      f"{r['wall_seconds']:6.1f}s", flush=True)
+                print(f"{name:8s} {task:13s} seed {seed}: test {100 * r.accuracy.test:5.1f}%  "
+                      f"{r.wall_seconds:6.1f}s", flush=True)
 
     def acc(name, task, seed):
-        return 100 * res[(name, task, seed)]["accuracy"]["test"]
+        return 100 * res[(name, task, seed)].accuracy.test
 
     lines = [f"{args.method}, 16 shots, {args.api_calls} api_calls, seeds {args.seeds}: test accuracy (%, mean ± std "
              "over seeds), the paired difference to fresh views over every task and seed (mean ± std, points), "
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
         all_ = [acc(name, t, s) for t in tasks for s in seeds]
         diff = [acc(name, t, s) - acc("fresh", t, s) for t in tasks for s in seeds]
         rs = [res[(name, t, s)] for t in tasks for s in seeds]
-        wall = statistics.mean(r["wall_seconds"] for r in rs)
+        wall = statistics.mean(r.wall_seconds for r in rs)
         d = "-" if name == "fresh" else f"{statistics.mean(diff):+.1f} ± {statistics.stdev(diff) if len(diff) > 1 else 0:.1f}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(all_):.1f} | {d} | {wall:.1f} |")
     table = "\n".join(lines) + "\n"

@@ -77,16 +77,16 @@ def main(argv=None) -> None:
     t1 = time.time()
     r = run(cfg, out=out, progress=True, force=True)
     wall = time.time() - t1
-    q = r["queries"]
+    q = r.queries
     print(f"tree: {args.classes} classes in {t_tree:.0f} s -> {tree}")
     print(f"zip, C = {args.classes}, 16 shots, {q['api_calls']} api_calls ({q['images_forwarded']} images): "
-          f"{wall:.1f} s wall, {q['api_calls'] / wall:.1f} api_calls/s; test {100 * r['accuracy']['test']:.2f}% "
+          f"{wall:.1f} s wall, {q['api_calls'] / wall:.1f} api_calls/s; test {100 * r.accuracy.test:.2f}% "
           f"(random weights: chance is {100 / args.classes:.2f}%) on {args.device}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"classes": args.classes, "device": args.device, "api_calls": q["api_calls"],
                        "images_forwarded": q["images_forwarded"], "tree_s": t_tree, "run_s": wall,
-                       "api_calls_per_s": q["api_calls"] / wall, "test_accuracy": r["accuracy"]["test"]}, f, indent=1)
+                       "api_calls_per_s": q["api_calls"] / wall, "test_accuracy": r.accuracy.test}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -406,10 +406,10 @@ def test_main_reports_interrupts_once_their_module_is_loaded(monkeypatch, capsys
     """main() matches RunInterrupted / SweepInterrupted without importing engine or sweep itself."""
     import signal
 
-    from bbpt.engine import RunInterrupted
+    from bbpt.engine import RunInterrupted, RunResult
     from bbpt.sweep import SweepInterrupted
 
-    result = {"queries": {"api_calls": 7}}
+    result = RunResult(method="zip", dataset="mnist", shots=1, seed=1, status="interrupted", queries={"api_calls": 7})
     summary = {"runs": [{"status": "finished"}, {"status": "not started"}]}
     for exc, code, said in ((RunInterrupted(signal.SIGTERM, None, result), 143, "after 7 api_calls: nothing saved"),
                             (SweepInterrupted(signal.SIGINT, summary), 130, "1 of 2 runs finished")):

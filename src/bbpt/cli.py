@@ -630,9 +630,9 @@ def main() -> None:
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except _loaded("engine", "RunInterrupted") as e:
+    except _loaded("signals", "RunInterrupted") as e:
         cmd = " ".join(shlex.quote(a) for a in ["bbpt", *sys.argv[1:]] if a != "--force")
-        done = e.result["queries"]
+        done = e.result.queries
         where = f"saved in {e.out}; resume with: {cmd}" if e.out else "nothing saved (no --out)"
         typer.echo(f"interrupted ({signal.Signals(e.signum).name}) after {done['api_calls']} api_calls: {where}", err=True)
         sys.exit(e.exit_code)

@@ -70,11 +70,11 @@ class RunResult(BaseModel):
     error: str | None = None  # a refused run's one-line reason (status failed)
     steps: int | None = None
     black_box: bool | None = None
-    budget: dict[str, int | None] | None = None
-    queries: dict[str, int] | None = None  # training queries, charged to the budget
-    aux_queries: dict[str, int] | None = None  # a method's side box (not charged to the main unit)
-    queries_total: dict[str, int] | None = None
-    eval_queries: dict[str, int] | None = None  # validation and test queries, never charged
+    budget: dict[str, Number | None] | None = None
+    queries: dict[str, Number] | None = None  # training queries, charged to the budget
+    aux_queries: dict[str, Number] | None = None  # a method's side box (not charged to the main unit)
+    queries_total: dict[str, Number] | None = None
+    eval_queries: dict[str, Number] | None = None  # validation and test queries, never charged
     accuracy: Accuracy | None = None
     test_subset: TestSubset | None = None
     curve: list[CurvePoint] | None = None
