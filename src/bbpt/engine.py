@@ -12,6 +12,13 @@ evaluation, last loss), the global RNGs and every meter. Rerun with the same con
 and ``--out``, it resumes bit-exactly. SIGINT / SIGTERM finish the current step, checkpoint,
 write ``result.json`` with ``status: interrupted`` and raise :class:`RunInterrupted`; a
 second signal exits at once, the last checkpoint already on disk.
+
+The rooms: :mod:`bbpt.config` (:class:`RunConfig`, reading it), :mod:`bbpt.signals`
+(:class:`Interrupts`, :class:`RunInterrupted`), :mod:`bbpt.evaluation` (:func:`evaluate`),
+:mod:`bbpt.loop` (:class:`Loop`, the step loop and its checkpoints), :mod:`bbpt.run_result`
+(:class:`RunResult`) and :mod:`bbpt.models.cache` (backbones kept across runs). This module
+builds a run (:func:`build_run`) and runs it in its folder (:func:`run`); it re-exports the
+names it held before the split, so ``from bbpt.engine import run, RunConfig, evaluate`` works.
 """
 from __future__ import annotations
 
