@@ -81,13 +81,13 @@ def test_zeroshot_run_writes_result_schema(tmp_path, capsys):
 def test_budget_is_a_hard_stop_in_the_engine(tmp_path):
     cfg = make_run_config(method="probe", dataset="shapes", shots=2, seed=1, options={"budget": 25})
     r = run(cfg, out=tmp_path / "p", progress=False)
-    assert r["queries"]["api_calls"] == 20  # 2 steps of 10; the third would pass 25
-    assert r["queries"]["prompt_evals"] == 20 and r["queries"]["images_forwarded"] == 20 * 20
-    assert r["curve"][0]["api_calls"] == 0 and r["curve"][-1]["api_calls"] == 20
-    assert r["budget"] == {"api_calls": 25}
+    assert r.queries["api_calls"] == 20  # 2 steps of 10; the third would pass 25
+    assert r.queries["prompt_evals"] == 20 and r.queries["images_forwarded"] == 20 * 20
+    assert r.curve[0].api_calls == 0 and r.curve[-1].api_calls == 20
+    assert r.budget == {"api_calls": 25}
     # same seed, same config -> the same result
     r2 = run(cfg, out=None, progress=False)
-    assert r2["accuracy"] == r["accuracy"] and r2["curve"] == r["curve"]
+    assert r2.accuracy == r.accuracy and r2.curve == r.curve
     assert (tmp_path / "p" / "curve.png").exists()
 
 

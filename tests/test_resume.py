@@ -72,12 +72,12 @@ def test_resume_is_exact(name, tmp_path, monkeypatch):
     ref = run(cfg, out=tmp_path / "ref", progress=False)
     n_charges = len(charges)
     want, want_prompt = outputs(tmp_path / "ref")
-    assert ref["status"] == "finished" and not (tmp_path / "ref" / "checkpoint.safetensors").exists()
+    assert ref.status == "finished" and not (tmp_path / "ref" / "checkpoint.safetensors").exists()
     rng = random.Random(name)
 
     # 1. a real SIGINT at a random step: checkpoint, result.json "interrupted", then resume
-    if ref["steps"] >= 2:
-        k = rng.randint(1, ref["steps"] - 1)
+    if ref.steps >= 2:
+        k = rng.randint(1, ref.steps - 1)
         hook = lambda steps, stats: os.kill(os.getpid(), signal.SIGINT) if steps == k else None  # noqa: E731
         with pytest.raises(RunInterrupted) as e:
             run(cfg, out=tmp_path / "int", progress=False, on_step=hook)
@@ -145,7 +145,7 @@ def test_interrupt_during_the_test_split_resumes_exactly(tmp_path, monkeypatch):
         run(cfg, out=tmp_path / "t", progress=False)
     monkeypatch.setattr(QueryMeter, "charge", orig)
     got = run(cfg, out=tmp_path / "t", progress=False, log=lambda m: None)
-    assert got["eval_queries"] == want["eval_queries"] and got["accuracy"] == want["accuracy"]
+    assert got.eval_queries == want.eval_queries and got.accuracy == want.accuracy
 
 
 def test_checkpoint_every_60_s_between_curve_points(tmp_path, monkeypatch):
@@ -176,7 +176,7 @@ def test_rerun_refuses_a_finished_run_and_force_replaces_it(tmp_path):
     with pytest.raises(BadInput, match=r"holds a finished run \(zip on shapes, seed 1, test .*%\); pass --force"):
         run(quick(), out=out, progress=False)
     r = run(quick(method="zeroshot", options={}), out=out, progress=False, force=True)
-    assert r["method"] == "zeroshot"
+    assert r.method == "zeroshot"
     assert not (out / "curve.png").exists()  # one curve point: no plot, and the old run's plot is gone
     assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "prompt.safetensors", "result.json", "run.json"]
 
@@ -192,7 +192,7 @@ def test_unfinished_run_with_another_config_is_refused_naming_the_fields(tmp_pat
     assert "another configuration" in msg and "seed: 1 -> 2" in msg and "options.budget: 40 -> 80" in msg
     assert "\n" not in msg
     r = run(quick(seed=2, options={"budget": 80}), out=out, progress=False, force=True)
-    assert r["seed"] == 2 and r["status"] == "finished"
+    assert r.seed == 2 and r.status == "finished"
 
 
 def test_foreign_files_are_never_removed(tmp_path):
@@ -404,7 +404,7 @@ def test_a_checkpoint_of_the_previous_format_still_resumes(tmp_path):
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, str(ckpt), metadata={"format": "bbpt-state-1", "state": meta["state"]})  # no whole-file hash
     r = run(quick(), out=tmp_path / "r", progress=False)
-    assert r["status"] == "finished" and r["steps"] == run(quick(), out=tmp_path / "fresh", progress=False)["steps"]
+    assert r.status == "finished" and r.steps == run(quick(), out=tmp_path / "fresh", progress=False).steps
 
 
 def test_a_full_disk_is_one_line_leaves_no_temp_file_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
@@ -481,7 +481,7 @@ def test_a_signal_during_the_test_evaluation_says_what_happens(tmp_path, monkeyp
     logged, folder = [], None if out is None else tmp_path / out
     if finishes:
         r = run(cfg, out=folder, progress=False, log=logged.append)
-        assert r["status"] == "finished"
+        assert r.status == "finished"
         assert logged == [f"SIGINT came during the test evaluation's last batch: the run finished; its result is in "
                           f"{folder}"]
     else:
