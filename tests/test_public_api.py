@@ -110,3 +110,19 @@ def test_the_backbone_cache_builds_each_backbone_once_while_keeping():
     assert cache.get("mini") is a and cache.get("mini", "random") is not a and len(cache) == 2
     cache.clear(stop=True)
     assert not cache.keeping and cache.get("mini") is not a
+
+
+def test_build_run_gives_a_loop_that_runs_as_run_does():
+    """build_run builds the run's parts from its config; its Loop steps them as run() does."""
+    from bbpt.engine import build_run, make_run_config, run
+    from bbpt.loop import Loop
+
+    cfg = make_run_config(method="zip", dataset="shapes", shots=1, seed=2, test_subset=60, eval_batch=60,
+                          options={"budget": 40})
+    loop = build_run(cfg, progress=False)
+    assert isinstance(loop, Loop) and loop.method.__class__.name == "zip" and loop.unit == "api_calls"
+    assert loop.meter.counts["api_calls"] == 0 and loop.state.steps == 0 and loop.state.every == 2  # 40 // 20
+    built = loop.run()
+    direct = run(cfg, progress=False)
+    assert built.queries == direct.queries == {**direct.queries, "api_calls": 40}
+    assert built.curve == direct.curve and built.accuracy == direct.accuracy and loop.state.stopped_by == "budget"
