@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -41,10 +41,13 @@ from .progress import Progress, eval_bar
 from .results import write_outputs
 from .runfolder import CHECKPOINT, RunFolder, config_diff
 from .state import global_rng_state, set_global_rng_state
+from .tracking import DEFAULT_TRACKERS, Tracker, check as check_trackers
 
 CHECKPOINT_SECONDS = 60.0
 MAX_SEED = 2**31 - 1
 TEST_SUBSET_SEED = 0  # the same subset for every method and seed, so quick looks compare
+
+logger = logging.getLogger(__name__)
 
 
 class RunConfig(BaseModel):
@@ -73,6 +76,10 @@ class RunConfig(BaseModel):
     box_options: dict[str, Any] | None = Field(None, description="options of the box's transport (e.g. image_size, "
                                                "concurrency; `bbpt methods --box KIND:URL` lists them)")
     options: dict[str, Any] = Field({}, description="method options over its paper defaults")
+    # Where the run is logged, not what it is: excluded from model_dump, so from the stored
+    # configuration, the run hash and resume's comparison (:mod:`bbpt.tracking`).
+    loggers: list[str] = Field(DEFAULT_TRACKERS, exclude=True, description="trackers: tensorboard (RUN/tb/), wandb "
+                               "(offline, RUN/wandb/), or none")
 
     @field_validator("device")
     @classmethod
@@ -81,6 +88,15 @@ class RunConfig(BaseModel):
 
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", v):
             raise ValueError("use cpu, cuda, cuda:N or mps")
+        return v
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers(cls, v: list[str]) -> list[str]:
+        try:
+            check_trackers(v)
+        except BadInput as e:
+            raise ValueError(str(e)) from None
         return v
 
 
@@ -275,12 +291,12 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
     ``out`` holding an unfinished run of the same configuration resumes it; ``force``
     replaces what ``out`` holds; ``keep_finished`` returns a finished run of the same
     configuration instead of refusing (protocols and sweeps). ``log`` receives one-line
-    notices (resuming, interrupted); ``on_step(steps, stats)`` is called after every step.
+    notices (resuming, interrupted; default: the ``bbpt.engine`` logger); ``on_step(steps, stats)`` is called after every step.
     ``key_file``: a file holding the box's API key (else its environment variable or the keys
     file, :mod:`bbpt.boxes.keys`). A method the box cannot serve is refused before anything.
     """
     t0 = time.time()
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or logger.info
     cls = METHODS.get(cfg.method)
     mcfg = cls.resolve_config(make_config(cls, cfg.options), cfg.shots)
     check_box(cfg, cls)
@@ -366,6 +382,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
                      "train_loss": loop.last_loss, "val_accuracy": v["accuracy"]}
             loop.curve.append(point)
             bar.point(done(), point)
+            tracker.point(point, v["loss"])
 
         def result(status: str, test_r: dict | None) -> dict:
             side = env.side_meter
@@ -399,6 +416,8 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
 
         prior, last_save = loop.elapsed, time.time()
         budget = Budget.of(meter, unit, mcfg.budget)
+        tracker = Tracker.open(cfg.loggers, folder.path if folder else None, config, unit,
+                               f"{cfg.method} on {task.name} seed {cfg.seed}", loop.curve if mode == "resume" else None)
         bar = Progress(progress, f"{cfg.method} on {task.name}", total, unit if mcfg.budget else "step", done())
         with Interrupts(folder.path if folder else None) as stop:
             try:
@@ -448,12 +467,14 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
                 r = result("finished", test_r)
                 if folder is not None:
                     write_outputs(folder.path, r, method)
+                tracker.finish(r, test_r["loss"])
                 if stop.signum is not None:  # it came during the last batch: nothing was left to stop
                     where = f"its result is in {folder.path}" if folder is not None else "nothing is saved (no --out)"
                     log(f"{signal.Signals(stop.signum).name} came during the test evaluation's last batch: the run "
                         f"finished; {where}")
             finally:
                 bar.close()
+                tracker.close()
         return r
 
 

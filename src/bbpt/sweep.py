@@ -45,9 +45,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BadInput, BBPTError
+
+logger = logging.getLogger(__name__)
 
 
 class SweepInterrupted(Exception):
@@ -178,7 +180,8 @@ def expand(spec: dict, out: str | Path) -> list[tuple[dict, Path]]:
         if h in seen:
             continue
         seen.add(h)
-        runs.append((cfg.model_dump(), out / method / dataset.replace("/", "_").strip("_") / h))
+        fields = {**cfg.model_dump(), **({"loggers": cfg.loggers} if "loggers" in run else {})}  # not stored: not hashed
+        runs.append((fields, out / method / dataset.replace("/", "_").strip("_") / h))
     return runs
 
 
@@ -284,7 +287,7 @@ def _finished(folder: Path, protocol: str | None = None) -> dict | None:
 def sweep(spec: dict, out: str | Path, workers: int = 1, ray: str | None = None, ray_cpus: int | None = None,
           log: Callable[[str], None] | None = None) -> dict:
     """Run the grid; returns (and writes to ``out/sweep.json``) every run's outcome."""
-    log = log or (lambda m: print(m, file=sys.stderr))
+    log = log or logger.info
     if workers < 1:
         raise BadInput(f"--workers {workers}: give 1 or more worker processes")
     out = Path(out)
