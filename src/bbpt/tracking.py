@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from .errors import BadInput
@@ -66,7 +67,8 @@ class _TensorBoard:
         except ImportError:
             raise BadInput("TensorBoard logging needs tensorboardX: pip install tensorboardX (or run with --logger none)"
                            ) from None
-        self.w = SummaryWriter(str(logdir), purge_step=purge_step, flush_secs=30)
+        # tensorboardX names files by the second: a suffix keeps two sessions in one second apart, in order
+        self.w = SummaryWriter(str(logdir), purge_step=purge_step, flush_secs=30, filename_suffix=f".{time.time_ns()}")
 
     def scalars(self, step: int, values: dict) -> None:
         for k, v in values.items():
@@ -91,10 +93,17 @@ class _WandB:
             import wandb
         except ImportError:
             raise BadInput("--logger wandb needs the wandb package: pip install 'bbpt[trackers]'") from None
-        os.environ["WANDB_MODE"] = "offline"  # never online: `wandb sync RUN/wandb/offline-run-*` uploads
         (folder / WANDB_DIR).mkdir(exist_ok=True)
-        self.run = wandb.init(project="bbpt", name=name, dir=str(folder), config=hparams, mode="offline",
-                              settings=wandb.Settings(silent=True, console="off", disable_git=True, save_code=False))
+        was = os.environ.get("WANDB_MODE")
+        os.environ["WANDB_MODE"] = "offline"  # never online: `wandb sync RUN/wandb/offline-run-*` uploads
+        try:
+            self.run = wandb.init(project="bbpt", name=name, dir=str(folder), config=hparams, mode="offline",
+                                  settings=wandb.Settings(silent=True, console="off", disable_git=True, save_code=False))
+        finally:
+            if was is None:
+                os.environ.pop("WANDB_MODE", None)
+            else:
+                os.environ["WANDB_MODE"] = was
 
     def scalars(self, step: int, values: dict) -> None:
         self.run.log(values, step=step)
@@ -103,7 +112,7 @@ class _WandB:
         self.run.summary.update(metrics)
 
     def close(self) -> None:
-        self.run.finish(quiet=True)
+        self.run.finish()
 
 
 class Tracker:
