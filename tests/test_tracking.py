@@ -76,7 +76,7 @@ def test_loggers_are_not_part_of_the_runs_identity(tmp_path, monkeypatch):
     assert identity(plain) == identity(both) and "loggers" not in plain.model_dump()
     # stored sweeps keep their run hashes (their folders hold the committed result.json)
     monkeypatch.chdir(REPO)
-    spec = load_sweep(REPO / "bench" / "sweeps" / "mini_v1.toml")
+    spec = load_sweep(REPO / "bench" / "sweeps" / "seed_methods.toml")
     folders = [f for _, f in expand(spec, spec["out"])]
     assert all((f / "result.json").is_file() for f in folders)
     spec["run"] = {**spec.get("run", {}), "loggers": ["none"]}
