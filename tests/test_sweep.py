@@ -2,6 +2,7 @@
 import json
 import statistics
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def test_an_unfinished_record_without_its_checkpoint_is_run_afresh(tmp_path):
     folder = Path(first["folder"])
     rec = json.loads((folder / "result.json").read_text())
     for p in folder.iterdir():
-        p.unlink()
+        shutil.rmtree(p) if p.is_dir() else p.unlink()  # tb/: the run's TensorBoard events
     (folder / "result.json").write_text(json.dumps({**rec, "status": "interrupted"}))
     again = sweep(spec, out, log=lambda m: None)["runs"][0]
     assert again["status"] == "finished" and not again.get("skipped") and again["test"] == first["test"]
