@@ -291,7 +291,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
     ``out`` holding an unfinished run of the same configuration resumes it; ``force``
     replaces what ``out`` holds; ``keep_finished`` returns a finished run of the same
     configuration instead of refusing (protocols and sweeps). ``log`` receives one-line
-    notices (resuming, interrupted; default: the ``bbpt.engine`` logger); ``on_step(steps, stats)`` is called after every step.
+    notices (resuming, interrupted), else the ``bbpt.engine`` logger at INFO; ``on_step(steps,
+    stats)`` is called after every step. The run's trackers (``cfg.loggers``) write into ``out``.
     ``key_file``: a file holding the box's API key (else its environment variable or the keys
     file, :mod:`bbpt.boxes.keys`). A method the box cannot serve is refused before anything.
     """
