@@ -119,6 +119,15 @@ def test_a_resumed_run_logs_no_point_twice(tmp_path):
     assert [s for s, _ in scalars(ea, "final/test_accuracy")] == [r["queries"][unit]]
 
 
+def test_a_method_without_a_budget_logs_its_curve_against_steps(tmp_path):
+    r = run(tiny(method="tipadapter", options={}), out=tmp_path / "r", progress=False)
+    assert r["budget"]["api_calls"] is None
+    got = scalars(events(tmp_path / "r"), "curve/val_accuracy")
+    assert [v for _, v in got] == [pytest.approx(p["val_accuracy"]) for p in r["curve"]]
+    assert [s for s, _ in got] == sorted({s for s, _ in got})  # one point per step, in order
+    assert [s for s, _ in scalars(events(tmp_path / "r"), "final/test_accuracy")] == [r["steps"]]
+
+
 def test_loggers_none_writes_no_events_and_a_finished_run_needs_no_tracker(tmp_path):
     r = run(tiny(loggers=["none"], options={"budget": 20}), out=tmp_path / "r", progress=False)
     assert r["status"] == "finished" and not (tmp_path / "r" / "tb").exists() and "loggers" not in r["config"]

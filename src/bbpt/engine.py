@@ -383,7 +383,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
                      "train_loss": loop.last_loss, "val_accuracy": v["accuracy"]}
             loop.curve.append(point)
             bar.point(done(), point)
-            tracker.point(point, v["loss"])
+            tracker.point(done(), point, v["loss"])
 
         def result(status: str, test_r: dict | None) -> dict:
             side = env.side_meter
@@ -417,8 +417,9 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
 
         prior, last_save = loop.elapsed, time.time()
         budget = Budget.of(meter, unit, mcfg.budget)
-        tracker = Tracker.open(cfg.loggers, folder.path if folder else None, config, unit,
-                               f"{cfg.method} on {task.name} seed {cfg.seed}", loop.curve if mode == "resume" else None)
+        tracker = Tracker.open(cfg.loggers, folder.path if folder else None, config,
+                               f"{cfg.method} on {task.name} seed {cfg.seed}",
+                               resumed_at=None if mode == "new" else done() if ckpt is not None else -1)
         bar = Progress(progress, f"{cfg.method} on {task.name}", total, unit if mcfg.budget else "step", done())
         with Interrupts(folder.path if folder else None) as stop:
             try:
@@ -468,7 +469,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
                 r = result("finished", test_r)
                 if folder is not None:
                     write_outputs(folder.path, r, method)
-                tracker.finish(r, test_r["loss"])
+                tracker.finish(done(), r, test_r["loss"])
                 if stop.signum is not None:  # it came during the last batch: nothing was left to stop
                     where = f"its result is in {folder.path}" if folder is not None else "nothing is saved (no --out)"
                     log(f"{signal.Signals(stop.signum).name} came during the test evaluation's last batch: the run "

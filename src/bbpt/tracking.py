@@ -1,8 +1,8 @@
 """Experiment tracking: each run's curve, configuration and final accuracy, for TensorBoard
 (always, into ``RUN/tb/``) and Weights & Biases (``--logger wandb``, offline, into ``RUN/wandb/``).
 
-What is logged, at ``global_step`` = the method's budget units spent (``api_calls`` or
-``prompt_evals``, the curve's x axis):
+What is logged, at ``global_step`` = the budget units spent (``api_calls`` or
+``prompt_evals``, the curve's x axis; steps for a method without a budget):
 
 - ``curve/val_accuracy``, ``curve/val_loss``, ``curve/train_loss``, ``curve/api_calls``,
   ``curve/prompt_evals`` at every curve point (the points of ``result.json``'s ``curve``; the
@@ -119,19 +119,19 @@ class Tracker:
     """What a run tells its trackers: :meth:`point` at every new curve point, :meth:`finish`
     with the result, :meth:`close` always. Without a run folder or with ``none``, nothing."""
 
-    def __init__(self, sinks: list, unit: str):
-        self.sinks, self.unit = sinks, unit
+    def __init__(self, sinks: list):
+        self.sinks = sinks
 
     @classmethod
-    def open(cls, names: list[str], folder: Path | None, config: dict, unit: str, name: str,
-             resumed_from: list[dict] | None = None) -> "Tracker":
-        """``resumed_from``: the checkpointed curve of a resumed run (``None``: a new run)."""
+    def open(cls, names: list[str], folder: Path | None, config: dict, name: str,
+             resumed_at: int | None = None) -> "Tracker":
+        """``resumed_at``: the step of a resumed run's checkpoint (-1: none was written yet;
+        None: a new run). Every point is logged before the checkpoint that follows it, so what
+        an earlier session logged after ``resumed_at`` is what its checkpoint lost: purged."""
         names = check(names)
         if folder is None or not names:
-            return cls([], unit)
-        purge = None
-        if resumed_from is not None:  # anything an earlier session logged after its checkpoint goes
-            purge = resumed_from[-1][unit] + 1 if resumed_from else 0
+            return cls([])
+        purge = None if resumed_at is None else resumed_at + 1
         sinks = []
         try:
             for n in names:
@@ -142,17 +142,16 @@ class Tracker:
                 s.close()
             raise
         logger.debug("tracking %s into %s", ", ".join(names), folder)
-        return cls(sinks, unit)
+        return cls(sinks)
 
-    def point(self, point: dict, val_loss: float | None = None) -> None:
+    def point(self, step: int, point: dict, val_loss: float | None = None) -> None:
         values = {f"curve/{k}": v for k, v in point.items() if isinstance(v, (int, float))}
         if val_loss is not None:
             values["curve/val_loss"] = val_loss
         for s in self.sinks:
-            s.scalars(point[self.unit], values)
+            s.scalars(step, values)
 
-    def finish(self, result: dict, test_loss: float | None = None) -> None:
-        step = result["queries"][self.unit]
+    def finish(self, step: int, result: dict, test_loss: float | None = None) -> None:
         acc = result["accuracy"]
         final = {"final/test_accuracy": acc["test"], "final/val_accuracy": acc["val"], "final/test_loss": test_loss}
         final = {k: v for k, v in final.items() if v is not None}
