@@ -47,7 +47,8 @@ if ! "$V/python" -m pip install --progress-bar off "${extra[@]}" "$TMP/src" >"$T
   exit 1
 fi
 t1=$(now)
-echo "check_python: pip install . took $(secs "$t0" "$t1") s; $(grep -c '^Collecting' "$TMP/pip.log" || true) packages collected"
+echo "check_python: pip install . took $(secs "$t0" "$t1") s: $(grep -cE '^ *Downloading ' "$TMP/pip.log" || true) wheels downloaded (pip's indexes), $(grep -cE '^ *Using cached ' "$TMP/pip.log" || true) from pip's cache, $(grep -cE '^ *Processing /' "$TMP/pip.log" || true) from local files (this tree, local wheels or a file:// index)"
+grep -E '^ *Downloading torch-' "$TMP/pip.log" | sed 's/^ */  /' || true
 grep '^Successfully installed' "$TMP/pip.log" | fold -s -w 100 | sed 's/^/  /'
 "$V/python" - <<'EOF'
 from importlib.metadata import version
