@@ -66,7 +66,11 @@ if [ ! -f "$stamp" ]; then
 
   report=$(mktemp -d)
   trap 'rm -rf "$report"' EXIT
-  pip() { local r=$1; shift; .venv/bin/python -m pip install -q --report "$report/$r.json" "${pins[@]}" "$@"; }
+  pip() {  # pip install, less its notes on file:// indexes without the package (pip's configuration)
+    local r=$1; shift
+    .venv/bin/python -m pip install -q --report "$report/$r.json" "${pins[@]}" "$@" 2>&1 \
+      | { grep -v "^WARNING: Location 'file:.*' is ignored: it is neither a file nor a directory" || true; }
+  }
   said() {  # what pip installed (from its --report), grouped by where it came from
     .venv/bin/python - "$report/$1.json" "$2" <<'EOF'
 import json, sys
