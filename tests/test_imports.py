@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("bbpt", "bbpt.errors", "bbpt.registry", "bbpt.plugins", "bbpt.state", "bbpt.progress")),
     ("data", ("bbpt.data",)),
     ("backbones", ("bbpt.models", "bbpt.models.backbone", "bbpt.models.catalog", "bbpt.models.hf",
-                   "bbpt.models.openclip", "bbpt.models.fastvit")),
+                   "bbpt.models.openclip", "bbpt.models.fastvit", "bbpt.models.cache")),
     # the black box: in process (models/blackbox and its parts, the white box for CoOp, the
     # meter, the mini model's pretraining script that scores through it), the transports
     # (bbpt.boxes), and the HTTP client of `bbpt serve` with its wire format and batcher
@@ -37,8 +37,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
              "bbpt.serve.batcher")),
     ("optim", ("bbpt.optim", "bbpt.params")),
     ("methods", ("bbpt.methods",)),
-    ("engine", ("bbpt.engine", "bbpt.results", "bbpt.runfolder")),
-    ("run", ("bbpt.sweep", "bbpt.report", "bbpt.report_html", "bbpt.protocols", "bbpt.reproduce", "bbpt.serve")),
+    # config, evaluation, loop, run_result, signals and api: the engine's split (branch i27-engine)
+    ("engine", ("bbpt.engine", "bbpt.results", "bbpt.runfolder", "bbpt.config", "bbpt.evaluation", "bbpt.loop",
+                "bbpt.run_result", "bbpt.signals")),
+    ("run", ("bbpt.sweep", "bbpt.report", "bbpt.report_html", "bbpt.protocols", "bbpt.reproduce", "bbpt.serve",
+             "bbpt.api")),
     ("cli", ("bbpt.cli", "bbpt.__main__")),
 ]
 
