@@ -32,9 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .data import check_images, fewshot_split, load_task, stratified_subset, subsample_classes
 from .data.core import ImageSet
+from .data.staging import FewShotData
 from .data.views import TrainViews, ViewSpec
 from .errors import BadInput, BBPTError, BudgetExhausted, CorruptCheckpoint, excerpt
-from .methods import METHODS, FewShotData, make_config
+from .methods import METHODS, make_config
 from .methods.base import Budget, Env, option_range
 from .models import BlackBox, BlackBoxAPI, Images, QueryMeter, create_backbone
 from .progress import Progress, eval_bar
@@ -118,7 +119,7 @@ def load_config_file(path: str | Path) -> dict:
     kind = "TOML" if p.suffix == ".toml" else "JSON"
     try:
         if kind == "TOML":
-            import tomllib
+            from ._compat import tomllib
 
             data = tomllib.loads(p.read_text())
         else:

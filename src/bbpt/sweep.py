@@ -74,7 +74,7 @@ DEFAULT_OUT = "runs/sweep"  # a sweep file without out = "..."
 
 
 def load_sweep(path: str | Path) -> dict:
-    import tomllib
+    from ._compat import tomllib
 
     p = Path(path)
     if not p.is_file():

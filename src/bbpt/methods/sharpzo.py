@@ -41,11 +41,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..data.staging import WholeSet
 from ..models.blackbox import SoftPrompt
 from ..optim import CGE, CMAES, RGE, Constant, ZOSGD
 from ..params import RandomProjection
 from ..state import get_state
-from .base import OnePassConfig, Preset, WholeSet, ZerothOrderMethod, register_method
+from .base import OnePassConfig, Preset, ZerothOrderMethod, register_method
 from .common import ce_per_candidate, initial_context, step_size_field, STEP_SIZE_SOURCE
 
 RELEASE = "yifanycc/sharpzo @13b491f"
