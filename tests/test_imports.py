@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("optim", ("bbpt.optim", "bbpt.params")),
     ("methods", ("bbpt.methods",)),
     # config, evaluation, loop, run_result, signals and api: the engine's split (branch i27-engine)
-    ("engine", ("bbpt.engine", "bbpt.results", "bbpt.runfolder", "bbpt.config", "bbpt.evaluation", "bbpt.loop",
+    ("engine", ("bbpt.engine", "bbpt.results", "bbpt.runfolder", "bbpt.tracking", "bbpt.config", "bbpt.evaluation", "bbpt.loop",
                 "bbpt.run_result", "bbpt.signals")),
     ("run", ("bbpt.sweep", "bbpt.report", "bbpt.report_html", "bbpt.protocols", "bbpt.reproduce", "bbpt.serve",
              "bbpt.api")),
