@@ -32,6 +32,7 @@ from ..boxes.capabilities import Needs
 from ..data.core import ImageSet
 from ..errors import BadInput
 from ..models.blackbox import BlackBoxAPI, Images, SoftPrompt, TextPrompt, VisualPrompt
+from ..models.meter import BudgetUnit
 from ..registry import Registry
 from ..state import get_state, set_state
 
@@ -44,7 +45,7 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # strict: true is not 1; inf / nan are no values
 
     budget: int | None = Field(None, ge=1, description="hard stop in budget_unit; none: no training queries")
-    budget_unit: Literal["api_calls", "prompt_evals"] | None = Field(
+    budget_unit: BudgetUnit | None = Field(
         None, description="unit of the budget; none: the method's paper unit")
     batch_size: int = Field(128, ge=1, le=65536, description="images per training query (ZIP's API batch)")
     # The papers' training views (bbpt.data.views): a fresh view per batch for minibatch
@@ -301,7 +302,7 @@ class Env:
 class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    budget_unit: ClassVar[str] = "api_calls"
+    budget_unit: ClassVar[BudgetUnit] = "api_calls"
     black_box: ClassVar[bool] = True  # False only for the white-box reference (CoOp)
     # what its queries send and read (bbpt.boxes.capabilities): a box lacking any is refused
     # before the first query, naming the methods that fit it
