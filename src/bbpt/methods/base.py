@@ -380,10 +380,12 @@ class Query:
 class ZerothOrderMethod(Method):
     """The step of every zeroth-order method, written once: ask -> decode -> query -> loss -> tell.
 
-    A subclass sets ``self.opt`` (``ask() -> (n, d)``, ``tell(losses (n,))``,
-    ``current_loss``) and ``self.batches`` (:class:`BatchStream` or :class:`WholeSet`), and
-    overrides only what differs: :meth:`candidates` (default: soft contexts decoded by
-    ``self.param``), :meth:`loss` (default: cross-entropy), :meth:`tell`, :meth:`after_tell`.
+    A subclass sets ``self.opt`` (a :class:`bbpt.optim.Optimiser`: ``ask() -> (n, d)``,
+    ``tell(losses (n,)) -> stats``, ``current_loss``) and ``self.batches``
+    (:class:`BatchStream` or :class:`WholeSet`), and overrides only what differs:
+    :meth:`candidates` (default: soft contexts decoded by ``self.param``), :meth:`loss`
+    (default: cross-entropy), :meth:`tell`, :meth:`after_tell`. A step reports its train loss,
+    the optimiser's statistics (what ``tell`` returned) and what :meth:`after_tell` adds.
     """
 
     state = ("opt", "batches")
@@ -398,8 +400,9 @@ class ZerothOrderMethod(Method):
 
         return ce_per_candidate(logits, y)
 
-    def tell(self, losses: torch.Tensor) -> None:
-        self.opt.tell(losses)
+    def tell(self, losses: torch.Tensor) -> dict:
+        """Tell the optimiser the losses; returns its statistics."""
+        return self.opt.tell(losses)
 
     def after_tell(self, losses: torch.Tensor, budget: Budget) -> dict:
         """Work after the optimiser's update (CraFT's head); returns extra stats."""
@@ -411,9 +414,8 @@ class ZerothOrderMethod(Method):
         q = self.candidates(points, images)
         logits = self.box.query(q.prompt, q.images, q.visual)  # (n, B, C)
         losses = self.loss(logits, y)  # (n,)
-        self.tell(losses)
-        return {"train_loss": self.opt.current_loss(losses), **getattr(self.opt, "last", {}),
-                **self.after_tell(losses, budget)}
+        stats = self.tell(losses) or {}  # a subclass's tell that returns nothing reports no statistics
+        return {"train_loss": self.opt.current_loss(losses), **stats, **self.after_tell(losses, budget)}
 
 
 METHODS: Registry[type[Method]] = Registry("method", hint="`bbpt methods` lists them.", group="bbpt.methods")
