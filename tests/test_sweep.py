@@ -95,7 +95,7 @@ def test_bad_sweep_files_are_one_line(tmp_path, text, needle):
 
 def test_every_committed_sweep_file_loads():
     """bench/sweeps/*.toml against SweepSpec: each loads, with its axes filled in and its keys as written."""
-    import tomllib
+    from bbpt._compat import tomllib
 
     files = sorted((Path(__file__).parents[1] / "bench" / "sweeps").glob("*.toml"))
     assert len(files) >= 10

@@ -102,7 +102,7 @@ def load_config_file(path: str | Path) -> dict:
     kind = "TOML" if p.suffix == ".toml" else "JSON"
     try:
         if kind == "TOML":
-            import tomllib
+            from ._compat import tomllib
 
             data = tomllib.loads(p.read_text())
         else:

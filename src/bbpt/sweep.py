@@ -133,7 +133,7 @@ def load_sweep(path: str | Path) -> dict:
     """A sweep file, checked against :class:`SweepSpec`, as a dict: the file's own keys and
     values (in its order: ``sweep.json`` holds them), then the defaults of the axes it leaves
     out. Any fault is one :class:`BadInput` line naming the key and the fix."""
-    import tomllib
+    from ._compat import tomllib
 
     p = Path(path)
     if not p.is_file():
