@@ -412,11 +412,13 @@ def _check_listen(host: str, port: int) -> None:
 
 
 def _parse_budget(items: list[str]) -> dict:
+    from .models.meter import BUDGET_UNITS
+
     out = {}
     for it in items:
         unit, _, v = it.partition("=")
-        if unit not in ("api_calls", "prompt_evals") or not v.isdigit():
-            raise BadInput(f"--budget {it!r}: expected api_calls=N or prompt_evals=N")
+        if unit not in BUDGET_UNITS or not v.isdigit():
+            raise BadInput(f"--budget {it!r}: expected " + " or ".join(f"{u}=N" for u in BUDGET_UNITS))
         out[unit] = int(v)
     return out
 

@@ -31,6 +31,7 @@ from ..boxes.capabilities import Needs
 from ..data.staging import PRELOAD_BYTES, BatchStream, FewShotData, WholeSet, epoch_stop  # noqa: F401  (re-exported: they lived here)
 from ..errors import BadInput
 from ..models.blackbox import BlackBoxAPI, Images, SoftPrompt, TextPrompt, VisualPrompt
+from ..models.meter import BudgetUnit
 from ..registry import Registry
 from ..state import get_state, set_state
 
@@ -41,7 +42,7 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # strict: true is not 1; inf / nan are no values
 
     budget: int | None = Field(None, ge=1, description="hard stop in budget_unit; none: no training queries")
-    budget_unit: Literal["api_calls", "prompt_evals"] | None = Field(
+    budget_unit: BudgetUnit | None = Field(
         None, description="unit of the budget; none: the method's paper unit")
     batch_size: int = Field(128, ge=1, le=65536, description="images per training query (ZIP's API batch)")
     # The papers' training views (bbpt.data.views): a fresh view per batch for minibatch
@@ -175,7 +176,7 @@ class Env:
 class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    budget_unit: ClassVar[str] = "api_calls"
+    budget_unit: ClassVar[BudgetUnit] = "api_calls"
     black_box: ClassVar[bool] = True  # False only for the white-box reference (CoOp)
     # what its queries send and read (bbpt.boxes.capabilities): a box lacking any is refused
     # before the first query, naming the methods that fit it
@@ -253,10 +254,12 @@ class Query:
 class ZerothOrderMethod(Method):
     """The step of every zeroth-order method, written once: ask -> decode -> query -> loss -> tell.
 
-    A subclass sets ``self.opt`` (``ask() -> (n, d)``, ``tell(losses (n,))``,
-    ``current_loss``) and ``self.batches`` (:class:`BatchStream` or :class:`WholeSet`), and
-    overrides only what differs: :meth:`candidates` (default: soft contexts decoded by
-    ``self.param``), :meth:`loss` (default: cross-entropy), :meth:`tell`, :meth:`after_tell`.
+    A subclass sets ``self.opt`` (a :class:`bbpt.optim.Optimiser`: ``ask() -> (n, d)``,
+    ``tell(losses (n,)) -> stats``, ``current_loss``) and ``self.batches``
+    (:class:`BatchStream` or :class:`WholeSet`), and overrides only what differs:
+    :meth:`candidates` (default: soft contexts decoded by ``self.param``), :meth:`loss`
+    (default: cross-entropy), :meth:`tell`, :meth:`after_tell`. A step reports its train loss,
+    the optimiser's statistics (what ``tell`` returned) and what :meth:`after_tell` adds.
     """
 
     state = ("opt", "batches")
@@ -271,8 +274,9 @@ class ZerothOrderMethod(Method):
 
         return ce_per_candidate(logits, y)
 
-    def tell(self, losses: torch.Tensor) -> None:
-        self.opt.tell(losses)
+    def tell(self, losses: torch.Tensor) -> dict:
+        """Tell the optimiser the losses; returns its statistics."""
+        return self.opt.tell(losses)
 
     def after_tell(self, losses: torch.Tensor, budget: Budget) -> dict:
         """Work after the optimiser's update (CraFT's head); returns extra stats."""
@@ -284,9 +288,8 @@ class ZerothOrderMethod(Method):
         q = self.candidates(points, images)
         logits = self.box.query(q.prompt, q.images, q.visual)  # (n, B, C)
         losses = self.loss(logits, y)  # (n,)
-        self.tell(losses)
-        return {"train_loss": self.opt.current_loss(losses), **getattr(self.opt, "last", {}),
-                **self.after_tell(losses, budget)}
+        stats = self.tell(losses) or {}  # a subclass's tell that returns nothing reports no statistics
+        return {"train_loss": self.opt.current_loss(losses), **stats, **self.after_tell(losses, budget)}
 
 
 METHODS: Registry[type[Method]] = Registry("method", hint="`bbpt methods` lists them.", group="bbpt.methods")
