@@ -13,7 +13,10 @@ so the command line starts fast.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # the library logs; only an application (the CLI) configures
 
 __all__ = ["METHODS", "BlackBox", "RunConfig", "RunResult", "evaluate", "evaluate_prompt", "run"]
 

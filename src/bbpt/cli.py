@@ -9,10 +9,15 @@
 Bad input (unknown names, missing files, corrupt weights, exhausted budget) prints one line
 ``error: ...`` naming the problem and the fix, and exits with code 2; ``--debug`` shows the
 traceback instead.
+
+Results go to stdout; bbpt's notices (resuming, sweep progress, warnings) are log records of the
+``bbpt`` loggers, written to stderr one line each: ``--log-level`` (default INFO) or ``-v``
+(DEBUG) sets which. Progress bars are apart from logging (``--quiet`` turns them off).
 """
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import signal
 import sys
@@ -26,11 +31,58 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(help="Offline task data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 _state = {"debug": False}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+log = logging.getLogger("bbpt.cli")  # by name: run as `python -m bbpt.cli` this module is __main__
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+          log_level: str = typer.Option("INFO", "--log-level", help="bbpt's notices on stderr from this level: DEBUG, "
+                                        "INFO (resuming, sweep progress), WARNING or ERROR."),
+          verbose: bool = typer.Option(False, "-v", "--verbose", help="The same as --log-level DEBUG.")):
     _state["debug"] = debug
+    level = "DEBUG" if verbose else log_level.upper()
+    if level not in LOG_LEVELS:
+        raise BadInput(f"--log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+    configure_logging(level)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to the ``sys.stderr`` of the moment (a redirect, a test's capture)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it: stderr is looked up at each record instead
+        pass
+
+
+class _OneLine(logging.Formatter):
+    """INFO records as the bare message (the notices bbpt always printed); others prefixed by
+    their level, DEBUG also by the logger's name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        if record.levelno == logging.INFO:
+            return msg
+        return f"{record.levelname.lower()}" + (f" [{record.name}]" if record.levelno < logging.INFO else "") + f": {msg}"
+
+
+def configure_logging(level: str) -> None:
+    """The CLI's logging: the ``bbpt`` loggers at ``level``, to stderr, one line per record.
+    Only the CLI calls this; the library adds nothing but a NullHandler (``bbpt/__init__``)."""
+    root = logging.getLogger("bbpt")
+    for h in [h for h in root.handlers if isinstance(h, _Stderr)]:  # a second in-process invocation
+        root.removeHandler(h)
+    handler = _Stderr()
+    handler.setFormatter(_OneLine("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def _parse_sets(sets: list[str], flag: str = "--set") -> dict:
@@ -79,6 +131,9 @@ def run(
                                            "takes the key itself: it would land in the shell's history."),
     force: bool = typer.Option(False, help="Replace what --out holds (a finished or another run) instead of refusing."),
     quiet: bool = typer.Option(False, help="No progress output."),
+    logger: List[str] = typer.Option([], "--logger", help="Where the curve, config and accuracy are logged "
+                                     "(repeatable or comma-separated): tensorboard (default; OUT/tb/), wandb (offline, "
+                                     "OUT/wandb/; pip install 'bbpt[trackers]'), or none. Not part of the run's identity."),
 ):
     """Tune (or evaluate zero-shot) one method on one task and write result.json.
 
@@ -100,8 +155,10 @@ def run(
         src = ctx.get_parameter_source(k)
         if k not in fields or (src is not None and src.name != "DEFAULT"):
             fields[k] = v
+    if logger:
+        fields["loggers"] = [n.strip() for item in logger for n in item.split(",") if n.strip()]
     cfg = engine.make_run_config(**fields, options=options)
-    result = engine.run(cfg, out=out, progress=not quiet, force=force, log=_log, key_file=key_file)
+    result = engine.run(cfg, out=out, progress=not quiet, force=force, key_file=key_file)
     q = result.queries
     typer.echo(
         f"{result.method} on {result.dataset} ({result.shots}-shot, seed {result.seed}): "
@@ -113,7 +170,7 @@ def run(
 
 
 def _log(msg: str) -> None:
-    typer.echo(msg, err=True)
+    log.info(msg)
 
 
 @app.command("eval")
@@ -312,8 +369,8 @@ def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (
     from .models import create_backbone
 
     create_backbone(model, pretrained, device)  # a bad model or device: one line now, not a traceback at startup
-    typer.echo(f"bbpt serve: {model} on http://{host}:{port}/v1 (db {db}; batching up to {max_batch} queries, "
-               f"{max_wait_ms:g} ms){' with Ray Serve, %d replicas' % replicas if ray else ''}", err=True)
+    log.info(f"bbpt serve: {model} on http://{host}:{port}/v1 (db {db}; batching up to {max_batch} queries, "
+             f"{max_wait_ms:g} ms){' with Ray Serve, %d replicas' % replicas if ray else ''}")
     if ray:
         from .serve.ray_serve import serve_with_ray
 
@@ -355,11 +412,13 @@ def _check_listen(host: str, port: int) -> None:
 
 
 def _parse_budget(items: list[str]) -> dict:
+    from .models.meter import BUDGET_UNITS
+
     out = {}
     for it in items:
         unit, _, v = it.partition("=")
-        if unit not in ("api_calls", "prompt_evals") or not v.isdigit():
-            raise BadInput(f"--budget {it!r}: expected api_calls=N or prompt_evals=N")
+        if unit not in BUDGET_UNITS or not v.isdigit():
+            raise BadInput(f"--budget {it!r}: expected " + " or ".join(f"{u}=N" for u in BUDGET_UNITS))
         out[unit] = int(v)
     return out
 
@@ -484,7 +543,7 @@ def sweep_(file: str = typer.Argument(..., help="A sweep TOML: methods, datasets
     from .sweep import DEFAULT_OUT, load_sweep, sweep
 
     spec = load_sweep(file)
-    s = sweep(spec, out or spec.get("out", DEFAULT_OUT), workers=workers, ray=ray, ray_cpus=ray_cpus, log=_log)
+    s = sweep(spec, out or spec.get("out", DEFAULT_OUT), workers=workers, ray=ray, ray_cpus=ray_cpus)
     skipped = sum(bool(r.get("skipped")) for r in s["runs"])
     failed = [r for r in s["runs"] if r["status"] == "failed"]
     typer.echo(f"{len(s['runs'])} runs ({skipped} already finished"

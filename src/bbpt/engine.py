@@ -23,8 +23,8 @@ names it held before the split, so ``from bbpt.engine import run, RunConfig, eva
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,11 +35,12 @@ import torch
 from .config import LATE_FIELDS, MAX_SEED, RunConfig, identity, load_config_file, make_run_config
 from .data import check_images, fewshot_split, load_task, stratified_subset, subsample_classes
 from .data.core import ImageSet
+from .data.staging import FewShotData
 from .data.views import TrainViews, ViewSpec
 from .errors import BadInput, BBPTError
 from .evaluation import SavedPrompt, _Saved, evaluate, evaluate_prompt  # noqa: F401 -- _Saved: the old name
 from .loop import CHECKPOINT_SECONDS, TEST_SUBSET_SEED, Loop, LoopState
-from .methods import METHODS, FewShotData, make_config
+from .methods import METHODS, make_config
 from .methods.base import Env
 from .models import QueryMeter
 from .models.cache import backbone_cache
@@ -53,6 +54,8 @@ __all__ = [  # what `from bbpt.engine import ...` gave before the split, and bui
     "identity", "load_config_file", "make_run_config", "run", "set_seed", "train_views",
 ]
 _Loop = LoopState  # the names before the split
+
+logger = logging.getLogger(__name__)
 
 
 def set_seed(seed: int) -> None:
@@ -69,12 +72,13 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
     ``out`` holding an unfinished run of the same configuration resumes it; ``force``
     replaces what ``out`` holds; ``keep_finished`` returns a finished run of the same
     configuration instead of refusing (protocols and sweeps). ``log`` receives one-line
-    notices (resuming, interrupted); ``on_step(steps, stats)`` is called after every step.
+    notices (resuming, interrupted), else the ``bbpt.engine`` logger at INFO; ``on_step(steps,
+    stats)`` is called after every step. The run's trackers (``cfg.loggers``) write into ``out``.
     ``key_file``: a file holding the box's API key (else its environment variable or the keys
     file, :mod:`bbpt.boxes.keys`). A method the box cannot serve is refused before anything.
     """
     t0 = time.time()
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or logger.info
     cls = METHODS.get(cfg.method)
     mcfg = cls.resolve_config(make_config(cls, cfg.options), cfg.shots)
     check_box(cfg, cls)
@@ -99,7 +103,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
                     f"{loop.state.steps} ({loop.meter.counts[loop.unit]} {loop.unit} spent)")
             elif mode == "resume":
                 log(f"resuming {folder.path}: no checkpoint was written yet, starting the run from step 0")
-            return loop.run()
+            return loop.run(resumed=mode == "resume")
     finally:
         if folder is not None:
             folder.unlock()
@@ -149,7 +153,7 @@ def build_run(cfg: RunConfig, *, folder: RunFolder | None = None, progress: bool
     method = cls(mcfg, env)
     return Loop(cfg, cls, mcfg, config, task=task, test=test, data=data, val_data=val_data, unit=unit, meter=meter,
                 box=box, eval_box=eval_box, env=env, method=method, folder=folder, progress=progress,
-                log=log or (lambda msg: print(msg, file=sys.stderr)), on_step=on_step, t0=t0)
+                log=log or logger.info, on_step=on_step, t0=t0)
 
 
 def train_views(mcfg, task, train: ImageSet, size: int, seed: int) -> TrainViews | None:

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from .data import check_images, load_task
 from .data.core import ImageSet
+from .data.staging import FewShotData
 from .errors import BadInput, CorruptCheckpoint, excerpt
-from .methods import METHODS, FewShotData
+from .methods import METHODS
 from .models import BlackBox, BlackBoxAPI, Images, QueryMeter, create_backbone
 from .progress import eval_bar
 

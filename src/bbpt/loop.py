@@ -22,6 +22,7 @@ from .run_result import RunResult
 from .runfolder import CHECKPOINT, RunFolder, config_diff
 from .signals import Interrupts, RunInterrupted
 from .state import global_rng_state, set_global_rng_state
+from .tracking import Tracker
 
 CHECKPOINT_SECONDS = 60.0
 TEST_SUBSET_SEED = 0  # the same subset for every method and seed, so quick looks compare
@@ -64,6 +65,8 @@ class Loop:
         self.total = mcfg.budget or (method.total_steps() or 0)
         self.state = LoopState(cfg.eval_every or max(1, self.total // 20))
         self.bar: Progress | None = None
+        self.tracker: Tracker | None = None
+        self._restored = False  # a checkpoint was loaded (restore)
         self._prior = 0.0  # wall seconds of earlier sessions (set when the loop starts)
         self._last_save = time.time()
 
@@ -96,6 +99,7 @@ class Loop:
                 if ckpt["meters"].get(k) is not None:
                     m.load_state_dict(ckpt["meters"][k])
             set_global_rng_state(ckpt["rng"])
+            self._restored = True
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
             raise CorruptCheckpoint(f"checkpoint {where} does not fit this {config['method']} run ({type(e).__name__}: "
                                     f"{excerpt(e, 80)}); it was written by another run or another bbpt: pass --force "
@@ -121,6 +125,7 @@ class Loop:
                  "train_loss": st.last_loss, "val_accuracy": v["accuracy"]}
         st.curve.append(point)
         self.bar.point(self.done(), point)
+        self.tracker.point(self.done(), point, v["loss"])
 
     def result(self, status: str, test_r: dict | None) -> RunResult:
         cfg, st, side, unit, budget = self.cfg, self.state, self.env.side_meter, self.unit, self.mcfg.budget
@@ -187,12 +192,17 @@ class Loop:
             self.on_step(st.steps, stats)
         return True
 
-    def run(self) -> RunResult:
+    def run(self, resumed: bool = False) -> RunResult:
         """Train until done, out of budget or stopped, then evaluate the test split once;
-        returns the result (written to the folder). A signal raises :class:`RunInterrupted`."""
+        returns the result (written to the folder). A signal raises :class:`RunInterrupted`.
+        ``resumed``: the folder held this run unfinished (its trackers purge what the last
+        session logged after its checkpoint)."""
         cfg, st, meter, folder = self.cfg, self.state, self.meter, self.folder
         self._prior, self._last_save = st.elapsed, time.time()
         budget = Budget.of(meter, self.unit, self.mcfg.budget)
+        self.tracker = Tracker.open(cfg.loggers, folder.path if folder else None, self.config,
+                                    f"{cfg.method} on {self.task.name} seed {cfg.seed}",
+                                    resumed_at=None if not resumed else self.done() if self._restored else -1)
         self.bar = Progress(self.progress, f"{cfg.method} on {self.task.name}", self.total,
                             self.unit if self.mcfg.budget else "step", self.done())
         with Interrupts(folder.path if folder else None) as stop:
@@ -218,12 +228,14 @@ class Loop:
                     raise self.interrupted(stop.signum, save=False)
                 r = self.result("finished", test_r)
                 self.write(r)
+                self.tracker.finish(self.done(), r, test_r["loss"])
                 if stop.signum is not None:  # it came during the last batch: nothing was left to stop
                     where = f"its result is in {folder.path}" if folder is not None else "nothing is saved (no --out)"
                     self.log(f"{signal.Signals(stop.signum).name} came during the test evaluation's last batch: the "
                              f"run finished; {where}")
             finally:
                 self.bar.close()
+                self.tracker.close()
         return r
 
 
