@@ -98,7 +98,7 @@ def test_same_seed_same_result_exact_queries_and_the_saved_prompt(name, tmp_path
 def test_a_reduced_budget_lowers_the_training_loss(mini, name):
     """At a reduced budget the method lowers the full few-shot training loss it started from."""
     spec = METHOD_CASES[name].lowers_loss
-    m, box, task = build(name, mini, dataset="fashion-mnist", shots=8, seed=1, **spec.options)
+    m, box, task = build(name, mini, dataset=spec.dataset, shots=spec.shots, seed=1, **spec.options)
     eval_box = box.for_classes(task.classnames, QueryMeter())
     before = evaluate(m, eval_box, m.data.set, 500, progress=False)
     try:
