@@ -96,7 +96,6 @@ def _counts(api_calls: int, prompt_evals: int, images: int) -> dict:
     return {"api_calls": api_calls, "prompt_evals": prompt_evals, "images_forwarded": images}
 
 
-DEFAULT_BUDGET = "at its paper-default budget"
 BAR_MISSES = ("measured (seed 1, the zip_comparison sweep's runs, the same config): BAR at its default 5000 "
               "api_calls does not beat zero-shot on any offline task, on the shipped mini (62.4/48.5/52.0/46.1 vs "
               "73.8/55.0/53.1/49.5) as on v1 (71.9/57.4/53.3/47.2 vs 72.6/57.4/57.7/49.2); "
