@@ -12,18 +12,55 @@ traceback instead.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
 import signal
 import sys
-from typing import List, Optional
+import types
+import typing
+from typing import Any, List, Literal, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from .config import RunConfig
 from .errors import BadInput, BBPTError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Black-box prompt tuning of vision-language models.")
-data_app = typer.Typer(help="Offline task data.", no_args_is_help=True)
+
+class _FlagsAsFlags:
+    """Typer's help prints a type beside every option, flags too (``--debug <bool>``); a flag
+    takes no value, so it shows none."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_FlagsAsFlags, TyperCommand):
+    pass
+
+
+class _Group(_FlagsAsFlags, TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    """typer.Typer whose groups and commands show flags as flags."""
+
+    def __init__(self, **kw):
+        super().__init__(cls=_Group, **kw)
+
+    def command(self, *args, **kw):
+        kw.setdefault("cls", _Command)
+        return super().command(*args, **kw)
+
+
+app = _Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Black-box prompt tuning of vision-language models.")
+data_app = _Typer(help="Offline task data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 _state = {"debug": False}
 
@@ -48,37 +85,91 @@ def _parse_sets(sets: list[str], flag: str = "--set") -> dict:
     return out
 
 
-@app.command()
+# ---- `bbpt run`: one option per RunConfig field, made from the field ---------------------------
+RUN_PANEL = "Run configuration (these win over --config's fields, which win over the defaults)"
+# Run fields whose command-line form is written by hand, not made from the field: field -> option
+RUN_FIELD_FORMS = {"options": "--set", "box_options": "--box-option"}
+
+
+def _bounds(field) -> str:
+    """A field's numeric bounds in click's notation: 'x>=1', '1<=x<=100000', 'x>0'; '' when none."""
+    b = {k: getattr(m, k) for m in field.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None}
+    hi = f"<={b['le']}" if "le" in b else f"<{b['lt']}" if "lt" in b else ""
+    if hi:
+        return (f"{b['ge']}<=" if "ge" in b else f"{b['gt']}<" if "gt" in b else "") + "x" + hi
+    return f"x>={b['ge']}" if "ge" in b else f"x>{b['gt']}" if "gt" in b else ""
+
+
+def _cli_type(name: str, field) -> tuple[Any, Optional[str], bool]:
+    """(the option's type, its metavar, whether it takes a list) for a RunConfig field: a
+    Literal lists its choices, a number its range, a bool is a --flag/--no-flag; the values
+    themselves are checked by RunConfig, which gives the one-line errors."""
+    ann = field.annotation
+    union = typing.get_origin(ann) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(ann) if a is not type(None)] if union else [ann]
+    optional = union and type(None) in typing.get_args(ann)
+    if len(args) != 1:
+        raise TypeError(f"run field {name!r} ({ann}) has no command-line form; write one (cli.RUN_FIELD_FORMS)")
+    t, many = args[0], False
+    if typing.get_origin(t) is list and typing.get_args(t)[0] in (str, int, float):
+        t, many = typing.get_args(t)[0], True
+    if typing.get_origin(t) is Literal:
+        choices = typing.get_args(t)
+        base, metavar = type(choices[0]), "[" + "|".join(str(c) for c in choices) + "]"
+    elif t in (str, int, float, bool):
+        rng = _bounds(field)
+        base, metavar = t, None if t is bool else f"<{t.__name__}>" + (f" [{rng}]" if rng else "")
+    else:
+        raise TypeError(f"run field {name!r} ({ann}) has no command-line form; write one (cli.RUN_FIELD_FORMS)")
+    if many:
+        base, metavar = List[base], metavar.replace(">", ">,...", 1) if metavar.startswith("<") else metavar + ",..."
+    return (Optional[base] if optional else base), metavar, many
+
+
+def _run_field(name: str, default: Any = ..., more: str = "", **kw) -> Any:
+    """A typer.Option for RunConfig field ``name``: its description as help (plus ``more``), its
+    choices or range as metavar, its default unless ``default`` is given."""
+    field = RunConfig.model_fields[name]
+    _, metavar, _ = _cli_type(name, field)
+    if default is ...:
+        default = field.get_default(call_default_factory=True)
+    return typer.Option(default, f"--{name.replace('_', '-')}", help=field.description + more, metavar=metavar, **kw)
+
+
+def _run_field_params() -> tuple[list[inspect.Parameter], set[str]]:
+    """One keyword parameter per RunConfig field (but those of :data:`RUN_FIELD_FORMS`), and
+    the names of the fields that take lists."""
+    params, lists = [], set()
+    for name, field in RunConfig.model_fields.items():
+        if name in RUN_FIELD_FORMS:
+            continue
+        annotation, _, many = _cli_type(name, field)
+        if many:
+            lists.add(name)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=_run_field(name, rich_help_panel=RUN_PANEL)))
+    return params, lists
+
+
 def run(
     ctx: typer.Context,
-    method: str = typer.Option("zip", help="Method name (`bbpt methods`)."),
-    dataset: str = typer.Option("fashion-mnist", help="Registered task (`bbpt datasets`) or a path to an image folder."),
-    shots: int = typer.Option(16, help="Training images per class (1, 2, 4, 8, 16)."),
-    seed: int = typer.Option(1, help="Seed of the few-shot sample and of the method."),
-    out: str = typer.Option("runs/latest", help="Output folder (result.json, curve.csv, prompt.safetensors)."),
-    model: str = typer.Option("mini", help="Backbone: 'mini' (embedded) or an open_clip architecture (`bbpt models`)."),
-    pretrained: Optional[str] = typer.Option(None, help="open_clip tag, local checkpoint path, or 'random'."),
-    budget: Optional[int] = typer.Option(None, help="Query budget (hard stop) in the method's unit; default: the paper's."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA."),
+    set_: List[str] = typer.Option([], "--set", help="method option KEY=VALUE (repeatable), e.g. --set rank=5; "
+                                   "`bbpt methods NAME` lists them", rich_help_panel=RUN_PANEL),
+    budget: Optional[int] = typer.Option(None, help="query budget (hard stop) in the method's unit; default: the "
+                                         "paper's (the same as --set budget=N)", rich_help_panel=RUN_PANEL),
+    box_option: List[str] = typer.Option([], "--box-option", help="option of the box's transport KEY=VALUE (repeatable), e.g. "
+                                         "--box-option image_size=224 --box-option concurrency=8; `bbpt methods --box "
+                                         "KIND:URL` lists them", rich_help_panel=RUN_PANEL),
+    out: str = typer.Option("runs/latest", help="Run folder: run.json (the configuration, written first), "
+                            "checkpoint.safetensors (while unfinished), curve.csv, curve.png, prompt.safetensors and "
+                            "result.json (written last)."),
     config: Optional[str] = typer.Option(None, help="JSON or TOML file of run fields and method `options`."),
-    set_: List[str] = typer.Option([], "--set", help="Method option KEY=VALUE (repeatable), e.g. --set rank=5."),
-    test_subset: Optional[int] = typer.Option(None, help="Test on a seeded, stratified subset of N test images "
-                                              "(quick looks; marked as not comparable to full-test numbers)."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after N method steps (quick looks)."),
-    eval_every: int = typer.Option(0, help="Budget units between curve points (and checkpoints); 0: about 20 points."),
-    remote: Optional[str] = typer.Option(None, help="Query a `bbpt serve` server at this URL instead of a local "
-                                         "model (the same as --box URL)."),
-    box: Optional[str] = typer.Option(None, help="The black box: local (default: --model in this process), a `bbpt "
-                                      "serve` URL, hf:URL (Hugging Face zero-shot-image-classification) or openai:URL "
-                                      "(OpenAI-style /embeddings). `bbpt methods --box BOX` lists what runs on it."),
-    box_option: List[str] = typer.Option([], "--box-option", help="Transport option KEY=VALUE (repeatable), e.g. "
-                                         "--box-option image_size=224 --box-option concurrency=8."),
     key_file: Optional[str] = typer.Option(None, help="File whose first line is the box's API key (else $BBPT_API_KEY, "
                                            "$HF_TOKEN or $OPENAI_API_KEY, else ~/.config/bbpt/keys.toml). No option "
                                            "takes the key itself: it would land in the shell's history."),
     force: bool = typer.Option(False, help="Replace what --out holds (a finished or another run) instead of refusing."),
     quiet: bool = typer.Option(False, help="No progress output."),
+    **fields,
 ):
     """Tune (or evaluate zero-shot) one method on one task and write result.json.
 
@@ -87,20 +178,19 @@ def run(
     the current step with a checkpoint (exit 130 / 143); the same command resumes."""
     from . import engine
 
-    fields = engine.load_config_file(config) if config else {}
-    options = {**fields.pop("options", {}), **_parse_sets(set_)}
+    file = engine.load_config_file(config) if config else {}
+    options = {**file.pop("options", {}), **_parse_sets(set_)}
     if budget is not None:
         options["budget"] = budget
-    cli = dict(method=method, dataset=dataset, shots=shots, seed=seed, model=model, pretrained=pretrained,
-               device=device, precision=precision, test_subset=test_subset, max_steps=max_steps,
-               eval_every=eval_every, remote=remote, box=box,
-               box_options=_parse_sets(box_option, "--box-option") or None)
+    cli = {k: (k, [x.strip() for v in value for x in v.split(",") if x.strip()] if k in _RUN_LISTS else value)
+           for k, value in fields.items()}
+    cli["box_options"] = ("box_option", _parse_sets(box_option, "--box-option") or None)
     # explicit CLI values win over the file; the file wins over defaults
-    for k, v in cli.items():
-        src = ctx.get_parameter_source(k)
-        if k not in fields or (src is not None and src.name != "DEFAULT"):
-            fields[k] = v
-    cfg = engine.make_run_config(**fields, options=options)
+    for k, (param, v) in cli.items():
+        src = ctx.get_parameter_source(param)
+        if k not in file or (src is not None and src.name != "DEFAULT"):
+            file[k] = v
+    cfg = engine.make_run_config(**file, options=options)
     result = engine.run(cfg, out=out, progress=not quiet, force=force, log=_log, key_file=key_file)
     q = result["queries"]
     typer.echo(
@@ -110,6 +200,21 @@ def run(
         f"{result['wall_seconds']:.1f}s -> {out}/result.json"
         + ("  [test subset: not comparable to full-test numbers]" if "test_subset" in result else "")
     )
+
+
+def _with_run_fields(fn):
+    """``fn``'s signature with its ``**fields`` replaced by one option per RunConfig field, first."""
+    sig = inspect.signature(fn)
+    ps = list(sig.parameters.values())
+    made, lists = _run_field_params()
+    _RUN_LISTS.update(lists)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in ps[1:] if p.kind is not p.VAR_KEYWORD]
+    fn.__signature__ = sig.replace(parameters=[ps[0], *made, *own])
+    return fn
+
+
+_RUN_LISTS: set[str] = set()
+app.command("run")(_with_run_fields(run))
 
 
 def _log(msg: str) -> None:

@@ -22,23 +22,37 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # strict: true is not 1; inf / nan are no values
 
     method: str = Field("zip", min_length=1, description="method name (`bbpt methods`)")
-    dataset: str = Field("fashion-mnist", min_length=1, description="registered task or image-folder path")
-    model: str = Field("mini", min_length=1, description="backbone (`bbpt models`)")
-    pretrained: str | None = Field(None, min_length=1, description="open_clip tag, checkpoint path, or 'random'")
-    shots: int = Field(16, ge=1, le=100_000, description="training images per class")
+    dataset: str = Field("fashion-mnist", min_length=1, description="registered task (`bbpt datasets`), NAME@SHIFT for "
+                         "its shifted test split, or a path to an image folder")
+    model: str = Field("mini", min_length=1, description="backbone: 'mini' (embedded), an open_clip architecture (e.g. "
+                       "ViT-B-16), or a Hugging Face CLIP / SigLIP model hf:ORG/NAME or hf:/path/to/folder "
+                       "(`bbpt models` lists them)")
+    pretrained: str | None = Field(None, min_length=1, description="weights: an open_clip tag (e.g. openai), a local "
+                                   "checkpoint path, or 'random' (untrained); unset: mini's shipped weights, or an hf: "
+                                   "model's own (its hub id or folder names them; only 'random' applies)")
+    shots: int = Field(16, ge=1, le=100_000, description="training images per class: any count >= 1 (the papers use "
+                       "1, 2, 4, 8, 16), at most what the smallest class has")
     seed: int = Field(1, ge=0, le=MAX_SEED, description="seed of the few-shot sample and of the method")
-    device: str = Field("cpu", description="cpu, cuda, cuda:N or mps")
+    device: str = Field("cpu", description="where the model runs: cpu, cuda (the current GPU), cuda:N (GPU N) or mps "
+                        "(Apple silicon)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or bf16 / fp16 autocast on CUDA")
-    eval_every: int = Field(0, ge=0, description="budget units between curve points; 0: about 20 points")
-    eval_batch: int = Field(500, ge=1, le=100_000, description="images per evaluation query")
-    max_images_per_call: int = Field(128, ge=1, le=100_000, description="the API's images per call (ZIP's 128)")
-    classes: Literal["all", "base", "new"] = Field("all", description="all classes, or CoOp's base / new half")
-    test_subset: int | None = Field(None, ge=1, description="evaluate on a seeded, stratified subset of the test split")
+    eval_every: int = Field(0, ge=0, description="budget units between curve points (and checkpoints); 0: about 20 "
+                            "points")
+    eval_batch: int = Field(500, ge=1, le=100_000, description="images per evaluation query (train loss, val, test; "
+                            "not charged to the budget)")
+    max_images_per_call: int = Field(128, ge=1, le=100_000, description="the API's images per call (ZIP's 128): a query "
+                                     "of P prompts on B images costs P x ceil(B / this) api_calls")
+    classes: Literal["all", "base", "new"] = Field("all", description="all classes, or CoOp's base half (the first "
+                                                   "ceil(n/2)) / new half (the rest)")
+    test_subset: int | None = Field(None, ge=1, description="test on a seeded, stratified subset of N test images (quick "
+                                    "looks; marked as not comparable to full-test numbers)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many method steps (quick looks)")
     remote: str | None = Field(None, min_length=1, description="URL of a `bbpt serve` black box (the same as --box URL)")
     # Added after runs were stored: left out of a sweep's run hash while unset (`identity`).
-    box: str | None = Field(None, min_length=1, description="the black box: local (default), a bbpt server's URL, "
-                            "or KIND:URL (hf:URL, openai:URL; `bbpt methods --box`)")
+    box: str | None = Field(None, min_length=1, description="the black box: local (default: the model in this "
+                            "process), a `bbpt serve` URL, or KIND:URL: hf:URL (Hugging Face "
+                            "zero-shot-image-classification), openai:URL (OpenAI-style /embeddings); "
+                            "`bbpt methods --box BOX` lists what runs on it")
     box_options: dict[str, Any] | None = Field(None, description="options of the box's transport (e.g. image_size, "
                                                "concurrency; `bbpt methods --box KIND:URL` lists them)")
     options: dict[str, Any] = Field({}, description="method options over its paper defaults")
