@@ -126,12 +126,15 @@ def _cli_type(name: str, field) -> tuple[Any, Optional[str], bool]:
     return (Optional[base] if optional else base), metavar, many
 
 
-def _run_field(name: str, default: Any = ..., more: str = "", **kw) -> Any:
+_FIELD_DEFAULT = object()
+
+
+def _run_field(name: str, default: Any = _FIELD_DEFAULT, more: str = "", **kw) -> Any:
     """A typer.Option for RunConfig field ``name``: its description as help (plus ``more``), its
-    choices or range as metavar, its default unless ``default`` is given."""
+    choices or range as metavar, its default unless ``default`` is given (``...``: required)."""
     field = RunConfig.model_fields[name]
     _, metavar, _ = _cli_type(name, field)
-    if default is ...:
+    if default is _FIELD_DEFAULT:
         default = field.get_default(call_default_factory=True)
     return typer.Option(default, f"--{name.replace('_', '-')}", help=field.description + more, metavar=metavar, **kw)
 
@@ -224,12 +227,12 @@ def _log(msg: str) -> None:
 @app.command("eval")
 def eval_(
     prompt: str = typer.Option(..., help="A run's prompt.safetensors."),
-    dataset: str = typer.Option(..., help="Registered task or image-folder path."),
-    model: Optional[str] = typer.Option(None, help="Backbone (default: the one the prompt was trained on)."),
-    pretrained: Optional[str] = typer.Option(None),
+    dataset: str = _run_field("dataset", ...),
+    model: Optional[str] = _run_field("model", None, "; default: the one the prompt was trained on"),
+    pretrained: Optional[str] = _run_field("pretrained", None, "; default: the prompt's"),
     split: str = typer.Option("test", help="test, val or train."),
-    device: str = typer.Option("cpu"),
-    quiet: bool = typer.Option(False),
+    device: str = _run_field("device"),
+    quiet: bool = typer.Option(False, help="No progress output."),
 ):
     """Evaluate a learned prompt (and CraFT's head) on a task's split."""
     from .engine import evaluate_prompt
@@ -358,8 +361,8 @@ def data_check(
 
 
 # ---- the black box as a service -------------------------------------------------------------
-serve_app = typer.Typer(help="Serve the black box as an HTTP API (keys, budgets, batching).")
-keys_app = typer.Typer(help="API keys and their budgets.", no_args_is_help=True)
+serve_app = _Typer(help="Serve the black box as an HTTP API (keys, budgets, batching).")
+keys_app = _Typer(help="API keys and their budgets.", no_args_is_help=True)
 serve_app.add_typer(keys_app, name="keys")
 app.add_typer(serve_app, name="serve")
 
@@ -369,12 +372,10 @@ def _o_db():
 
 
 @serve_app.callback(invoke_without_command=True)
-def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (`bbpt models`)."),
-          pretrained: Optional[str] = typer.Option(None, help="open_clip tag, checkpoint path, or 'random'."),
+def serve(ctx: typer.Context, model: str = _run_field("model"), pretrained: Optional[str] = _run_field("pretrained"),
           host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
           port: int = typer.Option(8000, min=1, max=65535, help="Port."),
-          db: str = _o_db(), device: str = typer.Option("cpu", help="cpu or cuda."),
-          precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA."),
+          db: str = _o_db(), device: str = _run_field("device"), precision: str = _run_field("precision"),
           max_batch: int = typer.Option(32, min=1, help="Queries merged into one forward (1: no batching)."),
           max_batch_rows: int = typer.Option(1024, min=1, help="Text sequences (candidates x classes) per forward, at most."),
           max_wait_ms: float = typer.Option(0.0, min=0.0, help="How long a query waits for others to join it "
@@ -530,11 +531,11 @@ def _protocol(fn, *args, seeds, budget, set_, quiet, **kw) -> None:
 
 
 def _o_method():
-    return typer.Option("zip", help="Method name (`bbpt methods`).")
+    return _run_field("method")
 
 
 def _o_shots():
-    return typer.Option(16, help="Training images per class.")
+    return _run_field("shots")
 
 
 def _o_seeds():
@@ -546,11 +547,11 @@ def _o_out():
 
 
 def _o_model():
-    return typer.Option("mini", help="Backbone (`bbpt models`).")
+    return _run_field("model")
 
 
 def _o_pretrained():
-    return typer.Option(None, help="open_clip tag, local checkpoint path, or 'random'.")
+    return _run_field("pretrained")
 
 
 def _o_budget():
@@ -562,11 +563,11 @@ def _o_set():
 
 
 def _o_device():
-    return typer.Option("cpu", help="cpu or cuda.")
+    return _run_field("device")
 
 
 def _o_precision():
-    return typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA.")
+    return _run_field("precision")
 
 
 def _o_quiet():
@@ -632,15 +633,14 @@ def reproduce_(method: Optional[str] = typer.Argument(None, help="Method whose p
                root: Optional[str] = typer.Option(None, help="CoOp data root (`bbpt data check ROOT`)."),
                table: Optional[str] = typer.Option(None, help="Table id (`--list`); default: the first with the "
                                                               "method, dataset and --model."),
-               model: Optional[str] = typer.Option(None, help="Backbone; default: the table's (a different one "
-                                                              "picks that backbone's table when there is one)."),
-               pretrained: Optional[str] = typer.Option(None, help="Weights; default: the table's ('openai')."),
+               model: Optional[str] = _run_field("model", None, "; default: the table's (a different one picks that "
+                                                                "backbone's table when there is one)"),
+               pretrained: Optional[str] = _run_field("pretrained", None, "; default: the table's ('openai')"),
                seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds; default: the table's."),
-               shots: Optional[int] = typer.Option(None, help="Shots per class; default: the table's (16)."),
+               shots: Optional[int] = _run_field("shots", None, "; default: the table's (16)"),
                budget: Optional[int] = _o_budget(), set_: List[str] = _o_set(), device: str = _o_device(),
                precision: str = _o_precision(),
-               test_subset: Optional[int] = typer.Option(None, help="Test on N images (quick looks; marked as not "
-                                                         "comparable to the paper)."),
+               test_subset: Optional[int] = _run_field("test_subset"),
                out: Optional[str] = typer.Option(None, help="Output folder (default runs/reproduce/TABLE/METHOD/DATASET)."),
                list_: bool = typer.Option(False, "--list", help="List the shipped tables and exit."),
                quiet: bool = _o_quiet(), force: bool = _o_force()):
