@@ -63,11 +63,11 @@ def test_a_new_field_gets_an_option_and_one_without_a_form_is_refused(monkeypatc
         tags: list[str] = Field(["a"], description="tags")
 
     monkeypatch.setattr(cli, "RunConfig", Wider)
-    params, lists = cli._run_field_params()
-    made = {p.name: p for p in params}
+    made = {p.name: p for p in cli._run_field_params()}
     assert set(made) == set(Wider.model_fields) - set(cli.RUN_FIELD_FORMS)
     assert made["trials"].default.help == "trials per point" and made["trials"].default.metavar == "<int> [2<=x<9]"
-    assert made["trials"].default.default == 3 and made["fast"].annotation is bool and lists == {"tags"}
+    assert made["trials"].default.default == 3 and made["fast"].annotation is bool
+    assert made["tags"].default.metavar == "<str>,..." and cli._list_fields() == {"tags"}
 
     class Odd(RunConfig):
         extra: dict[str, int] = Field({}, description="no command-line form")
@@ -138,14 +138,15 @@ def test_cli_over_config_file_over_defaults(tmp_path, capsys, captured):
 
 def test_new_run_options_reach_run_json(tmp_path, capsys):
     out = tmp_path / "r"
-    code, _, err = cli_run(["run", "--method", "zeroshot", "--dataset", "shapes", "--shots", "3", "--eval-batch", "7",
-                            "--max-images-per-call", "5", "--classes", "base", "--out", str(out), "--quiet"], capsys)
+    code, _, err = cli_run(["run", "--method", "zeroshot", "--dataset", "shapes", "--shots", "3", "--eval-batch", "50",
+                            "--max-images-per-call", "5", "--classes", "base", "--test-subset", "20",
+                            "--out", str(out), "--quiet"], capsys)
     assert code == 0, err
     run_json = json.loads((out / "run.json").read_text())
     stored = run_json.get("config", run_json)
-    assert (stored["shots"], stored["eval_batch"], stored["max_images_per_call"], stored["classes"]) == (3, 7, 5, "base")
+    assert (stored["shots"], stored["eval_batch"], stored["max_images_per_call"], stored["classes"]) == (3, 50, 5, "base")
     result = json.loads((out / "result.json").read_text())
-    assert result["config"]["classes"] == "base" and result["config"]["eval_batch"] == 7
+    assert result["config"]["classes"] == "base" and result["config"]["eval_batch"] == 50
 
 
 @pytest.mark.parametrize("args, expected", [

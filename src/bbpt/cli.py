@@ -52,7 +52,8 @@ class _Typer(typer.Typer):
     """typer.Typer whose groups and commands show flags as flags."""
 
     def __init__(self, **kw):
-        super().__init__(cls=_Group, **kw)
+        kw.setdefault("cls", _Group)
+        super().__init__(**kw)
 
     def command(self, *args, **kw):
         kw.setdefault("cls", _Command)
@@ -102,8 +103,9 @@ def _bounds(field) -> str:
 
 def _cli_type(name: str, field) -> tuple[Any, Optional[str], bool]:
     """(the option's type, its metavar, whether it takes a list) for a RunConfig field: a
-    Literal lists its choices, a number its range, a bool is a --flag/--no-flag; the values
-    themselves are checked by RunConfig, which gives the one-line errors."""
+    Literal lists its choices, a number its range, a bool is a --flag/--no-flag, a list of
+    strings is repeatable and comma-separated; the values themselves are checked by RunConfig,
+    which gives the one-line errors."""
     ann = field.annotation
     union = typing.get_origin(ann) in (typing.Union, types.UnionType)
     args = [a for a in typing.get_args(ann) if a is not type(None)] if union else [ann]
@@ -111,8 +113,8 @@ def _cli_type(name: str, field) -> tuple[Any, Optional[str], bool]:
     if len(args) != 1:
         raise TypeError(f"run field {name!r} ({ann}) has no command-line form; write one (cli.RUN_FIELD_FORMS)")
     t, many = args[0], False
-    if typing.get_origin(t) is list and typing.get_args(t)[0] in (str, int, float):
-        t, many = typing.get_args(t)[0], True
+    if typing.get_origin(t) is list and typing.get_args(t) == (str,):
+        t, many = str, True
     if typing.get_origin(t) is Literal:
         choices = typing.get_args(t)
         base, metavar = type(choices[0]), "[" + "|".join(str(c) for c in choices) + "]"
@@ -122,7 +124,7 @@ def _cli_type(name: str, field) -> tuple[Any, Optional[str], bool]:
     else:
         raise TypeError(f"run field {name!r} ({ann}) has no command-line form; write one (cli.RUN_FIELD_FORMS)")
     if many:
-        base, metavar = List[base], metavar.replace(">", ">,...", 1) if metavar.startswith("<") else metavar + ",..."
+        base, metavar = List[base], metavar + ",..."
     return (Optional[base] if optional else base), metavar, many
 
 
@@ -139,19 +141,17 @@ def _run_field(name: str, default: Any = _FIELD_DEFAULT, more: str = "", **kw) -
     return typer.Option(default, f"--{name.replace('_', '-')}", help=field.description + more, metavar=metavar, **kw)
 
 
-def _run_field_params() -> tuple[list[inspect.Parameter], set[str]]:
-    """One keyword parameter per RunConfig field (but those of :data:`RUN_FIELD_FORMS`), and
-    the names of the fields that take lists."""
-    params, lists = [], set()
-    for name, field in RunConfig.model_fields.items():
-        if name in RUN_FIELD_FORMS:
-            continue
-        annotation, _, many = _cli_type(name, field)
-        if many:
-            lists.add(name)
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                        default=_run_field(name, rich_help_panel=RUN_PANEL)))
-    return params, lists
+def _run_field_params() -> list[inspect.Parameter]:
+    """One keyword parameter per RunConfig field but those of :data:`RUN_FIELD_FORMS`."""
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_cli_type(name, field)[0],
+                              default=_run_field(name, rich_help_panel=RUN_PANEL))
+            for name, field in RunConfig.model_fields.items() if name not in RUN_FIELD_FORMS]
+
+
+def _list_fields() -> set[str]:
+    """The RunConfig fields whose option takes a list (repeated, or comma-separated)."""
+    return {name for name, field in RunConfig.model_fields.items()
+            if name not in RUN_FIELD_FORMS and _cli_type(name, field)[2]}
 
 
 def run(
@@ -172,7 +172,7 @@ def run(
                                            "takes the key itself: it would land in the shell's history."),
     force: bool = typer.Option(False, help="Replace what --out holds (a finished or another run) instead of refusing."),
     quiet: bool = typer.Option(False, help="No progress output."),
-    **fields,
+    **run_fields,
 ):
     """Tune (or evaluate zero-shot) one method on one task and write result.json.
 
@@ -181,19 +181,20 @@ def run(
     the current step with a checkpoint (exit 130 / 143); the same command resumes."""
     from . import engine
 
-    file = engine.load_config_file(config) if config else {}
-    options = {**file.pop("options", {}), **_parse_sets(set_)}
+    fields = engine.load_config_file(config) if config else {}
+    options = {**fields.pop("options", {}), **_parse_sets(set_)}
     if budget is not None:
         options["budget"] = budget
-    cli = {k: (k, [x.strip() for v in value for x in v.split(",") if x.strip()] if k in _RUN_LISTS else value)
-           for k, value in fields.items()}
+    lists = _list_fields()
+    cli = {k: (k, [x.strip() for v in value for x in v.split(",") if x.strip()] if k in lists else value)
+           for k, value in run_fields.items()}
     cli["box_options"] = ("box_option", _parse_sets(box_option, "--box-option") or None)
     # explicit CLI values win over the file; the file wins over defaults
     for k, (param, v) in cli.items():
         src = ctx.get_parameter_source(param)
-        if k not in file or (src is not None and src.name != "DEFAULT"):
-            file[k] = v
-    cfg = engine.make_run_config(**file, options=options)
+        if k not in fields or (src is not None and src.name != "DEFAULT"):
+            fields[k] = v
+    cfg = engine.make_run_config(**fields, options=options)
     result = engine.run(cfg, out=out, progress=not quiet, force=force, log=_log, key_file=key_file)
     q = result["queries"]
     typer.echo(
@@ -206,17 +207,14 @@ def run(
 
 
 def _with_run_fields(fn):
-    """``fn``'s signature with its ``**fields`` replaced by one option per RunConfig field, first."""
+    """``fn``'s signature with its ``**run_fields`` replaced by one option per RunConfig field, first."""
     sig = inspect.signature(fn)
     ps = list(sig.parameters.values())
-    made, lists = _run_field_params()
-    _RUN_LISTS.update(lists)
     own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in ps[1:] if p.kind is not p.VAR_KEYWORD]
-    fn.__signature__ = sig.replace(parameters=[ps[0], *made, *own])
+    fn.__signature__ = sig.replace(parameters=[ps[0], *_run_field_params(), *own])
     return fn
 
 
-_RUN_LISTS: set[str] = set()
 app.command("run")(_with_run_fields(run))
 
 
