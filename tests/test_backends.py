@@ -86,16 +86,16 @@ def test_hf_siglip_logits_carry_its_bias(backends):
 
 
 def test_the_black_box_reads_only_the_backbone_protocol():
-    """blackbox.py and whitebox.py reach the model only through Backbone's public interface:
-    no library attribute, nothing private of it."""
-    from bbpt.models import blackbox, whitebox
+    """The black box's modules and whitebox.py reach the model only through Backbone's public
+    interface: no library attribute, nothing private of it."""
+    from bbpt.models import blackbox, localbox, texts, whitebox
     from bbpt.models.backbone import Backbone, TextEncoder
 
     allowed = {n for n in dir(Backbone) if not n.startswith("_")} | set(Backbone.__annotations__) | {"placeholder_id"}
     text_allowed = ({n for n in vars(TextEncoder) if not n.startswith("_")} | set(TextEncoder.__annotations__)
                     | {"prefix"})  # the protocol's own members only, not nn.Module's
     bad = []
-    for mod in (blackbox, whitebox):
+    for mod in (blackbox, localbox, texts, whitebox):
         for node in ast.walk(ast.parse(Path(mod.__file__).read_text())):
             if not isinstance(node, ast.Attribute):
                 continue
@@ -108,5 +108,5 @@ def test_the_black_box_reads_only_the_backbone_protocol():
             if is_text and node.attr not in text_allowed:
                 bad.append(f"{mod.__name__}: text.{node.attr}")
     assert bad == []
-    assert "model" not in {n.attr for n in ast.walk(ast.parse(Path(blackbox.__file__).read_text()))
-                           if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and n.value.attr == "_bb"}
+    assert not any(n.attr == "model" for mod in (blackbox, localbox, texts) for n in ast.walk(ast.parse(Path(mod.__file__).read_text()))
+                   if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and n.value.attr == "_bb")

@@ -387,7 +387,7 @@ assert "torch" not in sys.modules, "import bbpt.models / bbpt.data imported torc
 from bbpt.models import BlackBox, QueryMeter, SoftPrompt, create_backbone, embedded_models
 from bbpt.models import *
 import bbpt.models.backbone as backbone
-assert BlackBox.__module__ == "bbpt.models.blackbox" and QueryMeter.__module__ == "bbpt.models.meter"
+assert BlackBox.__module__ == "bbpt.models.localbox" and QueryMeter.__module__ == "bbpt.models.meter"
 assert create_backbone is backbone.create_backbone and embedded_models is backbone.embedded_models
 assert bbpt.models.blackbox.BlackBox is BlackBox and "Images" in dir(bbpt.models)
 try:

@@ -37,7 +37,7 @@ def help_text(*args) -> str:
 def test_every_run_field_has_a_run_option_with_its_description_and_default():
     opts = options("run")
     for name, field in RunConfig.model_fields.items():
-        flag = cli.RUN_FIELD_FORMS.get(name, "--" + name.replace("_", "-"))
+        flag = cli.run_flag(name)
         assert flag in opts, f"RunConfig.{name} has no `bbpt run` option {flag}"
         if name in cli.RUN_FIELD_FORMS:  # options, box_options: KEY=VALUE pairs, written by hand
             continue

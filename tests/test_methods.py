@@ -77,7 +77,7 @@ def test_craft_fitness_and_head_losses(mini):
         return out
 
     m.box.query = spy_query
-    m.opt.tell = lambda losses: (told.setdefault("f", losses.clone()), orig_tell(losses))
+    m.opt.tell = lambda losses: (told.setdefault("f", losses.clone()), orig_tell(losses))[1]
     head0 = copy.deepcopy(m.head)
     m.step()
     logits = seen["logits"]

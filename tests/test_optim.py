@@ -69,8 +69,10 @@ def test_intrinsic_clipping_exactly_at_sqrt_delta():
     opt = ZOSGD(torch.zeros(delta), SPSA(1), SPSASchedule(), clip="intrinsic")
     assert opt.threshold == pytest.approx(thr)
     opt.ask()
-    g = opt.tell(torch.tensor([1e6, -1e6]))  # huge estimate
+    stats = opt.tell(torch.tensor([1e6, -1e6]))  # huge estimate
+    g = opt.last_grad
     assert float(g.norm()) == pytest.approx(thr, rel=1e-5)
+    assert stats["clip"] == pytest.approx(thr / stats["grad_norm"]) and stats["lr"] == SPSASchedule().a_k(1)
     assert torch.allclose(opt.w, -SPSASchedule().a_k(1) * g)
     with pytest.raises(BadInput):
         ZOSGD(torch.zeros(3), SPSA(1), SPSASchedule(), clip=-1.0)
@@ -94,16 +96,18 @@ def test_zosgd_descends_quadratic_and_momentum_formula():
     # SPSA-GC: m1 = g1, update = g1 + βm1; m2 = βm1 + g2, update = g2 + βm2
     f = quad(torch.tensor([1.0, -2.0]))
     opt = ZOSGD(torch.zeros(2), CGE(), Constant(a=1.0, c=1e-3), momentum=0.9)
-    g1 = opt.tell(f(opt.ask()))
+    opt.tell(f(opt.ask()))
+    g1 = opt.last_grad
     assert torch.allclose(opt.w, -(g1 + 0.9 * g1))
     w1 = opt.w.clone()
-    g2 = opt.tell(f(opt.ask()))
+    opt.tell(f(opt.ask()))
+    g2 = opt.last_grad
     assert torch.allclose(opt.w, w1 - (g2 + 0.9 * (0.9 * g1 + g2)), atol=1e-5)
 
 
 def test_zosgd_mask_freezes_coordinates():
     opt = ZOSGD(torch.zeros(4), RGE(1), Constant(0.1, 1e-3), seed=0)
-    opt.mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    opt.set_mask(torch.tensor([True, False, True, False]))
     pts = opt.ask()
     assert torch.all(pts[:, 1] == 0) and torch.all(pts[:, 3] == 0)
     opt.tell(quad(torch.ones(4))(pts))
@@ -287,3 +291,49 @@ def test_cmaes_reask_under_tpa_is_refused_with_the_fix():
     opt.tell((x**2).sum(1))
     with pytest.raises(BadInput, match="step_size='csa'"):
         opt.reask()
+
+
+def test_every_optimiser_speaks_the_protocol_and_tell_returns_its_stats():
+    from bbpt.optim import Optimiser
+
+    f = quad(torch.ones(5))
+    zo = ZOSGD(torch.zeros(5), SPSA(2), SPSASchedule(), clip="intrinsic", seed=1)
+    es = CMAES(torch.zeros(5), 0.5, 6, seed=1)
+    for opt in (zo, es):
+        assert isinstance(opt, Optimiser)
+        stats = opt.tell(f(opt.ask()))
+        assert all(type(v) is float for v in stats.values()), stats
+    stats = zo.tell(f(zo.ask()))
+    assert set(stats) == {"grad_norm", "clip", "lr"} and stats == zo.last
+    assert stats["lr"] == SPSASchedule().a_k(2) and 0 < stats["clip"] <= 1
+    assert stats["grad_norm"] == pytest.approx(float(zo.last_grad.norm()) / stats["clip"])
+    before = es.sigma
+    stats = es.tell(f(es.ask()))
+    assert set(stats) == {"sigma"} and stats["sigma"] == es.sigma != before
+    # the checkpoint formats are unchanged (old checkpoints resume)
+    assert set(zo.state_dict()) == {"w", "k", "m", "gen", "mask", "pending", "last"}
+    assert set(es.state_dict()) == {"es", "rng", "asked"}
+
+
+def test_zosgd_move_to_and_set_mask_keep_the_step_count_and_stream():
+    f = quad(torch.ones(4))
+    a = ZOSGD(torch.zeros(4), RGE(1), Constant(0.1, 1e-3), seed=5)
+    b = ZOSGD(torch.zeros(4), RGE(1), Constant(0.1, 1e-3), seed=5)
+    for opt in (a, b):
+        opt.tell(f(opt.ask()))
+    w = torch.tensor([[3.0, -1.0], [0.5, 2.0]])  # any shape of d elements
+    a.move_to(w)
+    w[0, 0] = 99.0  # a copy is kept, not the caller's tensor
+    assert torch.equal(a.w, torch.tensor([3.0, -1.0, 0.5, 2.0])) and a.k == b.k == 2
+    b.w = torch.tensor([3.0, -1.0, 0.5, 2.0])  # the same move by hand: the same next step
+    a.set_mask(torch.tensor([0, 1, 1, 0]))
+    b.mask = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    for opt in (a, b):
+        opt.tell(f(opt.ask()))
+    assert torch.equal(a.w, b.w) and a.w[0] == 3.0 and a.w[3] == 2.0 and a.w[1] != -1.0
+    a.set_mask(None)
+    assert a.mask is None
+    with pytest.raises(BadInput, match="3 elements, the optimiser 4"):
+        a.move_to(torch.zeros(3))
+    with pytest.raises(BadInput, match="5 elements, the optimiser 4"):
+        a.set_mask(torch.ones(5))

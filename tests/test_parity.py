@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from parity_model import all_fixtures
 
+from bbpt._compat import tomllib
 from bbpt.methods import METHODS
 
 HERE = Path(__file__).parent

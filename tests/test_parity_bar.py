@@ -56,7 +56,7 @@ def bar_method(fx: dict, monkeypatch, seed: int = 0, inject: bool = True) -> BAR
     assert m.inner == c["inner"] and m.box.image_size == c["frame_size"]
     if not inject:
         return m
-    m.opt.w = torch.from_numpy(fx["inputs"]["w0"]).clone()
+    m.opt.move_to(torch.from_numpy(fx["inputs"]["w0"]))
     m.opt.est.directions = lambda d, gen: torch.from_numpy(traj[m.opt.k - 1]["directions"])
     m.batches = FixedBatches(m.data, [s["batch"] for s in traj])
     return m
@@ -110,7 +110,8 @@ def test_one_sided_rgf_estimate_and_poly_decay_match_the_official_statements(nam
         opt.est.directions = lambda d, gen: dirs
         pts = opt.ask()
         close(pts, torch.cat([w[None], w + c["beta"] * dirs]), what=f"step {k} points")
-        g = opt.tell(torch.from_numpy(off["losses"]))
+        stats, g = opt.tell(torch.from_numpy(off["losses"])), opt.last_grad
+        assert stats == opt.last
         close(g, off["ghat"], rtol=1e-5, atol=2e-6, what=f"step {k} ĝ")
         close(opt.last["lr"], off["lr"], rtol=1e-12, atol=0, what=f"step {k} a_k")
         close(opt.w, off["w_new"], rtol=1e-5, atol=2e-5, what=f"step {k} W")

@@ -32,7 +32,7 @@ def run(fx: dict, m: BBT, box, generations: int | None = None):
     seen = {}
     ask, tell = m.opt.ask, m.opt.tell
     m.opt.ask = lambda: seen.setdefault("pop", ask())
-    m.opt.tell = lambda losses: (seen.setdefault("losses", losses), tell(losses))
+    m.opt.tell = lambda losses: (seen.setdefault("losses", losses), tell(losses))[1]
     budget = Budget.of(box.meter, "prompt_evals", m.cfg.budget)
     for g, off in enumerate(fx["trajectory"][:generations]):
         seen.clear()

@@ -125,8 +125,9 @@ def run_steps(m, fx, steps: int = 3):
 
     def spy(losses):
         seen["losses"] = losses.clone()
-        seen["ghat"] = tell(torch.from_numpy(fx["trajectory"][m.opt.k - 1]["losses"])).clone()
-        return seen["ghat"]
+        stats = tell(torch.from_numpy(fx["trajectory"][m.opt.k - 1]["losses"]))
+        seen["ghat"] = m.opt.last_grad.clone()
+        return stats
 
     m.opt.tell = spy
     out = []

@@ -42,7 +42,7 @@ def run(fx: dict, options: dict, generations: int | None = None):
     seen = {}
     ask, tell = m.opt.ask, m.opt.tell
     m.opt.ask = lambda: seen.setdefault("pop", ask())
-    m.opt.tell = lambda losses: (seen.setdefault("losses", losses), tell(losses))
+    m.opt.tell = lambda losses: (seen.setdefault("losses", losses), tell(losses))[1]
     n = inp["n_train"]
     test = Images(box._bb.toy.pixels(inp["model"], np.arange(n, len(inp["model"]["labels"]))))
     for g, off in enumerate(traj):

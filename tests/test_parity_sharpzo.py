@@ -33,7 +33,7 @@ def run(fx: dict, options: dict):
     seen = {}
     ask, tell, losses = m.es.ask, m.es.tell, m.losses
     m.es.ask = lambda: seen.setdefault("pop", ask())
-    m.es.tell = lambda f: (seen.setdefault("fitness", f), tell(f))
+    m.es.tell = lambda f: (seen.setdefault("fitness", f), tell(f))[1]
     m.losses = lambda z: seen.setdefault("cge_losses", losses(z))  # the CGE's 2d evaluations
     zo_tell, switch = m.zo.tell, m.switch
     m.switch = lambda: (switch(), seen.setdefault("start", m.zo.w.clone()))

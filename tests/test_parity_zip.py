@@ -47,7 +47,7 @@ def build(fx: dict, cls, options: dict):
         ff.B, ff.Pi, ff.G = T(inp["B"]).float(), T(inp["Pi"]).long(), T(inp["G"])
         at = dict(zip([k for k, _ in m.param.sizes], np.cumsum([0] + [n for _, n in m.param.sizes])))
         m.param.V0 = T(inp["w0"][at["V"] : at["V"] + m.param.q * m.param.r]).view(m.param.q, m.param.r)  # N(0, 1)
-    m.opt.w = m.param.init()
+    m.opt.move_to(m.param.init())
     traj = fx["trajectory"]
     m.opt.est.directions = lambda d, gen: T(traj[m.opt.k - 1]["perturbations"])  # the official Δ of step k
     m.batches = Batches(m.data, [t["batch"] for t in traj])
@@ -55,11 +55,11 @@ def build(fx: dict, cls, options: dict):
 
 
 def steps(m, box, n: int):
-    """Yields (step stats, asked points, losses told, returned update) for n steps."""
+    """Yields (step stats, asked points, losses told, the update ĝ) for n steps."""
     seen = {}
     ask, tell = m.opt.ask, m.opt.tell
     m.opt.ask = lambda: seen.setdefault("points", ask())
-    m.opt.tell = lambda losses: seen.setdefault("update", tell(seen.setdefault("losses", losses)))
+    m.opt.tell = lambda losses: (tell(seen.setdefault("losses", losses)), seen.setdefault("update", m.opt.last_grad))[0]
     budget = Budget.of(box.meter, "api_calls", m.cfg.budget)
     for _ in range(n):
         seen.clear()
@@ -95,7 +95,7 @@ def check(fx: dict, m, box, n: int | None = None) -> int:
             close(stats["clip"], min(off["delta"] / off["norm"], 1.0), rtol=1e-4, what=f"step {k}: clip factor")
         close(update, off["update"], rtol=1e-5, atol=g_err, what=f"step {k}: the (clipped) update")
         close(m.opt.w, off["w"], rtol=0, atol=off["ak"] * g_err + 1e-6, what=f"step {k}: w after")
-        m.opt.w = T(off["w"]).clone()
+        m.opt.move_to(T(off["w"]))
         close(box.meter.counts["api_calls"], 10 * k, what=f"step {k}: api_calls")
         # logged only: bbpt reports the mean of all 2N losses, the release the last pair's mean
         close(stats["train_loss"], float(losses.mean()), rtol=1e-6)

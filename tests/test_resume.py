@@ -178,7 +178,8 @@ def test_rerun_refuses_a_finished_run_and_force_replaces_it(tmp_path):
     r = run(quick(method="zeroshot", options={}), out=out, progress=False, force=True)
     assert r["method"] == "zeroshot"
     assert not (out / "curve.png").exists()  # one curve point: no plot, and the old run's plot is gone
-    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "prompt.safetensors", "result.json", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "prompt.safetensors", "result.json", "run.json", "tb"]
+    assert len(list((out / "tb").iterdir())) == 1  # the replaced run's event files went with it
 
 
 def test_unfinished_run_with_another_config_is_refused_naming_the_fields(tmp_path):

@@ -9,11 +9,16 @@
 Bad input (unknown names, missing files, corrupt weights, exhausted budget) prints one line
 ``error: ...`` naming the problem and the fix, and exits with code 2; ``--debug`` shows the
 traceback instead.
+
+Results go to stdout; bbpt's notices (resuming, sweep progress, warnings) are log records of the
+``bbpt`` loggers, written to stderr one line each: ``--log-level`` (default INFO) or ``-v``
+(DEBUG) sets which. Progress bars are apart from logging (``--quiet`` turns them off).
 """
 from __future__ import annotations
 
 import inspect
 import json
+import logging
 import shlex
 import signal
 import sys
@@ -64,11 +69,58 @@ app = _Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enabl
 data_app = _Typer(help="Offline task data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 _state = {"debug": False}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+log = logging.getLogger("bbpt.cli")  # by name: run as `python -m bbpt.cli` this module is __main__
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+          log_level: str = typer.Option("INFO", "--log-level", help="bbpt's notices on stderr from this level: DEBUG, "
+                                        "INFO (resuming, sweep progress), WARNING or ERROR."),
+          verbose: bool = typer.Option(False, "-v", "--verbose", help="The same as --log-level DEBUG.")):
     _state["debug"] = debug
+    level = "DEBUG" if verbose else log_level.upper()
+    if level not in LOG_LEVELS:
+        raise BadInput(f"--log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+    configure_logging(level)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to the ``sys.stderr`` of the moment (a redirect, a test's capture)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it: stderr is looked up at each record instead
+        pass
+
+
+class _OneLine(logging.Formatter):
+    """INFO records as the bare message (the notices bbpt always printed); others prefixed by
+    their level, DEBUG also by the logger's name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        if record.levelno == logging.INFO:
+            return msg
+        return f"{record.levelname.lower()}" + (f" [{record.name}]" if record.levelno < logging.INFO else "") + f": {msg}"
+
+
+def configure_logging(level: str) -> None:
+    """The CLI's logging: the ``bbpt`` loggers at ``level``, to stderr, one line per record.
+    Only the CLI calls this; the library adds nothing but a NullHandler (``bbpt/__init__``)."""
+    root = logging.getLogger("bbpt")
+    for h in [h for h in root.handlers if isinstance(h, _Stderr)]:  # a second in-process invocation
+        root.removeHandler(h)
+    handler = _Stderr()
+    handler.setFormatter(_OneLine("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def _parse_sets(sets: list[str], flag: str = "--set") -> dict:
@@ -90,6 +142,8 @@ def _parse_sets(sets: list[str], flag: str = "--set") -> dict:
 RUN_PANEL = "Run configuration (these win over --config's fields, which win over the defaults)"
 # Run fields whose command-line form is written by hand, not made from the field: field -> option
 RUN_FIELD_FORMS = {"options": "--set", "box_options": "--box-option"}
+# Made from the field, under another name than --FIELD-NAME: field -> option
+RUN_FIELD_FLAGS = {"loggers": "--logger"}
 
 
 def _bounds(field) -> str:
@@ -138,7 +192,12 @@ def _run_field(name: str, default: Any = _FIELD_DEFAULT, more: str = "", **kw) -
     _, metavar, _ = _cli_type(name, field)
     if default is _FIELD_DEFAULT:
         default = field.get_default(call_default_factory=True)
-    return typer.Option(default, f"--{name.replace('_', '-')}", help=field.description + more, metavar=metavar, **kw)
+    return typer.Option(default, run_flag(name), help=field.description + more, metavar=metavar, **kw)
+
+
+def run_flag(name: str) -> str:
+    """The `bbpt run` option of RunConfig field ``name``."""
+    return RUN_FIELD_FORMS.get(name) or RUN_FIELD_FLAGS.get(name) or "--" + name.replace("_", "-")
 
 
 def _run_field_params() -> list[inspect.Parameter]:
@@ -195,7 +254,7 @@ def run(
         if k not in fields or (src is not None and src.name != "DEFAULT"):
             fields[k] = v
     cfg = engine.make_run_config(**fields, options=options)
-    result = engine.run(cfg, out=out, progress=not quiet, force=force, log=_log, key_file=key_file)
+    result = engine.run(cfg, out=out, progress=not quiet, force=force, key_file=key_file)
     q = result["queries"]
     typer.echo(
         f"{result['method']} on {result['dataset']} ({result['shots']}-shot, seed {result['seed']}): "
@@ -219,7 +278,7 @@ app.command("run")(_with_run_fields(run))
 
 
 def _log(msg: str) -> None:
-    typer.echo(msg, err=True)
+    log.info(msg)
 
 
 @app.command("eval")
@@ -416,8 +475,8 @@ def serve(ctx: typer.Context, model: str = _run_field("model"), pretrained: Opti
     from .models import create_backbone
 
     create_backbone(model, pretrained, device)  # a bad model or device: one line now, not a traceback at startup
-    typer.echo(f"bbpt serve: {model} on http://{host}:{port}/v1 (db {db}; batching up to {max_batch} queries, "
-               f"{max_wait_ms:g} ms){' with Ray Serve, %d replicas' % replicas if ray else ''}", err=True)
+    log.info(f"bbpt serve: {model} on http://{host}:{port}/v1 (db {db}; batching up to {max_batch} queries, "
+             f"{max_wait_ms:g} ms){' with Ray Serve, %d replicas' % replicas if ray else ''}")
     if ray:
         from .serve.ray_serve import serve_with_ray
 
@@ -459,11 +518,13 @@ def _check_listen(host: str, port: int) -> None:
 
 
 def _parse_budget(items: list[str]) -> dict:
+    from .models.meter import BUDGET_UNITS
+
     out = {}
     for it in items:
         unit, _, v = it.partition("=")
-        if unit not in ("api_calls", "prompt_evals") or not v.isdigit():
-            raise BadInput(f"--budget {it!r}: expected api_calls=N or prompt_evals=N")
+        if unit not in BUDGET_UNITS or not v.isdigit():
+            raise BadInput(f"--budget {it!r}: expected " + " or ".join(f"{u}=N" for u in BUDGET_UNITS))
         out[unit] = int(v)
     return out
 
@@ -588,7 +649,7 @@ def sweep_(file: str = typer.Argument(..., help="A sweep TOML: methods, datasets
     from .sweep import DEFAULT_OUT, load_sweep, sweep
 
     spec = load_sweep(file)
-    s = sweep(spec, out or spec.get("out", DEFAULT_OUT), workers=workers, ray=ray, ray_cpus=ray_cpus, log=_log)
+    s = sweep(spec, out or spec.get("out", DEFAULT_OUT), workers=workers, ray=ray, ray_cpus=ray_cpus)
     skipped = sum(bool(r.get("skipped")) for r in s["runs"])
     failed = [r for r in s["runs"] if r["status"] == "failed"]
     typer.echo(f"{len(s['runs'])} runs ({skipped} already finished"

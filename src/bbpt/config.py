@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import BadInput
+from .tracking import DEFAULT_TRACKERS, check as check_trackers
 
 MAX_SEED = 2**31 - 1
 
@@ -56,6 +57,11 @@ class RunConfig(BaseModel):
     box_options: dict[str, Any] | None = Field(None, description="options of the box's transport (e.g. image_size, "
                                                "concurrency; `bbpt methods --box KIND:URL` lists them)")
     options: dict[str, Any] = Field({}, description="method options over its paper defaults")
+    # Where the run is logged, not what it is: excluded from model_dump, so from the stored
+    # configuration, the run hash and resume's comparison (:mod:`bbpt.tracking`).
+    loggers: list[str] = Field(DEFAULT_TRACKERS, exclude=True, description="where the curve, config and accuracy are "
+                               "logged: tensorboard (RUN/tb/), wandb (offline, RUN/wandb/; needs the wandb "
+                               "package, bbpt's trackers extra), or none; not part of the run's identity")
 
     @field_validator("device")
     @classmethod
@@ -64,6 +70,15 @@ class RunConfig(BaseModel):
 
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", v):
             raise ValueError("use cpu, cuda, cuda:N or mps")
+        return v
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers(cls, v: list[str]) -> list[str]:
+        try:
+            check_trackers(v)
+        except BadInput as e:
+            raise ValueError(str(e)) from None
         return v
 
 
@@ -85,7 +100,7 @@ def load_config_file(path: str | Path) -> dict:
     kind = "TOML" if p.suffix == ".toml" else "JSON"
     try:
         if kind == "TOML":
-            import tomllib
+            from ._compat import tomllib
 
             data = tomllib.loads(p.read_text())
         else:

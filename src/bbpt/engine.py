@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,20 +33,22 @@ from .config import (LATE_FIELDS, MAX_SEED, RunConfig, identity, load_config_fil
                      make_run_config)
 from .data import check_images, fewshot_split, load_task, stratified_subset, subsample_classes
 from .data.core import ImageSet
+from .data.staging import FewShotData
 from .data.views import TrainViews, ViewSpec
 from .errors import BadInput, BBPTError, BudgetExhausted, CorruptCheckpoint, excerpt
-from .methods import METHODS, FewShotData, make_config
+from .methods import METHODS, make_config
 from .methods.base import Budget, Env
 from .models import BlackBox, BlackBoxAPI, Images, QueryMeter, create_backbone
 from .progress import Progress, eval_bar
 from .results import write_outputs
 from .runfolder import CHECKPOINT, RunFolder, config_diff
 from .state import global_rng_state, set_global_rng_state
+from .tracking import Tracker
 
 CHECKPOINT_SECONDS = 60.0
 TEST_SUBSET_SEED = 0  # the same subset for every method and seed, so quick looks compare
 
-
+logger = logging.getLogger(__name__)
 
 
 def set_seed(seed: int) -> None:
@@ -189,12 +191,13 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True, fo
     ``out`` holding an unfinished run of the same configuration resumes it; ``force``
     replaces what ``out`` holds; ``keep_finished`` returns a finished run of the same
     configuration instead of refusing (protocols and sweeps). ``log`` receives one-line
-    notices (resuming, interrupted); ``on_step(steps, stats)`` is called after every step.
+    notices (resuming, interrupted), else the ``bbpt.engine`` logger at INFO; ``on_step(steps,
+    stats)`` is called after every step. The run's trackers (``cfg.loggers``) write into ``out``.
     ``key_file``: a file holding the box's API key (else its environment variable or the keys
     file, :mod:`bbpt.boxes.keys`). A method the box cannot serve is refused before anything.
     """
     t0 = time.time()
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or logger.info
     cls = METHODS.get(cfg.method)
     mcfg = cls.resolve_config(make_config(cls, cfg.options), cfg.shots)
     check_box(cfg, cls)
@@ -280,6 +283,7 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
                      "train_loss": loop.last_loss, "val_accuracy": v["accuracy"]}
             loop.curve.append(point)
             bar.point(done(), point)
+            tracker.point(done(), point, v["loss"])
 
         def result(status: str, test_r: dict | None) -> dict:
             side = env.side_meter
@@ -313,6 +317,9 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
 
         prior, last_save = loop.elapsed, time.time()
         budget = Budget.of(meter, unit, mcfg.budget)
+        tracker = Tracker.open(cfg.loggers, folder.path if folder else None, config,
+                               f"{cfg.method} on {task.name} seed {cfg.seed}",
+                               resumed_at=None if mode == "new" else done() if ckpt is not None else -1)
         bar = Progress(progress, f"{cfg.method} on {task.name}", total, unit if mcfg.budget else "step", done())
         with Interrupts(folder.path if folder else None) as stop:
             try:
@@ -362,12 +369,14 @@ def _run(cfg, cls, mcfg, config, folder, mode, ckpt, t0, progress, log, on_step,
                 r = result("finished", test_r)
                 if folder is not None:
                     write_outputs(folder.path, r, method)
+                tracker.finish(done(), r, test_r["loss"])
                 if stop.signum is not None:  # it came during the last batch: nothing was left to stop
                     where = f"its result is in {folder.path}" if folder is not None else "nothing is saved (no --out)"
                     log(f"{signal.Signals(stop.signum).name} came during the test evaluation's last batch: the run "
                         f"finished; {where}")
             finally:
                 bar.close()
+                tracker.close()
         return r
 
 

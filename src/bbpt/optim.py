@@ -1,10 +1,11 @@
 """Derivative-free optimisers behind one ask/tell interface.
 
 Every optimiser asks for a whole step's candidates as one (n, d) tensor, so they go to the
-black box in one batched query, and is told their n losses (lower is better):
+black box in one batched query, and is told their n losses (lower is better); ``tell``
+returns the step's statistics (:class:`Optimiser` lists the protocol and the keys):
 
     z = opt.ask()            # (n, d)
-    opt.tell(losses)         # (n,)
+    stats = opt.tell(losses) # (n,) -> {"lr": ..., ...}
 
 - :class:`CMAES`: pycma's CMA-ES (CSA step-size rule, as the official codes ran it), its numpy
   RNG kept private so runs are reproducible.
@@ -21,11 +22,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from .errors import BadInput
+
+
+@runtime_checkable
+class Optimiser(Protocol):
+    """What a zeroth-order method drives (:class:`bbpt.methods.base.ZerothOrderMethod`): one
+    generation per step, asked as a whole, told its losses.
+
+    - ``ask() -> (n, d)``: the step's candidates; ``n`` is fixed per optimiser.
+    - ``tell(losses (n,)) -> dict``: update from the losses of the last ``ask`` (lower is
+      better); returns the step's statistics, plain floats, which the method reports beside
+      its train loss. :class:`ZOSGD`: ``grad_norm`` (‖ĝ‖ before clipping), ``clip`` (the
+      clipping factor α, 1: none) and ``lr`` (the step size a_k used). :class:`CMAES`:
+      ``sigma`` (the step size σ after the update).
+    - ``current_loss(losses (n,)) -> float``: the training loss the step reports.
+    - ``state_dict()`` / ``load_state_dict(state)``: everything a resumed run needs to
+      continue bit-exactly, random streams included.
+
+    A method moves an optimiser only through its methods (:meth:`ZOSGD.move_to`,
+    :meth:`ZOSGD.set_mask`), never by writing its fields.
+    """
+
+    def ask(self) -> torch.Tensor: ...
+
+    def tell(self, losses: torch.Tensor) -> dict[str, float]: ...
+
+    def current_loss(self, losses: torch.Tensor) -> float: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, s: dict) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,7 +256,22 @@ class ZOSGD:
         self.mask: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
         self._seed: torch.Tensor | None = None
-        self.last: dict = {}
+        self.last: dict = {}  # the last tell's statistics (kept in checkpoints)
+        self.last_grad: torch.Tensor | None = None  # the last tell's ĝ, clipped and masked (not kept)
+
+    def move_to(self, w: torch.Tensor) -> None:
+        """Continue from ``w`` ((d,) or any shape of d elements); the step count, momentum,
+        mask and random stream are kept (SharpZO's switch and its accumulated update)."""
+        if w.numel() != self.d:
+            raise BadInput(f"ZOSGD.move_to: the point has {w.numel()} elements, the optimiser {self.d}")
+        self.w = w.detach().clone().float().flatten()
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Perturb and update only the coordinates where ``mask`` ((d,), 0/1 or bool) is set;
+        None: all of them."""
+        if mask is not None and mask.numel() != self.d:
+            raise BadInput(f"ZOSGD.set_mask: the mask has {mask.numel()} elements, the optimiser {self.d}")
+        self.mask = None if mask is None else mask.detach().clone().float().flatten()
 
     @property
     def evals_per_step(self) -> int:
@@ -242,7 +289,9 @@ class ZOSGD:
         self._seed = self.gen.get_state()  # MeZO: keep the seed, not the directions
         return self.est.points(self.w, self._directions(), self.sched.c_k(self.k))
 
-    def tell(self, losses: torch.Tensor) -> torch.Tensor:
+    def tell(self, losses: torch.Tensor) -> dict[str, float]:
+        """Update w; returns ``{"grad_norm", "clip", "lr"}`` (see :class:`Optimiser`), also kept as
+        ``last``; the clipped, masked estimate ĝ is ``last_grad``."""
         if self._seed is None:
             raise RuntimeError("tell() without ask()")
         self.gen.set_state(self._seed)
@@ -259,9 +308,10 @@ class ZOSGD:
             upd = g
         self.w = self.w - self.sched.a_k(self.k) * upd
         self.last = {"grad_norm": float(g.norm() / max(alpha, 1e-12)), "clip": alpha, "lr": self.sched.a_k(self.k)}
+        self.last_grad = g
         self.k += 1
         self._seed = None
-        return g
+        return dict(self.last)
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue bit-exactly, the RNG included."""
@@ -376,7 +426,8 @@ class CMAES:
     def current_loss(self, losses: torch.Tensor) -> float:
         return float(losses.min())  # the generation's best
 
-    def tell(self, losses: torch.Tensor) -> None:
+    def tell(self, losses: torch.Tensor) -> dict[str, float]:
+        """Update the strategy; returns ``{"sigma"}``, the step size after the update."""
         import warnings
 
         from cma.evolution_strategy import InjectionWarning
@@ -387,6 +438,7 @@ class CMAES:
             warnings.simplefilter("ignore", InjectionWarning)  # official loops' re-ask does; pycma warns here
             self._private(lambda: self.es.tell(self._asked, [float(v) for v in losses]))
         self._asked = None
+        return {"sigma": self.sigma}
 
     @property
     def mean(self) -> torch.Tensor:

@@ -14,9 +14,10 @@ import torch
 
 from .errors import BadInput, CorruptCheckpoint, excerpt
 from .models.blackbox import SoftPrompt, TextPrompt
+from .models.meter import BUDGET_UNITS
 from .state import atomic_write_bytes, atomic_write_text
 
-CURVE_FIELDS = ("api_calls", "prompt_evals", "train_loss", "val_accuracy")
+CURVE_FIELDS = (*BUDGET_UNITS, "train_loss", "val_accuracy")
 
 
 def write_curve_csv(path: Path, curve: list[dict]) -> None:

@@ -24,7 +24,8 @@ from .errors import BadInput, BBPTError, CorruptCheckpoint, excerpt
 from .state import atomic_write_text, load_state, save_state
 
 RUN_JSON, CHECKPOINT, RESULT = "run.json", "checkpoint.safetensors", "result.json"
-OUTPUTS = (RUN_JSON, CHECKPOINT, RESULT, "curve.csv", "curve.png", "prompt.safetensors", "progress.json")
+OUTPUTS = (RUN_JSON, CHECKPOINT, RESULT, "curve.csv", "curve.png", "prompt.safetensors", "progress.json",
+           "tb", "wandb")  # tb/, wandb/: the trackers' folders (bbpt.tracking)
 LOCK = ".bbpt.lock"  # held (flock) by the process running in the folder
 
 

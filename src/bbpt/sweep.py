@@ -45,16 +45,20 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from .errors import BadInput, BBPTError
+
+logger = logging.getLogger(__name__)
 
 
 class SweepInterrupted(Exception):
@@ -64,59 +68,113 @@ class SweepInterrupted(Exception):
         self.signum, self.summary, self.exit_code = signum, summary, 128 + signum
         super().__init__(f"sweep interrupted by {signal.Signals(signum).name}")
 
-AXES = {"methods": None, "datasets": None, "shots": [16], "seeds": [1, 2, 3]}
+
+AXES = ("methods", "datasets", "shots", "seeds")  # the grid's run axes (SweepSpec's lists)
 PROTOCOLS = ("base_to_new",)  # a protocol sweep adds its evaluations to each run's result.json
 
 
 DEFAULT_OUT = "runs/sweep"  # a sweep file without out = "..."
 
+Pair = Annotated[str, StringConstraints(pattern=r"^[^,]+,[^,]+$")]  # "A,B"
+_GRID_AXIS = "a non-empty list of values"  # what each [grid] entry must be
+
+
+class ReportSpec(BaseModel):
+    """A sweep file's ``[report]``: what ``bbpt report FILE`` adds by default. Each field's
+    description says what its value must be (the errors quote it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    compare: list[Pair] = Field([], description='a list of "A,B" method pairs (paired differences A - B; '
+                                                '"*,B": every method against B)')
+    baseline: Annotated[str, StringConstraints(pattern=r"\.toml$")] | None = Field(
+        None, description='another sweep file\'s path ("....toml"): each run against its twin there (same '
+                          'method, task and seed)')
+
+
+class SweepSpec(BaseModel):
+    """A sweep file (see the module's docstring): every list is one axis of the grid. Each
+    field's description says what its value must be (the errors quote it); the run fields and
+    method options are checked as each run's configuration is built (:func:`expand`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    out: str | None = Field(None, min_length=1, description=f"a folder for the runs (default {DEFAULT_OUT}; "
+                                                            "--out wins)")
+    methods: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, description="a non-empty list of method names (`bbpt methods`)")
+    datasets: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, description="a non-empty list of tasks (`bbpt datasets`) or image-folder paths")
+    shots: list[Annotated[int, Field(ge=1)]] = Field(
+        [16], min_length=1, description="a non-empty list of training images per class, integers >= 1")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        [1, 2, 3], min_length=1, description="a non-empty list of seeds, integers >= 0")
+    run: dict[str, Any] = Field({}, description="a table of run fields for every run (model, test_subset, ...)")
+    options: dict[str, Any] = Field({}, description="a table of method options for every method, and "
+                                                    "[options.METHOD] tables for one method")
+    grid: dict[str, Annotated[list, Field(min_length=1)]] = Field(
+        {}, description=f"a table of option axes, each {_GRID_AXIS}")
+    protocol: Literal[PROTOCOLS] | None = Field(
+        None, description=" or ".join(repr(x) for x in PROTOCOLS) + " (cross-dataset and shift runs: "
+                          "`bbpt protocol`)")
+    report: ReportSpec = Field(ReportSpec(), description='a table: compare = ["A,B", ...] and/or '
+                                                         'baseline = "OTHER.toml"')
+
+    @model_validator(mode="after")
+    def _base_classes(self):
+        if self.protocol == "base_to_new" and self.run.get("classes", "base") != "base":
+            raise ValueError("protocol base_to_new trains on the base classes; drop run.classes")
+        return self
+
+
+_EXAMPLE = {"methods": '["zip", "craft"]', "datasets": '["mnist"]'}
+_REPORT_KEYS = 'compare = ["A,B", ...] and baseline = "OTHER.toml"'  # ReportSpec's keys, as written
+
 
 def load_sweep(path: str | Path) -> dict:
-    import tomllib
+    """A sweep file, checked against :class:`SweepSpec`, as a dict: the file's own keys and
+    values (in its order: ``sweep.json`` holds them), then the defaults of the axes it leaves
+    out. Any fault is one :class:`BadInput` line naming the key and the fix."""
+    from ._compat import tomllib
 
     p = Path(path)
     if not p.is_file():
         raise BadInput(f"sweep file {p} does not exist; pass a TOML file with methods = [...] and datasets = [...]")
     try:
-        spec = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"sweep file {p} is not valid TOML: {str(e).splitlines()[0]}") from None
-    known = set(AXES) | {"out", "run", "options", "grid", "protocol", "report"}
-    extra = sorted(set(spec) - known)
-    if extra:
-        raise BadInput(f"sweep file {p}: unknown key {extra[0]!r}; its keys: {', '.join(sorted(known))}")
-    for axis, default in AXES.items():
-        v = spec.get(axis, default)
-        if v is None:
-            raise BadInput(f"sweep file {p} needs {axis} = [...], e.g. {axis} = "
-                           + ('["zip", "craft"]' if axis == "methods" else '["mnist"]'))
-        if not isinstance(v, list) or not v:
-            raise BadInput(f"sweep file {p}: {axis} must be a non-empty list, got {v!r}")
-        spec[axis] = v
-    for key in ("run", "options", "grid", "report"):
-        if not isinstance(spec.get(key, {}), dict):
-            raise BadInput(f"sweep file {p}: [{key}] must be a table")
-    for k, v in spec.get("grid", {}).items():
-        if not isinstance(v, list) or not v:
-            raise BadInput(f"sweep file {p}: grid.{k} must be a non-empty list of values, got {v!r}")
-    proto = spec.get("protocol")
-    if proto is not None and proto not in PROTOCOLS:
-        raise BadInput(f"sweep file {p}: protocol {proto!r} is not one of {', '.join(PROTOCOLS)} "
-                       "(cross-dataset and shift runs: `bbpt protocol`)")
-    if proto and spec.get("run", {}).get("classes", "base") != "base":
-        raise BadInput(f"sweep file {p}: protocol base_to_new trains on the base classes; drop run.classes")
-    rep = spec.get("report", {})
-    extra = sorted(set(rep) - {"compare", "baseline"})
-    if extra:
-        raise BadInput(f"sweep file {p}: unknown key report.{extra[0]}; [report] takes compare = [\"A,B\", ...] "
-                       "and baseline = \"OTHER.toml\"")
-    base = rep.get("baseline")
-    if base is not None and not (isinstance(base, str) and base.endswith(".toml")):
-        raise BadInput(f"sweep file {p}: report.baseline must be another sweep file's path (\"....toml\"), got {base!r}")
-    pairs = rep.get("compare", [])
-    if not isinstance(pairs, list) or not all(isinstance(x, str) and len(x.split(",")) == 2 for x in pairs):
-        raise BadInput(f"sweep file {p}: report.compare must be a list of \"A,B\" method pairs, got {pairs!r}")
-    return spec
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        raise BadInput(f"sweep file {p}{_why(e.errors()[0], raw)}") from None
+    return {**raw, **{k: list(getattr(spec, k)) for k in AXES if k not in raw}}  # strict: raw's values are checked
+
+
+def _why(err: dict, raw: dict) -> str:
+    """One pydantic error as the rest of a one-line message: the key, what it must be, the value."""
+    loc = tuple(str(x) for x in err["loc"])
+    if err["type"] == "missing":
+        return f" needs {loc[0]} = [...], e.g. {loc[0]} = {_EXAMPLE.get(loc[0], '[...]')}"
+    if err["type"] == "extra_forbidden":
+        if len(loc) == 1:
+            return f": unknown key {loc[0]!r}; its keys: {', '.join(sorted(SweepSpec.model_fields))}"
+        return f": unknown key {'.'.join(loc)}; [{loc[0]}] takes {_REPORT_KEYS}"
+    if not loc:  # a check across keys (the model validator): its own message
+        return f": {err['ctx']['error']}" if "error" in err.get("ctx", {}) else f": {err['msg']}"
+    # the key the fault is in: a top-level key, or one level down in [grid] / [report]
+    key = loc[:2] if loc[0] in ("grid", "report") and len(loc) > 1 else loc[:1]
+    value = raw
+    for k in key:
+        value = value.get(k) if isinstance(value, dict) else None
+    if key[0] == "grid" and len(key) == 2:
+        must = _GRID_AXIS
+    elif key[0] == "report" and len(key) == 2:
+        must = ReportSpec.model_fields[key[1]].description
+    else:
+        must = SweepSpec.model_fields[key[0]].description
+    name = f"[{key[0]}]" if len(key) == 1 and key[0] in ("run", "options", "grid", "report") else ".".join(key)
+    return f": {name} must be {must}, got {value!r}"
 
 
 def config_hash(config: dict) -> str:
@@ -178,7 +236,8 @@ def expand(spec: dict, out: str | Path) -> list[tuple[dict, Path]]:
         if h in seen:
             continue
         seen.add(h)
-        runs.append((cfg.model_dump(), out / method / dataset.replace("/", "_").strip("_") / h))
+        fields = {**cfg.model_dump(), **({"loggers": cfg.loggers} if "loggers" in run else {})}  # not stored: not hashed
+        runs.append((fields, out / method / dataset.replace("/", "_").strip("_") / h))
     return runs
 
 
@@ -284,7 +343,7 @@ def _finished(folder: Path, protocol: str | None = None) -> dict | None:
 def sweep(spec: dict, out: str | Path, workers: int = 1, ray: str | None = None, ray_cpus: int | None = None,
           log: Callable[[str], None] | None = None) -> dict:
     """Run the grid; returns (and writes to ``out/sweep.json``) every run's outcome."""
-    log = log or (lambda m: print(m, file=sys.stderr))
+    log = log or logger.info
     if workers < 1:
         raise BadInput(f"--workers {workers}: give 1 or more worker processes")
     out = Path(out)

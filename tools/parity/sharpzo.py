@@ -22,7 +22,6 @@ ask; the statements read it from cfg), ``--change_point 3 --total_steps 6`` (the
 from __future__ import annotations
 
 import ast
-import contextlib
 import os
 import shlex
 import sys
@@ -37,6 +36,8 @@ import toy
 from clipstub import ToyClipModel, clip_modules
 from fixture import write
 from official import Checkout, command, cpu_for_cuda, environment, function, official_section, stub
+
+from bbpt._compat import chdir
 
 CLASSES = ["cat", "dog", "ship", "tree", "car"]
 N_TRAIN, N_TEST = 40, 10
@@ -141,7 +142,7 @@ def run_official(co: Checkout, argv: list[str], arrays: dict, statements: list) 
         return z
 
     try:
-        with contextlib.chdir(co.path), cpu_for_cuda():
+        with chdir(co.path), cpu_for_cuda():
             mod.main()
         ns = {**vars(mod), **caught, "print": silent}
         with cpu_for_cuda():

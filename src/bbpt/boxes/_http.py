@@ -138,7 +138,7 @@ class HTTPBox(QueryChecks):
 
     def upload(self, images: Images) -> int:
         """Nothing to upload: every request carries its image. Checks the input; returns 0."""
-        self._check_images(images)
+        self.check_images(images)
         return 0
 
     def embed_images(self, images: Images) -> torch.Tensor:

@@ -13,9 +13,9 @@ No CLI option takes the key itself, so it never lands in a shell's history or ``
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 
+from .._compat import tomllib
 from ..errors import BadInput
 
 

@@ -112,7 +112,7 @@ class EmbeddingsBox(HTTPBox):
 
     def embed_images(self, images: Images) -> torch.Tensor:
         """(B, E) L2-normalised image embeddings of one batch (sent as PNG data URIs); charged."""
-        self._check_images(images)
+        self.check_images(images)
         if images.pixels is None or images.per_candidate:
             raise BadInput("embed_images takes one batch of pixels (B, 3, S, S)")
         cost = self.meter.check_cost(self.meter.embed_cost(0, len(images)))

@@ -16,10 +16,10 @@ quick look on CPU.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import BadInput
 from .core import ImageSet, Task, data_dir
 
+logger = logging.getLogger(__name__)
 MAX_VAL_SHOTS = 4  # CoOp: val gets min(k, 4) shots per class
 
 
@@ -105,7 +106,7 @@ def _write_cache(cache: Path, task: Task, idx: dict) -> None:
         tmp.write_text(json.dumps(c), encoding="utf-8")
         os.replace(tmp, cache)
     except OSError as e:  # a read-only data dir should not stop training
-        warnings.warn(f"could not write the few-shot cache {cache} ({e}); set $BBPT_DATA to a writable folder")
+        logger.warning("could not write the few-shot cache %s (%s); set $BBPT_DATA to a writable folder", cache, e)
 
 
 def subsample_classes(task: Task, which: str) -> Task:

@@ -2,7 +2,8 @@
 import importlib
 import pkgutil
 
-from .base import METHODS, FewShotData, Method, MethodConfig, make_config, register_method
+from ..data.staging import FewShotData
+from .base import METHODS, Method, MethodConfig, make_config, register_method
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name != "base":

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..boxes.capabilities import Needs
+from ..data.staging import BatchStream
 from ..models.blackbox import Images, TextPrompt
 from ..optim import ZOSGD, OneSidedRGF, PolyDecay
-from .base import BatchStream, MethodConfig, Preset, Query, register_method, ZerothOrderMethod
+from .base import MethodConfig, Preset, Query, register_method, ZerothOrderMethod
 from .common import focal_per_candidate
 
 

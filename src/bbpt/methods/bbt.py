@@ -31,10 +31,11 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..data.staging import WholeSet
 from ..models.blackbox import SoftPrompt
 from ..optim import CMAES
 from ..params import RandomProjection
-from .base import OnePassConfig, WholeSet, ZerothOrderMethod, register_method
+from .base import OnePassConfig, ZerothOrderMethod, register_method
 from .common import embedding_std, initial_context, step_size_field, STEP_SIZE_SOURCE
 
 RELEASE = "txsun1997/Black-Box-Tuning @e4013f7"

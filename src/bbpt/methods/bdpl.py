@@ -37,9 +37,10 @@ import torch
 from pydantic import Field
 
 from ..boxes.capabilities import Needs
+from ..data.staging import BatchStream, epoch_stop
 from ..errors import BadInput
 from ..models.blackbox import TextPrompt
-from .base import BatchStream, Method, MethodConfig, epoch_stop, register_method
+from .base import Method, MethodConfig, register_method
 from .common import ce_per_candidate
 
 WORDS = Path(__file__).with_name("bdpl_words.txt")

@@ -61,10 +61,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..boxes.capabilities import Needs
+from ..data.staging import BatchStream
 from ..errors import BadInput, CorruptCheckpoint
 from ..models.blackbox import Images, TextPrompt
 from ..optim import SPSA, ZOSGD
-from .base import BatchStream, Preset, Query, register_method, ZerothOrderMethod
+from .base import Preset, Query, register_method, ZerothOrderMethod
 from .zip import SPSAConfig
 
 # The official DecoderManual's up-sampling blocks (visual_prompters.py 175-189): widths after

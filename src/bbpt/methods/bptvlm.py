@@ -31,11 +31,12 @@ import torch
 from pydantic import Field
 
 from ..boxes.capabilities import Needs
+from ..data.staging import WholeSet
 from ..errors import BadInput
 from ..models.blackbox import SoftPrompt, VisualPrompt
 from ..optim import CMAES
 from ..params import RandomProjection
-from .base import MethodConfig, Preset, Query, WholeSet, ZerothOrderMethod, register_method
+from .base import MethodConfig, Preset, Query, ZerothOrderMethod, register_method
 from .common import ce_per_candidate, embedding_std, focal_per_candidate, step_size_field, STEP_SIZE_SOURCE
 
 _OFFICIAL = "ECNU-ICALK/BPT-VLM @15f2e25"

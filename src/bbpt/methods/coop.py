@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..boxes.capabilities import Needs
+from ..data.staging import epoch_stop
 from ..models.blackbox import SoftPrompt
-from .base import Method, MethodConfig, epoch_stop, register_method
+from .base import Method, MethodConfig, register_method
 from .common import initial_context
 
 

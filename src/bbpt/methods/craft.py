@@ -32,10 +32,11 @@ import torch.nn as nn
 from pydantic import Field
 
 from ..boxes.capabilities import Needs
+from ..data.staging import WholeSet
 from ..models.blackbox import SoftPrompt
 from ..optim import CMAES
 from ..params import RandomProjection
-from .base import OnePassConfig, Preset, WholeSet, ZerothOrderMethod, register_method
+from .base import OnePassConfig, Preset, ZerothOrderMethod, register_method
 from .common import ce_per_candidate, initial_context, kl_per_candidate
 
 RELEASE = "mrflogs/CraFT @1a4c251"

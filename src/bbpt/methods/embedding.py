@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..boxes.capabilities import Needs
+from ..data.staging import FewShotData
 from ..errors import BudgetExhausted
 from ..models.blackbox import BlackBoxAPI, Images, TextPrompt
-from .base import Budget, FewShotData, Method, MethodConfig
+from .base import Budget, Method, MethodConfig
 
 EMBEDDINGS_OUT = frozenset({"embeddings"})
 TEXT_AND_PIXELS = Needs(frozenset({"templates", "pixels"}), EMBEDDINGS_OUT)

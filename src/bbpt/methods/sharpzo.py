@@ -41,11 +41,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..data.staging import WholeSet
 from ..models.blackbox import SoftPrompt
 from ..optim import CGE, CMAES, RGE, Constant, ZOSGD
 from ..params import RandomProjection
 from ..state import get_state
-from .base import OnePassConfig, Preset, WholeSet, ZerothOrderMethod, register_method
+from .base import OnePassConfig, Preset, ZerothOrderMethod, register_method
 from .common import ce_per_candidate, initial_context, step_size_field, STEP_SIZE_SOURCE
 
 RELEASE = "yifanycc/sharpzo @13b491f"
@@ -234,14 +235,14 @@ class SharpZO(ZerothOrderMethod):
         sparse coordinate mask."""
         cfg = self.cfg
         w = self.current()
-        self.zo.w = w.clone()
+        self.zo.move_to(w)
         if cfg.sparsity < 1.0:
             g = self.grad if self.grad is not None else self.cge(w)
             a = g.abs()
             score = w**2 * (a - a.mean()) / (a.std(unbiased=False) + 1e-8)  # main_sharpzo.py 204-219
             k = max(1, int(cfg.sparsity * w.numel()))  # 64-68: int(), a stable sort
             idx = score.argsort(descending=cfg.mask_order == "highest", stable=True)[:k]
-            self.zo.mask = torch.zeros(w.numel()).index_fill_(0, idx, 1.0)
+            self.zo.set_mask(torch.zeros(w.numel()).index_fill_(0, idx, 1.0))
         if cfg.grad_accumulate_bug and self.grad is not None:
             self.acc = self.grad.clone()
         self.stage = 2
@@ -249,10 +250,11 @@ class SharpZO(ZerothOrderMethod):
     def tell(self, losses):
         if self.stage == 2 and self.cfg.grad_accumulate_bug:  # released code: w -= lr * (sum of all estimates)
             w_before = self.zo.w.clone()
-            self.acc = self.acc + self.zo.tell(losses)
-            self.zo.w = w_before - self.cfg.lr * self.acc
-        else:
-            self.opt.tell(losses)
+            stats = self.zo.tell(losses)
+            self.acc = self.acc + self.zo.last_grad
+            self.zo.move_to(w_before - self.cfg.lr * self.acc)
+            return stats
+        return self.opt.tell(losses)
 
     def after_tell(self, losses, budget):
         if self.stage == 1:

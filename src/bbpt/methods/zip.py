@@ -20,10 +20,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from ..data.staging import BatchStream
 from ..models.blackbox import SoftPrompt
 from ..optim import SPSA, SPSASchedule, ZOSGD
 from ..params import ZIPProjection
-from .base import BatchStream, MethodConfig, ZerothOrderMethod, register_method
+from .base import MethodConfig, ZerothOrderMethod, register_method
 from .common import initial_context
 
 Clip = Annotated[float, Field(gt=0)] | Literal["intrinsic", "none"]

@@ -13,7 +13,10 @@ _HOME = {
     "BlackBox": "blackbox", "BlackBoxAPI": "blackbox", "Images": "blackbox", "SoftPrompt": "blackbox",
     "TextPrompt": "blackbox", "VisualPrompt": "blackbox", "QueryMeter": "meter", "register_backbone": "catalog",
 }
-_SUBMODULES = {"backbone", "blackbox", "catalog", "hf", "meter", "openclip", "pretrain", "whitebox"}
+_SUBMODULES = {
+    "backbone", "blackbox", "caches", "catalog", "checks", "hf", "localbox", "meter", "openclip", "pretrain", "prompts",
+    "protocol", "texts", "whitebox",
+}
 
 __all__ = [
     "Backbone", "BlackBox", "BlackBoxAPI", "Images", "QueryMeter", "SoftPrompt", "TextPrompt", "VisualPrompt",

@@ -26,11 +26,14 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import ExitStack
+from typing import Literal, get_args
 
 from ..errors import BadInput, BudgetExhausted
 
-UNITS = ("api_calls", "prompt_evals", "images_forwarded")
-BUDGET_UNITS = ("api_calls", "prompt_evals")
+# The one definition of the units (see above); everything else imports these.
+BudgetUnit = Literal["api_calls", "prompt_evals"]  # a budget's unit (a method's ``budget_unit``)
+BUDGET_UNITS: tuple[str, ...] = get_args(BudgetUnit)  # ("api_calls", "prompt_evals")
+UNITS: tuple[str, ...] = (*BUDGET_UNITS, "images_forwarded")  # every counted unit
 
 
 class QueryMeter:

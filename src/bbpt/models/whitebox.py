@@ -13,13 +13,16 @@ from typing import Sequence
 import torch
 
 from .backbone import Backbone
-from .blackbox import BlackBox, SoftPrompt
+from .localbox import BlackBox, encode_chunk, encode_pixels
 from .meter import QueryMeter
+from .prompts import SoftPrompt
+from .texts import PromptTexts, text_features
 
 
 class WhiteBox:
     def __init__(self, backbone: Backbone, classnames: Sequence[str], meter: QueryMeter):
-        self._text = BlackBox(backbone, classnames, meter)  # its prompt assembly, with gradients here
+        self._box = BlackBox(backbone, classnames, meter)  # the black box on the same classes: its input checks
+        self._texts = PromptTexts(backbone, classnames)  # the black box's prompt assembly, with gradients here
         self._bb, self.meter = backbone, meter
 
     @property
@@ -28,15 +31,16 @@ class WhiteBox:
 
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels (N, 3, S, S) -> normalised image features (N, E), frozen tower."""
-        return self._text._encode(pixels).cpu()
+        """[0, 1] pixels (N, 3, S, S) -> normalised image features (N, E), frozen tower,
+        as many images per forward as the black box's default (:func:`encode_chunk`)."""
+        return encode_pixels(self._bb, pixels, encode_chunk(self._bb.image_size)).cpu()
 
     def text_features(self, prompt: SoftPrompt) -> torch.Tensor:
         """(P, C, E) normalised text features with gradients to ``prompt.ctx``."""
-        self._text._check_prompt(prompt)
-        self._text._prepare_text(prompt)
+        self._box.check_prompt(prompt)
+        self._texts.ids(prompt)
         with torch.enable_grad():
-            return self._text._text_features(prompt)
+            return text_features([(self._texts, prompt)])[0]
 
     def charge(self, num_prompts: int, num_images: int) -> None:
         """Count a training forward as the equivalent query (for comparison only)."""

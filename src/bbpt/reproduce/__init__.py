@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .._compat import tomllib
 from ..errors import BadInput
 
 TABLES_FILE = Path(__file__).with_name("tables.toml")

@@ -51,7 +51,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BadInput, BBPTError
 from ..models import BlackBox, Images, QueryMeter, SoftPrompt, TextPrompt, VisualPrompt, create_backbone
-from ..models.blackbox import _image_tokens, ByteLRU, FeatureCache, _preview
+from ..models.blackbox import ByteLRU, FeatureCache, image_tokens
+from ..models.prompts import preview
 from .batcher import Batcher
 from .store import IdempotencyMismatch, OverBudget, QuotaExceeded, Store
 from .wire import CONTENT_TYPE, WireError, pack, unpack
@@ -163,7 +164,7 @@ class Server:
         """The server's visual-token limit: ``max_visual_tokens``, by default the ViT's own 1 + G."""
         if self.cfg.max_visual_tokens is not None:
             return self.cfg.max_visual_tokens
-        return _image_tokens(self.backbone)
+        return image_tokens(self.backbone)
 
     def box(self, classes: list[str]) -> BlackBox:
         key = json.dumps(classes)
@@ -207,7 +208,7 @@ def _check_chars(server: Server, texts: list[str], what: str, param: str) -> Non
     lim = server.cfg.max_text_chars
     long = next((t for t in texts if len(t) > lim), None)
     if long is not None:
-        raise _limit(f"{what} {_preview(long)!r} has {len(long)} characters, over the server's limit of {lim} "
+        raise _limit(f"{what} {preview(long)!r} has {len(long)} characters, over the server's limit of {lim} "
                      f"(max_text_chars); shorten it", param, "max_text_chars", lim, len(long))
 
 

@@ -253,7 +253,7 @@ class RemoteBlackBox(QueryChecks):
         return unpack(r.content)[1]["embeddings"]
 
     def embed_patches(self, images: Images) -> torch.Tensor:
-        self._check_images(images)
+        self.check_images(images)
         if images.pixels is None:
             raise BadInput("embed_patches needs pixels, not image ids")
         px = images.pixels[0] if images.per_candidate else images.pixels
@@ -265,7 +265,7 @@ class RemoteBlackBox(QueryChecks):
     def upload(self, images: Images) -> int:
         """Upload keyed images once; later queries send their server ids. Returns how many the
         server encoded (images it had not seen)."""
-        self._check_images(images)
+        self.check_images(images)
         if images.pixels is None or images.per_candidate or images.keys is None:
             raise BadInput("upload takes one keyed batch of images (B, 3, S, S)")
         r = self._s.request("POST", "/v1/images", content=pack({}, {"pixels": _wire_pixels(images.pixels)}),

@@ -17,6 +17,7 @@ Ray is optional: ``pip install 'ray[serve]'``. ``ray.init()`` joins the cluster 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 from ..errors import BadInput
 from .app import ServeConfig, create_app
 
+logger = logging.getLogger(__name__)
 APP_NAME = "bbpt"
 
 
@@ -82,7 +84,7 @@ def serve_with_ray(cfg: ServeConfig, host: str, port: int, replicas: int, cpus_p
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment(cfg, replicas, cpus_per_replica), name=APP_NAME, route_prefix="/")
-        print(f"bbpt serve: Ray Serve ready, {replicas} replica(s) on http://{host}:{port}/v1", flush=True)
+        logger.info("bbpt serve: Ray Serve ready, %d replica(s) on http://%s:%s/v1", replicas, host, port)
         while not stop.wait(0.5):
             pass
     finally:

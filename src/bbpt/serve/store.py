@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadInput
-
-UNITS = ("api_calls", "prompt_evals", "images_forwarded")
-BUDGET_UNITS = ("api_calls", "prompt_evals")
+from ..models.meter import BUDGET_UNITS, UNITS
 IDEMPOTENCY_SECONDS = 24 * 3600  # stored replies are kept a day, as Stripe does
 
 SCHEMA = """
