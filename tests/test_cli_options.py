@@ -67,7 +67,8 @@ def test_a_new_field_gets_an_option_and_one_without_a_form_is_refused(monkeypatc
     assert set(made) == set(Wider.model_fields) - set(cli.RUN_FIELD_FORMS)
     assert made["trials"].default.help == "trials per point" and made["trials"].default.metavar == "<int> [2<=x<9]"
     assert made["trials"].default.default == 3 and made["fast"].annotation is bool
-    assert made["tags"].default.metavar == "<str>,..." and cli._list_fields() == {"tags"}
+    assert made["tags"].default.metavar == "<str>,..." and "tags" in cli._list_fields()
+    assert not {"trials", "fast"} & cli._list_fields()
 
     class Odd(RunConfig):
         extra: dict[str, int] = Field({}, description="no command-line form")
@@ -122,18 +123,21 @@ def captured(monkeypatch):
 
 def test_cli_over_config_file_over_defaults(tmp_path, capsys, captured):
     f = tmp_path / "c.toml"
-    f.write_text('dataset = "shapes"\nshots = 3\neval_batch = 64\nclasses = "new"\n'
+    f.write_text('dataset = "shapes"\nshots = 3\neval_batch = 64\nclasses = "new"\nloggers = ["none"]\n'
                  '[box_options]\nimage_size = 96\n[options]\nbudget = 40\nrank = 2\n')
     code, _, err = cli_run(["run", "--config", str(f), "--shots", "5", "--classes", "base", "--set", "rank=4",
-                            "--box-option", "image_size=224", "--out", str(tmp_path / "o")], capsys)
+                            "--box-option", "image_size=224", "--logger", "tensorboard,wandb", "--out", str(tmp_path / "o")],
+                           capsys)
     assert code == 0, err
     cfg = captured[-1]
     assert (cfg.dataset, cfg.shots, cfg.classes, cfg.eval_batch) == ("shapes", 5, "base", 64)  # file, CLI, CLI, file
     assert cfg.options == {"budget": 40, "rank": 4} and cfg.box_options == {"image_size": 224}
+    assert cfg.loggers == ["tensorboard", "wandb"]  # a list field: comma-separated
     assert (cfg.method, cfg.max_images_per_call) == ("zip", 128)  # neither: the defaults
     code, _, err = cli_run(["run", "--config", str(f), "--out", str(tmp_path / "o")], capsys)
     assert code == 0, err
     assert captured[-1].box_options == {"image_size": 96} and captured[-1].classes == "new"
+    assert captured[-1].loggers == ["none"]
 
 
 def test_new_run_options_reach_run_json(tmp_path, capsys):
