@@ -90,6 +90,7 @@ class MethodCase:
     white_box: bool = False
     embeds: Embeds | None = None
     why_not: str = ""  # why a check is left out (None)
+    remote_resume: bool = False  # a method for hosted APIs: resumed through every remote box it fits (test_box_resume)
 
 
 def _counts(api_calls: int, prompt_evals: int, images: int) -> dict:
@@ -132,16 +133,19 @@ METHOD_CASES: dict[str, MethodCase] = {
                        Tiny({"prompt_length": 3, "search_space": 12, "sample_size": 4, "budget": 10},
                             _counts(8, 8, 80)),  # 4 a step: a 3rd passes 10
                        LowersLoss({"prompt_length": 3, "vocab": "task", "sample_size": 8, "lr": 0.05, "budget": 160}),
-                       None, why_not=NOT_MEASURED),
+                       None, why_not=NOT_MEASURED, remote_resume=True),
     "coop": MethodCase(frozenset({"local"}), Tiny({"epochs": 3}, _counts(3, 3, 30)),  # 1 batch of 32 an epoch
                        LowersLoss({"epochs": 10}), None, white_box=True, why_not=NOT_MEASURED),
     "linprobe": MethodCase(EMBEDDINGS, Tiny({"search_steps": 1}, _counts(2, 0, 20)),  # train + val images
                            None, Beats({"search_steps": 2}, **EMBEDDING_BEATS),  # CoOp's 8 bisection rounds: slower
-                           embeds=Embeds(texts=False, val=True), why_not=FIT_ON_EMBEDDINGS),
+                           embeds=Embeds(texts=False, val=True), why_not=FIT_ON_EMBEDDINGS,
+                           remote_resume=True),
     "tipadapter": MethodCase(EMBEDDINGS, Tiny({}, _counts(3, 10, 20)), None, Beats(**EMBEDDING_BEATS),
-                             embeds=Embeds(texts=True, val=True), why_not=FIT_ON_EMBEDDINGS),
+                             embeds=Embeds(texts=True, val=True), why_not=FIT_ON_EMBEDDINGS,
+                             remote_resume=True),
     "lfa": MethodCase(EMBEDDINGS, Tiny({"n_iters": 20}, _counts(2, 10, 10)), None, Beats(**EMBEDDING_BEATS),
-                      embeds=Embeds(texts=True, val=False), why_not=FIT_ON_EMBEDDINGS),
+                      embeds=Embeds(texts=True, val=False), why_not=FIT_ON_EMBEDDINGS,
+                      remote_resume=True),
     "zeroshot": MethodCase(TEXT_AND_PIXELS, Tiny({}, _counts(0, 0, 0)), None,
                            Beats(tasks=("mnist",), shots=1, test_subset=500, margin=0.2, over="chance", slow=False),
                            why_not="nothing to train: the reference the others beat"),
