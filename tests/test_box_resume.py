@@ -13,18 +13,16 @@ import signal
 
 import pytest
 
+from method_cases import METHOD_CASES
 from test_resume import Crash, config, on_charge, outputs
 from test_serve import Server
 
-from bbpt import boxes
 from bbpt.engine import RunInterrupted, run
-from bbpt.methods import METHODS
 
 MINI_SCALE = 81.6419906616211  # mini's logit scale: openai: logits equal the in-process ones
 BOXES = {"bbpt": ("{url}", {}), "hf": ("hf:{url}/v1/zero-shot-image-classification", {"image_size": 32}),
          "openai": ("openai:{url}/v1", {"image_size": 32, "logit_scale": MINI_SCALE})}
-CASES = [(m, b) for m in ("bdpl", "lfa", "linprobe", "tipadapter") for b in BOXES
-         if not METHODS.get(m).needs.missing(boxes.capabilities(BOXES[b][0].format(url="http://127.0.0.1:1")))]
+CASES = sorted((m, b) for m, case in METHOD_CASES.items() if case.remote_resume for b in BOXES if b in case.fits)
 
 
 def test_the_cases_are_every_fitting_pair():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from method_cases import METHOD_CASES, shipped
 from test_serve import Server
 
 from bbpt import boxes
@@ -24,7 +25,7 @@ from bbpt.models import BlackBox, Images, QueryMeter, TextPrompt, create_backbon
 
 BBPT = [sys.executable, "-m", "bbpt.cli"]
 NAMES = ["circle", "square", "triangle"]
-SHIPPED = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("bbpt.")]  # not tests' own
+SHIPPED = shipped()  # not tests' own
 
 
 # ---- capabilities and needs: every method, every transport --------------------------------------
@@ -47,7 +48,7 @@ def test_every_method_declares_its_needs_and_runs_in_process(name):
 def test_the_refusal_names_what_is_missing_and_the_methods_that_fit():
     caps = boxes.capabilities("hf:http://127.0.0.1:1")
     fit = [n for n in METHODS.names() if not METHODS.get(n).needs.missing(caps)]
-    assert "zip" not in fit and {"bar", "blackvip", "zeroshot"} <= set(fit)
+    assert fit == sorted(n for n, case in METHOD_CASES.items() if "hf" in case.fits) and "zip" not in fit
     with pytest.raises(BadInput) as e:
         boxes.check_fit(METHODS.get("zip"), "hf:http://127.0.0.1:1")
     msg = str(e.value)

@@ -19,31 +19,38 @@ class ProbeConfig(MethodConfig):
     prompts_per_step: int = 10
 
 
-if "probe" not in METHODS:
-    @register_method
-    class Probe(Method):
-        """Test method: P random prompts per step on one batch (P api_calls a step)."""
+class Probe(Method):
+    """Test method: P random prompts per step on one batch (P api_calls a step)."""
 
-        name = "probe"
-        Config = ProbeConfig
+    name = "probe"
+    Config = ProbeConfig
 
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.ctx = self.box.embed_words("a photo of a")[None]
-            self.rng = np.random.default_rng(self.seed)
-            self.gen = torch.Generator().manual_seed(self.seed)
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.ctx = self.box.embed_words("a photo of a")[None]
+        self.rng = np.random.default_rng(self.seed)
+        self.gen = torch.Generator().manual_seed(self.seed)
 
-        def step(self, budget):
-            imgs, y = next(self.data.batches(self.cfg.batch_size, self.rng))
-            P = self.cfg.prompts_per_step
-            cand = self.ctx + 0.01 * torch.randn(P, *self.ctx.shape[1:], generator=self.gen)
-            logits = self.box.query(SoftPrompt(cand), imgs)  # (P, B, C)
-            losses = torch.stack([torch.nn.functional.cross_entropy(l, y) for l in logits])
-            self.ctx = cand[losses.argmin()][None]
-            return {"train_loss": float(losses.min())}
+    def step(self, budget):
+        imgs, y = next(self.data.batches(self.cfg.batch_size, self.rng))
+        P = self.cfg.prompts_per_step
+        cand = self.ctx + 0.01 * torch.randn(P, *self.ctx.shape[1:], generator=self.gen)
+        logits = self.box.query(SoftPrompt(cand), imgs)  # (P, B, C)
+        losses = torch.stack([torch.nn.functional.cross_entropy(l, y) for l in logits])
+        self.ctx = cand[losses.argmin()][None]
+        return {"train_loss": float(losses.min())}
 
-        def prompt(self):
-            return SoftPrompt(self.ctx)
+    def prompt(self):
+        return SoftPrompt(self.ctx)
+
+
+@pytest.fixture
+def probe():
+    """The "probe" method, registered for one test only: registered at import, it would be in every
+    registry listing of whatever test files ran beside this one (their "every method" checks)."""
+    register_method(Probe)
+    yield Probe
+    METHODS.unregister("probe")
 
 
 def cli_run(args, capsys):
@@ -78,7 +85,7 @@ def test_zeroshot_run_writes_result_schema(tmp_path, capsys):
     assert (tmp_path / "x" / "prompt.safetensors").exists() and (tmp_path / "x" / "curve.csv").exists()
 
 
-def test_budget_is_a_hard_stop_in_the_engine(tmp_path):
+def test_budget_is_a_hard_stop_in_the_engine(tmp_path, probe):
     cfg = make_run_config(method="probe", dataset="shapes", shots=2, seed=1, options={"budget": 25})
     r = run(cfg, out=tmp_path / "p", progress=False)
     assert r.queries["api_calls"] == 20  # 2 steps of 10; the third would pass 25
@@ -91,7 +98,7 @@ def test_budget_is_a_hard_stop_in_the_engine(tmp_path):
     assert (tmp_path / "p" / "curve.png").exists()
 
 
-def test_config_file_and_set_override(tmp_path, capsys):
+def test_config_file_and_set_override(tmp_path, capsys, probe):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"dataset": "shapes", "shots": 1, "options": {"budget": 40, "prompts_per_step": 5}}))
     code, _, err = cli_run(["run", "--method", "probe", "--config", str(f), "--set", "prompts_per_step=20",
@@ -137,7 +144,7 @@ def bad_inputs(tmp_path):
     ]
 
 
-def test_bad_input_one_line_exit_2(tmp_path, capsys):
+def test_bad_input_one_line_exit_2(tmp_path, capsys, probe):
     for args, expected in bad_inputs(tmp_path):
         code, out, err = cli_run([*args, "--out", str(tmp_path / "r"), "--quiet"], capsys)
         assert code == 2, (args, err)

@@ -1,7 +1,7 @@
 """The methods on returned embeddings (linear probe, Tip-Adapter, LFA): exact query counts,
 a budget too small refused before anything is spent, saved fits re-applied by `bbpt eval`,
-accuracy over zero-shot on an offline task, end to end through the OpenAI embeddings
-protocol against `bbpt serve`, and refusal on a probabilities-only box."""
+end to end through the OpenAI embeddings protocol against `bbpt serve`, and refusal on a
+probabilities-only box. Accuracy over zero-shot: test_every_method.py (METHOD_CASES)."""
 from __future__ import annotations
 
 import math
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from method_cases import METHOD_CASES, cases
 from test_serve import Server
 
 from bbpt import boxes
@@ -22,26 +23,22 @@ from bbpt.methods.linprobe import COOP_C_GRID, coop_search, logistic_regression
 from bbpt.models import BlackBox, QueryMeter, create_backbone
 from bbpt.results import load_prompt
 
-EMBEDDING_METHODS = ["linprobe", "tipadapter", "lfa"]
-TEXTS = {"linprobe": False, "tipadapter": True, "lfa": True}
-VAL = {"linprobe": True, "tipadapter": True, "lfa": False}
-
-
-FAST = {"linprobe": {"search_steps": 1}, "lfa": {"n_iters": 20}, "tipadapter": {}}  # the counts do not depend on them
+EMBEDDING_METHODS = cases("embeds")  # METHOD_CASES' methods on returned embeddings
 
 
 def quick(method, **kw):
-    options = {**FAST.get(method, {}), **kw.pop("options", {})}
+    options = {**METHOD_CASES[method].tiny.options, **kw.pop("options", {})}  # fast; the counts do not depend on them
     return make_run_config(**{"method": method, "dataset": "shapes", "shots": 1, "seed": 1, "test_subset": 100,
                               "eval_batch": 100, "options": options, **kw})
 
 
 def expected(method, n_train=10, n_val=10, classes=10, per=128) -> dict:
     """shapes, 1 shot: 10 training and 10 val images (one request each), C = 10 texts (one template)."""
-    calls = math.ceil(n_train / per) + (math.ceil(n_val / per) if VAL[method] else 0)
-    texts = classes if TEXTS[method] else 0
+    embeds = METHOD_CASES[method].embeds
+    calls = math.ceil(n_train / per) + (math.ceil(n_val / per) if embeds.val else 0)
+    texts = classes if embeds.texts else 0
     return {"api_calls": calls + math.ceil(texts / per), "prompt_evals": texts,
-            "images_forwarded": n_train + (n_val if VAL[method] else 0)}
+            "images_forwarded": n_train + (n_val if embeds.val else 0)}
 
 
 @pytest.mark.parametrize("method", EMBEDDING_METHODS)
@@ -124,15 +121,6 @@ def test_logistic_regression_reaches_the_regularised_optimum():
     assert wb.grad.abs().max() < 1e-6  # the gradient of scikit-learn's objective vanishes
 
 
-@pytest.mark.parametrize("method", ["tipadapter", "lfa", "linprobe"])
-def test_it_beats_zero_shot_on_mnist(method):
-    kw = dict(dataset="mnist", shots=4, seed=1, test_subset=500)
-    zs = run(make_run_config(method="zeroshot", **kw), progress=False)["accuracy"]["test"]
-    opts = {"search_steps": 2} if method == "linprobe" else {}  # CoOp's 8 bisection rounds: slower, same story
-    got = run(make_run_config(method=method, options=opts, **kw), progress=False)["accuracy"]["test"]
-    assert got > zs + 0.02, (method, got, zs)
-
-
 def test_they_are_refused_on_a_probabilities_only_box():
     caps = boxes.capabilities("hf:http://127.0.0.1:1")
     for name in EMBEDDING_METHODS:
@@ -169,7 +157,7 @@ def test_end_to_end_through_the_openai_embeddings_protocol(method, server, tmp_p
     q = there["queries"]
     assert {u: q[u] for u in here["queries"]} == here["queries"] == expected(method)
     assert q["billed_images"] == q["images_forwarded"] and q["billed_requests"] >= 1
-    assert ("billed_tokens" in q) == TEXTS[method]
+    assert ("billed_tokens" in q) == METHOD_CASES[method].embeds.texts
     used = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]
     assert {u: used["train"][u] for u in ("api_calls", "prompt_evals", "images_forwarded")} == expected(method)
     assert abs(there["accuracy"]["test"] - here["accuracy"]["test"]) <= 0.02

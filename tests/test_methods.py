@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bbpt.data import fewshot_split, load_task
-from bbpt.engine import evaluate, make_run_config, run
+from bbpt.engine import make_run_config, run
 from bbpt.errors import BadInput
 from bbpt.methods import METHODS, FewShotData, make_config
 from bbpt.methods.base import Budget, Env
@@ -209,71 +209,23 @@ def test_sharpzo_presets_are_the_released_script_on_each_config():
         cls.resolve_config(make_config(cls, {"preset": "mnist"}), 16)
 
 
-@pytest.mark.parametrize("name", ["zip", "bbt", "craft", "sharpzo"])
-def test_same_seed_same_result(name):
-    budgets = {"zip": 60, "bbt": 60, "craft": 80, "sharpzo": 200}
-    opts = {"budget": budgets[name]}
-    if name == "sharpzo":
-        opts.update(intrinsic_dim=32, popsize=8)
-    cfg = make_run_config(method=name, dataset="shapes", shots=2, seed=2, options=opts)
-    a, b = run(cfg, progress=False), run(cfg, progress=False)
-    assert a["accuracy"] == b["accuracy"] and a["curve"] == b["curve"] and a["queries"] == b["queries"]
-    c = run(make_run_config(method=name, dataset="shapes", shots=2, seed=3, options=opts), progress=False)
-    assert c["curve"] != a["curve"]
-
-
-REDUCED = {
-    "zip": {"budget": 1000},
-    "zosgd": {"budget": 1000},
-    "bbt": {"budget": 600},
-    "craft": {"budget": 600},
-    "sharpzo": {"budget": 3000, "intrinsic_dim": 64},
-}
-
-
-@pytest.mark.parametrize("name", sorted(REDUCED))
-def test_reduced_budget_lowers_training_loss(mini, name):
-    """Each method, at a reduced budget, lowers the full few-shot training loss it started from."""
-    m, box, task = build(name, mini, dataset="fashion-mnist", shots=8, seed=1, **REDUCED[name])
-    eval_box = box.for_classes(task.classnames, QueryMeter())
-    before = evaluate(m, eval_box, m.data.set, 500, progress=False)
-    from bbpt.errors import BudgetExhausted
-
-    try:
-        while m.step() is not None:
-            pass
-    except BudgetExhausted:
-        pass
-    after = evaluate(m, eval_box, m.data.set, 500, progress=False)
-    spent = box.meter.counts[type(m).unit(m.cfg)]
-    assert spent <= REDUCED[name]["budget"] and spent > 0.8 * REDUCED[name]["budget"]
-    assert after["loss"] < before["loss"] - 0.02, (before, after)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["zosgd", "bbt", "zip", "craft", "sharpzo"])
-def test_beats_zero_shot_on_two_tasks_at_default_budget(name):
-    """Each method, at its paper-default budget, 16 shots, seed 1, above zero-shot on >= 2 tasks."""
-    wins = []
-    for task in ("mnist", "fashion-mnist", "animal-mnist", "shapes"):
-        zs = run(make_run_config(method="zeroshot", dataset=task, shots=16, seed=1), progress=False)
-        r = run(make_run_config(method=name, dataset=task, shots=16, seed=1), progress=False)
-        wins.append(r["accuracy"]["test"] > zs["accuracy"]["test"])
-    assert sum(wins) >= 2, wins
-
-
-@pytest.mark.parametrize("name,budget", [("zip", 60), ("craft", 80)])
-def test_eval_reproduces_run_test_accuracy(tmp_path, name, budget):
+def test_eval_reproduces_run_test_accuracy(tmp_path):
+    """`bbpt eval --prompt`'s public path on the whole test split (test_every_method.py
+    re-applies every method's saved prompt on a subset)."""
     from bbpt.engine import evaluate_prompt
 
-    cfg = make_run_config(method=name, dataset="shapes", shots=2, seed=1, options={"budget": budget})
-    r = run(cfg, out=tmp_path / name, progress=False)
-    e = evaluate_prompt(tmp_path / name / "prompt.safetensors", "shapes", progress=False)
-    assert e["accuracy"] == r["accuracy"]["test"] and e["method"] == name
-    assert (tmp_path / name / "curve.csv").read_text().startswith("api_calls,prompt_evals,train_loss,val_accuracy")
-    if name == "craft":
-        assert r["aux_queries"]["prompt_evals"] > 0
-        assert r["queries_total"]["prompt_evals"] == r["queries"]["prompt_evals"] + r["aux_queries"]["prompt_evals"]
+    cfg = make_run_config(method="zip", dataset="shapes", shots=2, seed=1, options={"budget": 60})
+    r = run(cfg, out=tmp_path / "zip", progress=False)
+    e = evaluate_prompt(tmp_path / "zip" / "prompt.safetensors", "shapes", progress=False)
+    assert e["accuracy"] == r["accuracy"]["test"] and e["method"] == "zip"
+    assert (tmp_path / "zip" / "curve.csv").read_text().startswith("api_calls,prompt_evals,train_loss,val_accuracy")
+
+
+def test_craft_reports_its_head_queries_apart():
+    r = run(make_run_config(method="craft", dataset="shapes", shots=2, seed=1, test_subset=200,
+                            options={"budget": 80}), progress=False)
+    assert r["aux_queries"]["prompt_evals"] > 0 and r["queries"]["prompt_evals"] == 80
+    assert r["queries_total"]["prompt_evals"] == r["queries"]["prompt_evals"] + r["aux_queries"]["prompt_evals"]
 
 
 def test_zip_defaults_are_the_official_release():

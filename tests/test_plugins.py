@@ -281,6 +281,19 @@ def test_a_plugin_never_replaces_a_name(fake_group):
     assert reg.get("builtin") == 1
 
 
+def test_unregister_removes_a_name_and_its_owner(fake_group):
+    reg, add, _ = fake_group
+    reg.register("builtin", 1)
+    add("plug_c", "from bbpt import plugins\nplugins.WIDGETS.register('c', 3)\n")
+    assert reg.get("c") == 3 and reg.owner("c").startswith("plugin 'plug_c'")
+    assert reg.unregister("c") == 3 and reg.unregister("builtin") == 1
+    assert reg.names() == [] and "c" not in reg and reg.owner("c") == "bbpt"
+    reg.register("builtin", 4)  # the name is free again
+    assert reg.get("builtin") == 4
+    with pytest.raises(UnknownName, match="unknown widget 'bultin'; did you mean 'builtin'"):
+        reg.unregister("bultin")
+
+
 def test_a_plugin_family_or_transport_claims_nothing_taken(monkeypatch):
     monkeypatch.setattr(plugins, "_current", ["plugin 'x' (package x 1)"])  # as while a plugin loads
     before = BACKBONES.items(with_plugins=False)

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from method_cases import shipped
+
 from bbpt.engine import make_run_config, run
 from bbpt.methods import METHODS
 from bbpt.models import BlackBox, BlackBoxAPI, Images, SoftPrompt, TextPrompt, create_backbone
@@ -238,7 +240,7 @@ def test_remote_box_matches_the_in_process_box(server, key):
 
 
 # ---- every method, unchanged, through the API ----------------------------------------------------
-SHIPPED = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("bbpt.")]
+SHIPPED = shipped()
 SMALL = {"intrinsic_dim": 16, "dim_text": 16, "dim_visual": 16, "popsize": 4, "epochs": 3, "n_perturb": 2, "q": 2,
          "change_point": 2, "sample_size": 4}
 

@@ -16,19 +16,57 @@ Results go to stdout; bbpt's notices (resuming, sweep progress, warnings) are lo
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shlex
 import signal
 import sys
-from typing import List, Optional
+import types
+import typing
+from typing import Any, List, Literal, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from .config import RunConfig
 from .errors import BadInput, BBPTError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Black-box prompt tuning of vision-language models.")
-data_app = typer.Typer(help="Offline task data.", no_args_is_help=True)
+
+class _FlagsAsFlags:
+    """Typer's help prints a type beside every option, flags too (``--debug <bool>``); a flag
+    takes no value, so it shows none."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_FlagsAsFlags, TyperCommand):
+    pass
+
+
+class _Group(_FlagsAsFlags, TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    """typer.Typer whose groups and commands show flags as flags."""
+
+    def __init__(self, **kw):
+        kw.setdefault("cls", _Group)
+        super().__init__(**kw)
+
+    def command(self, *args, **kw):
+        kw.setdefault("cls", _Command)
+        return super().command(*args, **kw)
+
+
+app = _Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Black-box prompt tuning of vision-language models.")
+data_app = _Typer(help="Offline task data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 _state = {"debug": False}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -100,40 +138,100 @@ def _parse_sets(sets: list[str], flag: str = "--set") -> dict:
     return out
 
 
-@app.command()
+# ---- `bbpt run`: one option per RunConfig field, made from the field ---------------------------
+RUN_PANEL = "Run configuration (these win over --config's fields, which win over the defaults)"
+# Run fields whose command-line form is written by hand, not made from the field: field -> option
+RUN_FIELD_FORMS = {"options": "--set", "box_options": "--box-option"}
+# Made from the field, under another name than --FIELD-NAME: field -> option
+RUN_FIELD_FLAGS = {"loggers": "--logger"}
+
+
+def _bounds(field) -> str:
+    """A field's numeric bounds in click's notation: 'x>=1', '1<=x<=100000', 'x>0'; '' when none."""
+    b = {k: getattr(m, k) for m in field.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None}
+    hi = f"<={b['le']}" if "le" in b else f"<{b['lt']}" if "lt" in b else ""
+    if hi:
+        return (f"{b['ge']}<=" if "ge" in b else f"{b['gt']}<" if "gt" in b else "") + "x" + hi
+    return f"x>={b['ge']}" if "ge" in b else f"x>{b['gt']}" if "gt" in b else ""
+
+
+def _cli_type(name: str, field) -> tuple[Any, Optional[str], bool]:
+    """(the option's type, its metavar, whether it takes a list) for a RunConfig field: a
+    Literal lists its choices, a number its range, a bool is a --flag/--no-flag, a list of
+    strings is repeatable and comma-separated; the values themselves are checked by RunConfig,
+    which gives the one-line errors."""
+    ann = field.annotation
+    union = typing.get_origin(ann) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(ann) if a is not type(None)] if union else [ann]
+    optional = union and type(None) in typing.get_args(ann)
+    if len(args) != 1:
+        raise TypeError(f"run field {name!r} ({ann}) has no command-line form; write one (cli.RUN_FIELD_FORMS)")
+    t, many = args[0], False
+    if typing.get_origin(t) is list and typing.get_args(t) == (str,):
+        t, many = str, True
+    if typing.get_origin(t) is Literal:
+        choices = typing.get_args(t)
+        base, metavar = type(choices[0]), "[" + "|".join(str(c) for c in choices) + "]"
+    elif t in (str, int, float, bool):
+        rng = _bounds(field)
+        base, metavar = t, None if t is bool else f"<{t.__name__}>" + (f" [{rng}]" if rng else "")
+    else:
+        raise TypeError(f"run field {name!r} ({ann}) has no command-line form; write one (cli.RUN_FIELD_FORMS)")
+    if many:
+        base, metavar = List[base], metavar + ",..."
+    return (Optional[base] if optional else base), metavar, many
+
+
+_FIELD_DEFAULT = object()
+
+
+def _run_field(name: str, default: Any = _FIELD_DEFAULT, more: str = "", **kw) -> Any:
+    """A typer.Option for RunConfig field ``name``: its description as help (plus ``more``), its
+    choices or range as metavar, its default unless ``default`` is given (``...``: required)."""
+    field = RunConfig.model_fields[name]
+    _, metavar, _ = _cli_type(name, field)
+    if default is _FIELD_DEFAULT:
+        default = field.get_default(call_default_factory=True)
+    return typer.Option(default, run_flag(name), help=field.description + more, metavar=metavar, **kw)
+
+
+def run_flag(name: str) -> str:
+    """The `bbpt run` option of RunConfig field ``name``."""
+    return RUN_FIELD_FORMS.get(name) or RUN_FIELD_FLAGS.get(name) or "--" + name.replace("_", "-")
+
+
+def _run_field_params() -> list[inspect.Parameter]:
+    """One keyword parameter per RunConfig field but those of :data:`RUN_FIELD_FORMS`."""
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_cli_type(name, field)[0],
+                              default=_run_field(name, rich_help_panel=RUN_PANEL))
+            for name, field in RunConfig.model_fields.items() if name not in RUN_FIELD_FORMS]
+
+
+def _list_fields() -> set[str]:
+    """The RunConfig fields whose option takes a list (repeated, or comma-separated)."""
+    return {name for name, field in RunConfig.model_fields.items()
+            if name not in RUN_FIELD_FORMS and _cli_type(name, field)[2]}
+
+
 def run(
     ctx: typer.Context,
-    method: str = typer.Option("zip", help="Method name (`bbpt methods`)."),
-    dataset: str = typer.Option("fashion-mnist", help="Registered task (`bbpt datasets`) or a path to an image folder."),
-    shots: int = typer.Option(16, help="Training images per class (1, 2, 4, 8, 16)."),
-    seed: int = typer.Option(1, help="Seed of the few-shot sample and of the method."),
-    out: str = typer.Option("runs/latest", help="Output folder (result.json, curve.csv, prompt.safetensors)."),
-    model: str = typer.Option("mini", help="Backbone: 'mini' (embedded) or an open_clip architecture (`bbpt models`)."),
-    pretrained: Optional[str] = typer.Option(None, help="open_clip tag, local checkpoint path, or 'random'."),
-    budget: Optional[int] = typer.Option(None, help="Query budget (hard stop) in the method's unit; default: the paper's."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA."),
+    set_: List[str] = typer.Option([], "--set", help="method option KEY=VALUE (repeatable), e.g. --set rank=5; "
+                                   "`bbpt methods NAME` lists them", rich_help_panel=RUN_PANEL),
+    budget: Optional[int] = typer.Option(None, help="query budget (hard stop) in the method's unit; default: the "
+                                         "paper's (the same as --set budget=N)", rich_help_panel=RUN_PANEL),
+    box_option: List[str] = typer.Option([], "--box-option", help="option of the box's transport KEY=VALUE (repeatable), e.g. "
+                                         "--box-option image_size=224 --box-option concurrency=8; `bbpt methods --box "
+                                         "KIND:URL` lists them", rich_help_panel=RUN_PANEL),
+    out: str = typer.Option("runs/latest", help="Run folder: run.json (the configuration, written first), "
+                            "checkpoint.safetensors (while unfinished), curve.csv, curve.png, prompt.safetensors and "
+                            "result.json (written last)."),
     config: Optional[str] = typer.Option(None, help="JSON or TOML file of run fields and method `options`."),
-    set_: List[str] = typer.Option([], "--set", help="Method option KEY=VALUE (repeatable), e.g. --set rank=5."),
-    test_subset: Optional[int] = typer.Option(None, help="Test on a seeded, stratified subset of N test images "
-                                              "(quick looks; marked as not comparable to full-test numbers)."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after N method steps (quick looks)."),
-    eval_every: int = typer.Option(0, help="Budget units between curve points (and checkpoints); 0: about 20 points."),
-    remote: Optional[str] = typer.Option(None, help="Query a `bbpt serve` server at this URL instead of a local "
-                                         "model (the same as --box URL)."),
-    box: Optional[str] = typer.Option(None, help="The black box: local (default: --model in this process), a `bbpt "
-                                      "serve` URL, hf:URL (Hugging Face zero-shot-image-classification) or openai:URL "
-                                      "(OpenAI-style /embeddings). `bbpt methods --box BOX` lists what runs on it."),
-    box_option: List[str] = typer.Option([], "--box-option", help="Transport option KEY=VALUE (repeatable), e.g. "
-                                         "--box-option image_size=224 --box-option concurrency=8."),
     key_file: Optional[str] = typer.Option(None, help="File whose first line is the box's API key (else $BBPT_API_KEY, "
                                            "$HF_TOKEN or $OPENAI_API_KEY, else ~/.config/bbpt/keys.toml). No option "
                                            "takes the key itself: it would land in the shell's history."),
     force: bool = typer.Option(False, help="Replace what --out holds (a finished or another run) instead of refusing."),
     quiet: bool = typer.Option(False, help="No progress output."),
-    logger: List[str] = typer.Option([], "--logger", help="Where the curve, config and accuracy are logged "
-                                     "(repeatable or comma-separated): tensorboard (default; OUT/tb/), wandb (offline, "
-                                     "OUT/wandb/; pip install 'bbpt[trackers]'), or none. Not part of the run's identity."),
+    **run_fields,
 ):
     """Tune (or evaluate zero-shot) one method on one task and write result.json.
 
@@ -146,17 +244,15 @@ def run(
     options = {**fields.pop("options", {}), **_parse_sets(set_)}
     if budget is not None:
         options["budget"] = budget
-    cli = dict(method=method, dataset=dataset, shots=shots, seed=seed, model=model, pretrained=pretrained,
-               device=device, precision=precision, test_subset=test_subset, max_steps=max_steps,
-               eval_every=eval_every, remote=remote, box=box,
-               box_options=_parse_sets(box_option, "--box-option") or None)
+    lists = _list_fields()
+    cli = {k: (k, [x.strip() for v in value for x in v.split(",") if x.strip()] if k in lists else value)
+           for k, value in run_fields.items()}
+    cli["box_options"] = ("box_option", _parse_sets(box_option, "--box-option") or None)
     # explicit CLI values win over the file; the file wins over defaults
-    for k, v in cli.items():
-        src = ctx.get_parameter_source(k)
+    for k, (param, v) in cli.items():
+        src = ctx.get_parameter_source(param)
         if k not in fields or (src is not None and src.name != "DEFAULT"):
             fields[k] = v
-    if logger:
-        fields["loggers"] = [n.strip() for item in logger for n in item.split(",") if n.strip()]
     cfg = engine.make_run_config(**fields, options=options)
     result = engine.run(cfg, out=out, progress=not quiet, force=force, key_file=key_file)
     q = result.queries
@@ -169,6 +265,18 @@ def run(
     )
 
 
+def _with_run_fields(fn):
+    """``fn``'s signature with its ``**run_fields`` replaced by one option per RunConfig field, first."""
+    sig = inspect.signature(fn)
+    ps = list(sig.parameters.values())
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in ps[1:] if p.kind is not p.VAR_KEYWORD]
+    fn.__signature__ = sig.replace(parameters=[ps[0], *_run_field_params(), *own])
+    return fn
+
+
+app.command("run")(_with_run_fields(run))
+
+
 def _log(msg: str) -> None:
     log.info(msg)
 
@@ -176,12 +284,12 @@ def _log(msg: str) -> None:
 @app.command("eval")
 def eval_(
     prompt: str = typer.Option(..., help="A run's prompt.safetensors."),
-    dataset: str = typer.Option(..., help="Registered task or image-folder path."),
-    model: Optional[str] = typer.Option(None, help="Backbone (default: the one the prompt was trained on)."),
-    pretrained: Optional[str] = typer.Option(None),
+    dataset: str = _run_field("dataset", ...),
+    model: Optional[str] = _run_field("model", None, "; default: the one the prompt was trained on"),
+    pretrained: Optional[str] = _run_field("pretrained", None, "; default: the prompt's"),
     split: str = typer.Option("test", help="test, val or train."),
-    device: str = typer.Option("cpu"),
-    quiet: bool = typer.Option(False),
+    device: str = _run_field("device"),
+    quiet: bool = typer.Option(False, help="No progress output."),
 ):
     """Evaluate a learned prompt (and CraFT's head) on a task's split."""
     from .engine import evaluate_prompt
@@ -310,8 +418,8 @@ def data_check(
 
 
 # ---- the black box as a service -------------------------------------------------------------
-serve_app = typer.Typer(help="Serve the black box as an HTTP API (keys, budgets, batching).")
-keys_app = typer.Typer(help="API keys and their budgets.", no_args_is_help=True)
+serve_app = _Typer(help="Serve the black box as an HTTP API (keys, budgets, batching).")
+keys_app = _Typer(help="API keys and their budgets.", no_args_is_help=True)
 serve_app.add_typer(keys_app, name="keys")
 app.add_typer(serve_app, name="serve")
 
@@ -321,12 +429,10 @@ def _o_db():
 
 
 @serve_app.callback(invoke_without_command=True)
-def serve(ctx: typer.Context, model: str = typer.Option("mini", help="Backbone (`bbpt models`)."),
-          pretrained: Optional[str] = typer.Option(None, help="open_clip tag, checkpoint path, or 'random'."),
+def serve(ctx: typer.Context, model: str = _run_field("model"), pretrained: Optional[str] = _run_field("pretrained"),
           host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
           port: int = typer.Option(8000, min=1, max=65535, help="Port."),
-          db: str = _o_db(), device: str = typer.Option("cpu", help="cpu or cuda."),
-          precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA."),
+          db: str = _o_db(), device: str = _run_field("device"), precision: str = _run_field("precision"),
           max_batch: int = typer.Option(32, min=1, help="Queries merged into one forward (1: no batching)."),
           max_batch_rows: int = typer.Option(1024, min=1, help="Text sequences (candidates x classes) per forward, at most."),
           max_wait_ms: float = typer.Option(0.0, min=0.0, help="How long a query waits for others to join it "
@@ -484,11 +590,11 @@ def _protocol(fn, *args, seeds, budget, set_, quiet, **kw) -> None:
 
 
 def _o_method():
-    return typer.Option("zip", help="Method name (`bbpt methods`).")
+    return _run_field("method")
 
 
 def _o_shots():
-    return typer.Option(16, help="Training images per class.")
+    return _run_field("shots")
 
 
 def _o_seeds():
@@ -500,11 +606,11 @@ def _o_out():
 
 
 def _o_model():
-    return typer.Option("mini", help="Backbone (`bbpt models`).")
+    return _run_field("model")
 
 
 def _o_pretrained():
-    return typer.Option(None, help="open_clip tag, local checkpoint path, or 'random'.")
+    return _run_field("pretrained")
 
 
 def _o_budget():
@@ -516,11 +622,11 @@ def _o_set():
 
 
 def _o_device():
-    return typer.Option("cpu", help="cpu or cuda.")
+    return _run_field("device")
 
 
 def _o_precision():
-    return typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on CUDA.")
+    return _run_field("precision")
 
 
 def _o_quiet():
@@ -586,15 +692,14 @@ def reproduce_(method: Optional[str] = typer.Argument(None, help="Method whose p
                root: Optional[str] = typer.Option(None, help="CoOp data root (`bbpt data check ROOT`)."),
                table: Optional[str] = typer.Option(None, help="Table id (`--list`); default: the first with the "
                                                               "method, dataset and --model."),
-               model: Optional[str] = typer.Option(None, help="Backbone; default: the table's (a different one "
-                                                              "picks that backbone's table when there is one)."),
-               pretrained: Optional[str] = typer.Option(None, help="Weights; default: the table's ('openai')."),
+               model: Optional[str] = _run_field("model", None, "; default: the table's (a different one picks that "
+                                                                "backbone's table when there is one)"),
+               pretrained: Optional[str] = _run_field("pretrained", None, "; default: the table's ('openai')"),
                seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds; default: the table's."),
-               shots: Optional[int] = typer.Option(None, help="Shots per class; default: the table's (16)."),
+               shots: Optional[int] = _run_field("shots", None, "; default: the table's (16)"),
                budget: Optional[int] = _o_budget(), set_: List[str] = _o_set(), device: str = _o_device(),
                precision: str = _o_precision(),
-               test_subset: Optional[int] = typer.Option(None, help="Test on N images (quick looks; marked as not "
-                                                         "comparable to the paper)."),
+               test_subset: Optional[int] = _run_field("test_subset"),
                out: Optional[str] = typer.Option(None, help="Output folder (default runs/reproduce/TABLE/METHOD/DATASET)."),
                list_: bool = typer.Option(False, "--list", help="List the shipped tables and exit."),
                quiet: bool = _o_quiet(), force: bool = _o_force()):

@@ -59,8 +59,9 @@ class RunConfig(BaseModel):
     options: dict[str, Any] = Field({}, description="method options over its paper defaults")
     # Where the run is logged, not what it is: excluded from model_dump, so from the stored
     # configuration, the run hash and resume's comparison (:mod:`bbpt.tracking`).
-    loggers: list[str] = Field(DEFAULT_TRACKERS, exclude=True, description="trackers: tensorboard (RUN/tb/), wandb "
-                               "(offline, RUN/wandb/), or none")
+    loggers: list[str] = Field(DEFAULT_TRACKERS, exclude=True, description="where the curve, config and accuracy are "
+                               "logged: tensorboard (RUN/tb/), wandb (offline, RUN/wandb/; needs the wandb "
+                               "package, bbpt's trackers extra), or none; not part of the run's identity")
 
     @field_validator("device")
     @classmethod

@@ -39,6 +39,14 @@ class Registry(Generic[T]):
 
         return add(obj) if obj is not None else add
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return what it named (tests that register a name of their own
+        remove it afterwards, so the registry is the same whichever tests ran first)."""
+        if name not in self._items:
+            raise UnknownName(self.kind, name, self._items, self.hint)
+        self._owner.pop(name, None)
+        return self._items.pop(name)
+
     def owner(self, name: str) -> str:
         """Who registered ``name``: 'bbpt', or 'plugin NAME (package DIST VERSION)'."""
         return self._owner.get(name, "bbpt")
