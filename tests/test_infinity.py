@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from method_cases import METHOD_CASES
 from test_serve import free_port
 
 from bbpt.boxes import open_box
@@ -71,16 +72,20 @@ def test_infinity_embeddings_equal_the_model_bbpt_loads_from_the_same_folder(inf
     assert meter.counts["billed_images"] == 3 and meter.counts["billed_tokens"] > 0  # Infinity's usage
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "bar"])
+@pytest.mark.parametrize("method", sorted(m for m, case in METHOD_CASES.items() if "openai" in case.fits))
 def test_methods_run_end_to_end_against_infinity(infinity, method, tmp_path):
+    """Every method that fits an embeddings box (the table's ``fits``), at its tiny settings:
+    it finishes, spends exactly the table's queries (counted in bbpt's units, as in process),
+    and zero-shot gives the in-process accuracy (100 x cosine against the model's own scale:
+    the same argmax)."""
     url, folder = infinity
-    opts = {"budget": 8, "batch_size": 8, "q": 1} if method == "bar" else {}
-    kw = dict(method=method, dataset="shapes", shots=1, seed=1, test_subset=40, model=f"hf:{folder}", options=opts)
+    case = METHOD_CASES[method].tiny
+    kw = dict(method=method, dataset="shapes", shots=case.shots, seed=2, test_subset=40, model=f"hf:{folder}",
+              options=case.options)
     there = run(make_run_config(**kw, box=f"openai:{url}", box_options={"image_size": 32, "model": "clip"}),
                 out=tmp_path / "inf", progress=False)
-    assert there["status"] == "finished" and there["accuracy"]["test"] is not None
-    if method == "zeroshot":  # 100 x cosine against the model's own scale: the same argmax, the same accuracy
+    assert there.status == "finished" and there.accuracy["test"] is not None
+    assert {u: there.queries[u] for u in case.queries} == case.queries
+    if method == "zeroshot":
         here = run(make_run_config(**kw), out=tmp_path / "local", progress=False)
-        assert there["accuracy"] == here["accuracy"]
-    else:
-        assert there["queries"]["images_forwarded"] == 8 * 2 * there["steps"]  # 2 candidates x 8 images a step
+        assert there.accuracy == here.accuracy
