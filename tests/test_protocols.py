@@ -77,8 +77,8 @@ def test_base_to_new_records_and_summary(tmp_path):
 def test_base_to_new_zeroshot_equals_direct_evaluation(tmp_path):
     s = protocols.base_to_new("zeroshot", "shapes", out=tmp_path / "z", **FAST)
     direct = run(make_run_config(method="zeroshot", dataset="shapes", shots=2, classes="new"), progress=False)
-    assert direct["dataset"] == "shapes-new"
-    assert s["rows"][0]["new"] == direct["accuracy"]["test"]
+    assert direct.dataset == "shapes-new"
+    assert s["rows"][0]["new"] == direct.accuracy.test
     new = subsample_classes(load_task("shapes"), "new")
     assert s["new_classes"] == new.classnames and len(new.classnames) == 5
 
