@@ -84,7 +84,7 @@ def test_methods_run_end_to_end_against_infinity(infinity, method, tmp_path):
               options=case.options)
     there = run(make_run_config(**kw, box=f"openai:{url}", box_options={"image_size": 32, "model": "clip"}),
                 out=tmp_path / "inf", progress=False)
-    assert there.status == "finished" and there.accuracy["test"] is not None
+    assert there.status == "finished" and there.accuracy.test is not None
     assert {u: there.queries[u] for u in case.queries} == case.queries
     if method == "zeroshot":
         here = run(make_run_config(**kw), out=tmp_path / "local", progress=False)
