@@ -132,7 +132,7 @@ def test_distribution_shift_of_a_folder(tmp_path, folders):
     assert row["mean"] == pytest.approx((row["inverted"] + row["noised"]) / 2)
     # the shifted column is the zero-shot accuracy on the shifted test split
     direct = run(make_run_config(method="zeroshot", dataset=f"{four}@inverted", shots=2), progress=False)
-    assert direct["dataset"] == "four@inverted" and direct["accuracy"]["test"] == row["inverted"]
+    assert direct.dataset == "four@inverted" and direct.accuracy.test == row["inverted"]
 
 
 def test_cli_protocols_end_to_end(tmp_path, capsys, folders):
