@@ -148,7 +148,7 @@ def test_coop_is_white_box_and_learns(mini):
     assert losses[-1] < first - 0.1
     assert box.meter.counts["api_calls"] == 20 * 1  # 40 images / batch 32: one batch per epoch (drop_last)
     r = run(make_run_config(method="coop", dataset="shapes", shots=1, seed=1, options={"epochs": 3}), progress=False)
-    assert r["black_box"] is False and len(r["curve"]) >= 2
+    assert r.black_box is False and len(r.curve) >= 2
 
 
 @pytest.mark.slow
@@ -161,8 +161,8 @@ def test_bar_beats_zero_shot_with_more_queries():
     for task in ("mnist", "fashion-mnist"):
         zs = run(make_run_config(method="zeroshot", dataset=task, shots=16, seed=1), progress=False)
         r = run(make_run_config(method="bar", dataset=task, shots=16, seed=1, options={"budget": 12000}), progress=False)
-        assert r["queries"]["api_calls"] == 12000
-        assert r["accuracy"]["test"] > zs["accuracy"]["test"], (task, r["accuracy"]["test"], zs["accuracy"]["test"])
+        assert r.queries["api_calls"] == 12000
+        assert r.accuracy.test > zs.accuracy.test, (task, r.accuracy.test, zs.accuracy.test)
 
 
 def test_budget_unit_override_compares_at_equal_api_calls():
@@ -170,5 +170,5 @@ def test_budget_unit_override_compares_at_equal_api_calls():
     r = run(make_run_config(method="bbt", dataset="shapes", shots=16, seed=1,
                             options={"budget": 90, "budget_unit": "api_calls", "popsize": 20}), progress=False)
     # 160 images = 2 api_calls per candidate: 2 generations of 20 fit in 90 calls, a third would not
-    assert r["queries"]["api_calls"] == 80 and r["queries"]["prompt_evals"] == 40
-    assert r["budget"]["api_calls"] == 90 and r["config"]["options"]["budget_unit"] == "api_calls"
+    assert r.queries["api_calls"] == 80 and r.queries["prompt_evals"] == 40
+    assert r.budget["api_calls"] == 90 and r.config["options"]["budget_unit"] == "api_calls"

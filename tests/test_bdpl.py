@@ -68,9 +68,9 @@ def test_a_run_is_metered_exactly(tmp_path):
     images): a budget of 10 at I = 4 is 2 steps and 8 api_calls (a third step would pass it)."""
     r = run(make_run_config(method="bdpl", dataset="shapes", shots=1, seed=1, test_subset=60,
                             options={**SMALL, "budget": 10}), out=tmp_path / "r", progress=False)
-    q = r["queries"]
-    assert r["steps"] == 2 and q == {"api_calls": 8, "prompt_evals": 8, "images_forwarded": 8 * 10}
-    assert [c["api_calls"] for c in r["curve"]] == [0, 4, 8]  # a curve point a step
+    q = r.queries
+    assert r.steps == 2 and q == {"api_calls": 8, "prompt_evals": 8, "images_forwarded": 8 * 10}
+    assert [c.api_calls for c in r.curve] == [0, 4, 8]  # a curve point a step
     words = vocabulary("clip-frequent", {})[:12]
     (t,) = load_prompt(tmp_path / "r" / "prompt.safetensors")[0].templates
     *ws, tail = t.split(" ")
@@ -82,7 +82,7 @@ def test_epochs_stop_the_run_and_batches_split_calls():
     2 api_calls per template (ceil(200 / 128))."""
     r = run(make_run_config(method="bdpl", dataset="shapes", shots=1, seed=1, test_subset=30,
                             options={**SMALL, "epochs": 2}), progress=False)
-    assert r["status"] == "finished" and r["steps"] == 2 and r["queries"]["api_calls"] == 8
+    assert r.status == "finished" and r.steps == 2 and r.queries["api_calls"] == 8
     meter = QueryMeter()
     assert meter.cost(4, 200)["api_calls"] == 8
 
@@ -135,11 +135,11 @@ def test_bdpl_trains_through_the_hf_protocol_metered_exactly(server, tmp_path, m
                             box=f"hf:{server.url}/v1/zero-shot-image-classification", box_options={"image_size": 32},
                             options={**SMALL, "sample_size": 2, "batch_size": 4, "budget": 6}),
              out=tmp_path / "hf", progress=False)
-    q = r["queries"]
-    assert r["steps"] == 3 and q["api_calls"] == 6 and q["billed_requests"] == 6 * 4  # 2 templates x 4 images
+    q = r.queries
+    assert r.steps == 3 and q["api_calls"] == 6 and q["billed_requests"] == 6 * 4  # 2 templates x 4 images
     used = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]["train"]
     assert used["api_calls"] == used["images_forwarded"] == q["billed_requests"] == q["images_forwarded"]
-    assert r["accuracy"]["test"] is not None and r["curve"][-1]["train_loss"] > 0
+    assert r.accuracy.test is not None and r.curve[-1].train_loss > 0
 
 
 def test_bdpl_trains_through_the_openai_embeddings_protocol_metered_exactly(server, tmp_path, monkeypatch):
@@ -154,15 +154,15 @@ def test_bdpl_trains_through_the_openai_embeddings_protocol_metered_exactly(serv
     here = run(make_run_config(**kw), out=tmp_path / "local", progress=False)
     r = run(make_run_config(**kw, box=f"openai:{server.url}/v1", box_options={"image_size": 32, "logit_scale": MINI_SCALE}),
             out=tmp_path / "oa", progress=False)
-    q = r["queries"]
-    assert r["steps"] == here["steps"] == 3 and {u: q[u] for u in here["queries"]} == here["queries"] \
+    q = r.queries
+    assert r.steps == here.steps == 3 and {u: q[u] for u in here.queries} == here.queries \
         == {"api_calls": 6, "prompt_evals": 6, "images_forwarded": 6 * 4}  # 2 templates x 4 images a step
     used = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]["train"]
     assert (used["api_calls"], used["images_forwarded"]) == (q["billed_requests"], q["billed_images"])
     assert q["billed_images"] == 3 * 4 and q["billed_tokens"] > 0  # each batch's 4 images once a step
     # the same embeddings and the model's own logit scale: the same trajectory as in process
-    assert [round(c["train_loss"], 4) for c in r["curve"]] == [round(c["train_loss"], 4) for c in here["curve"]]
-    assert r["accuracy"]["test"] == here["accuracy"]["test"]
+    assert [round(c.train_loss, 4) for c in r.curve] == [round(c.train_loss, 4) for c in here.curve]
+    assert r.accuracy.test == here.accuracy.test
 
 
 def test_keep_template_puts_the_words_before_the_tasks_template(mini):

@@ -69,12 +69,12 @@ def test_resume_through_the_box_is_exact(method, box, server, tmp_path, monkeypa
     on_charge(monkeypatch, lambda: charges.append(1))
     ref = go("ref")
     on_charge(monkeypatch, None)
-    assert ref["status"] == "finished" and ref["queries"]["api_calls"] > 0
-    assert ref["steps"] == 3 if method == "bdpl" else ref["steps"] >= 1
+    assert ref.status == "finished" and ref.queries["api_calls"] > 0
+    assert ref.steps == 3 if method == "bdpl" else ref.steps >= 1
     rng = random.Random(f"{method}-{box}")
 
-    if ref["steps"] >= 2:  # a real SIGINT after a step
-        k = rng.randint(1, ref["steps"] - 1)
+    if ref.steps >= 2:  # a real SIGINT after a step
+        k = rng.randint(1, ref.steps - 1)
         with pytest.raises(RunInterrupted):
             go("int", on_step=lambda steps, stats: os.kill(os.getpid(), signal.SIGINT) if steps == k else None)
         notes = []

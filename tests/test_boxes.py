@@ -267,9 +267,9 @@ def test_zeroshot_through_the_hf_protocol_equals_the_local_run(server, key, tmp_
     here = run(make_run_config(**kw), out=tmp_path / "l", progress=False)
     there = run(make_run_config(**kw, box=f"hf:{server.url}/v1/zero-shot-image-classification",
                                 box_options={"image_size": 32}), out=tmp_path / "hf", progress=False)
-    assert there["accuracy"] == here["accuracy"]  # uint8 shapes: the PNGs carry the exact pixels
-    e = there["eval_queries"]
-    assert {u: e[u] for u in here["eval_queries"]} == here["eval_queries"]  # bbpt's units, as in process
+    assert there.accuracy == here.accuracy  # uint8 shapes: the PNGs carry the exact pixels
+    e = there.eval_queries
+    assert {u: e[u] for u in here.eval_queries} == here.eval_queries  # bbpt's units, as in process
     assert e["billed_requests"] == e["images_forwarded"] > 60  # one request per image (val + test)
 
 
@@ -282,12 +282,12 @@ def test_bar_trains_on_probabilities_only_metered_exactly(server, key, tmp_path,
     kw = dict(method="bar", dataset="shapes", shots=1, seed=3, test_subset=40, box_options={"image_size": 32},
               box=f"hf:{server.url}/v1/zero-shot-image-classification", options={"budget": 12, "batch_size": 8, "q": 2})
     r = run(make_run_config(**kw), out=tmp_path / "r", progress=False, key_file=str(tmp_path / "key"))
-    q = r["queries"]
+    q = r.queries
     assert q["api_calls"] == 12 and q["billed_requests"] == 12 * 8  # 3 candidates x 8 images a step, 4 steps
     used = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]
     # the protocol bills per request (one image, one template): the server's count of them is the run's
     assert used["train"]["api_calls"] == q["billed_requests"] and used["train"]["images_forwarded"] == q["images_forwarded"]
-    assert r["accuracy"]["test"] is not None
+    assert r.accuracy.test is not None
 
 
 def test_the_readme_matrix_is_what_bbpt_methods_matrix_prints():

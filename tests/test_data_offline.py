@@ -103,5 +103,5 @@ def test_union_whole_set_candidate_costs_five_api_calls(tmp_path):
     cfg = make_run_config(method="bbt", dataset="union", shots=16, seed=1,
                           options={"budget": 100, "budget_unit": "api_calls"})
     r = run(cfg, out=tmp_path / "u", progress=False)
-    spent = r["queries"]
+    spent = r.queries
     assert spent["api_calls"] == 5 * spent["prompt_evals"] == 100

@@ -44,19 +44,19 @@ def expected(method, n_train=10, n_val=10, classes=10, per=128) -> dict:
 @pytest.mark.parametrize("method", EMBEDDING_METHODS)
 def test_queries_are_counted_exactly_and_the_saved_fit_reproduces_the_test_accuracy(method, tmp_path):
     r = run(quick(method), out=tmp_path / "r", progress=False)
-    assert r["status"] == "finished" and r["stopped_by"] == "done" and r["steps"] == 1
-    assert r["queries"] == expected(method)
+    assert r.status == "finished" and r.stopped_by == "done" and r.steps == 1
+    assert r.queries == expected(method)
     # evaluation: the start point is chance and free; then the val set (10) and the test subset (100), one
     # request each, with the saved class prototypes (no text request)
-    assert r["eval_queries"] == {"api_calls": 2, "prompt_evals": 0, "images_forwarded": 110}
-    assert r["curve"][0]["val_accuracy"] == pytest.approx(0.1)  # before the fit: zeros, class 0 of 10
+    assert r.eval_queries == {"api_calls": 2, "prompt_evals": 0, "images_forwarded": 110}
+    assert r.curve[0].val_accuracy == pytest.approx(0.1)  # before the fit: zeros, class 0 of 10
     # `bbpt eval --prompt`'s path: the saved fit, re-applied through a fresh box, gives the run's test accuracy
     prompt, extra, meta = load_prompt(tmp_path / "r" / "prompt.safetensors")
     task = load_task("shapes")
     box = BlackBox(create_backbone("mini"), task.classnames, QueryMeter())
     again = evaluate(_Saved(METHODS.get(meta["method"]), prompt, extra), box,
                      stratified_subset(task.test, 100, TEST_SUBSET_SEED), 100, progress=False)
-    assert again["accuracy"] == r["accuracy"]["test"] and box.meter.counts["prompt_evals"] == 0
+    assert again["accuracy"] == r.accuracy.test and box.meter.counts["prompt_evals"] == 0
 
 
 @pytest.mark.parametrize("method", EMBEDDING_METHODS)
@@ -65,7 +65,7 @@ def test_a_budget_too_small_is_refused_before_anything_is_spent(method):
     with pytest.raises(BudgetExhausted, match=rf"needs api_calls={need} but the budget is api_calls={need - 1}"):
         run(quick(method, options={"budget": need - 1}), progress=False)
     r = run(quick(method, options={"budget": need}), progress=False)
-    assert r["queries"]["api_calls"] == need and r["stopped_by"] == "done"
+    assert r.queries["api_calls"] == need and r.stopped_by == "done"
 
 
 def test_coop_c_search_follows_linear_probe_py():
@@ -154,13 +154,13 @@ def test_end_to_end_through_the_openai_embeddings_protocol(method, server, tmp_p
     here = run(quick(method), progress=False)
     there = run(quick(method, box=f"openai:{server.url}/v1", box_options={"image_size": 32}), progress=False,
                 key_file=str(tmp_path / "key"))
-    q = there["queries"]
-    assert {u: q[u] for u in here["queries"]} == here["queries"] == expected(method)
+    q = there.queries
+    assert {u: q[u] for u in here.queries} == here.queries == expected(method)
     assert q["billed_images"] == q["images_forwarded"] and q["billed_requests"] >= 1
     assert ("billed_tokens" in q) == METHOD_CASES[method].embeds.texts
     used = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]
     assert {u: used["train"][u] for u in ("api_calls", "prompt_evals", "images_forwarded")} == expected(method)
-    assert abs(there["accuracy"]["test"] - here["accuracy"]["test"]) <= 0.02
+    assert abs(there.accuracy.test - here.accuracy.test) <= 0.02
 
 
 def test_requests_hold_at_most_128_images(monkeypatch):
@@ -169,5 +169,5 @@ def test_requests_hold_at_most_128_images(monkeypatch):
     orig = BlackBox.embed_images
     monkeypatch.setattr(BlackBox, "embed_images", lambda self, images: (sizes.append(len(images)), orig(self, images))[1])
     r = run(quick("tipadapter", shots=16, options={"search": False}), progress=False)
-    assert r["queries"] == {"api_calls": 3, "prompt_evals": 10, "images_forwarded": 160}
+    assert r.queries == {"api_calls": 3, "prompt_evals": 10, "images_forwarded": 160}
     assert sizes[:2] == [128, 32]

@@ -78,12 +78,12 @@ def test_same_seed_same_result_exact_queries_and_the_saved_prompt(name, tmp_path
     cls, want = METHODS.get(name), METHOD_CASES[name].tiny.queries
     a = run(tiny(name), out=tmp_path / "a", progress=False)
     b = run(tiny(name), progress=False)
-    assert a["accuracy"] == b["accuracy"] and a["curve"] == b["curve"] and a["queries"] == b["queries"]
-    assert a["queries"] == want, (name, a["queries"])
-    for unit, limit in a["budget"].items():  # the budget, in the method's unit (none: budget-free)
-        assert limit is None or a["queries"][unit] <= limit, (unit, a["queries"], a["budget"])
+    assert a.accuracy == b.accuracy and a.curve == b.curve and a.queries == b.queries
+    assert a.queries == want, (name, a.queries)
+    for unit, limit in a.budget.items():  # the budget, in the method's unit (none: budget-free)
+        assert limit is None or a.queries[unit] <= limit, (unit, a.queries, a.budget)
     c = run(tiny(name, seed=3), progress=False)
-    assert c["curve"] != a["curve"]
+    assert c.curve != a.curve
     # the saved prompt (+ extra state), re-applied through a fresh box: the run's test accuracy
     prompt, extra, meta = load_prompt(tmp_path / "a" / "prompt.safetensors")
     assert meta["method"] == name
@@ -91,7 +91,7 @@ def test_same_seed_same_result_exact_queries_and_the_saved_prompt(name, tmp_path
     box = BlackBox(create_backbone("mini"), task.classnames, QueryMeter())
     again = evaluate(_Saved(cls, prompt, extra), box, stratified_subset(task.test, TINY_SUBSET, TEST_SUBSET_SEED),
                      500, progress=False)
-    assert again["accuracy"] == pytest.approx(a["accuracy"]["test"], abs=1e-9)
+    assert again["accuracy"] == pytest.approx(a.accuracy.test, abs=1e-9)
 
 
 @pytest.mark.parametrize("name", each("lowers_loss"))
@@ -121,11 +121,11 @@ def test_it_beats_its_reference_on_a_real_task(name):
     tried, wins = {}, 0
     for task in spec.tasks:
         kw = dict(dataset=task, shots=spec.shots, seed=1, test_subset=spec.test_subset)
-        got = run(make_run_config(method=name, options=spec.options, **kw), progress=False)["accuracy"]["test"]
+        got = run(make_run_config(method=name, options=spec.options, **kw), progress=False).accuracy.test
         if spec.over == "chance":
             ref = 1 / len(load_task(task).classnames)
         else:
-            ref = run(make_run_config(method="zeroshot", **kw), progress=False)["accuracy"]["test"]
+            ref = run(make_run_config(method="zeroshot", **kw), progress=False).accuracy.test
         tried[task] = (got, ref)
         wins += got > ref + spec.margin
         if wins >= spec.wins:

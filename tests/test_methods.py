@@ -217,15 +217,15 @@ def test_eval_reproduces_run_test_accuracy(tmp_path):
     cfg = make_run_config(method="zip", dataset="shapes", shots=2, seed=1, options={"budget": 60})
     r = run(cfg, out=tmp_path / "zip", progress=False)
     e = evaluate_prompt(tmp_path / "zip" / "prompt.safetensors", "shapes", progress=False)
-    assert e["accuracy"] == r["accuracy"]["test"] and e["method"] == "zip"
+    assert e["accuracy"] == r.accuracy.test and e["method"] == "zip"
     assert (tmp_path / "zip" / "curve.csv").read_text().startswith("api_calls,prompt_evals,train_loss,val_accuracy")
 
 
 def test_craft_reports_its_head_queries_apart():
     r = run(make_run_config(method="craft", dataset="shapes", shots=2, seed=1, test_subset=200,
                             options={"budget": 80}), progress=False)
-    assert r["aux_queries"]["prompt_evals"] > 0 and r["queries"]["prompt_evals"] == 80
-    assert r["queries_total"]["prompt_evals"] == r["queries"]["prompt_evals"] + r["aux_queries"]["prompt_evals"]
+    assert r.aux_queries["prompt_evals"] > 0 and r.queries["prompt_evals"] == 80
+    assert r.queries_total["prompt_evals"] == r.queries["prompt_evals"] + r.aux_queries["prompt_evals"]
 
 
 def test_zip_defaults_are_the_official_release():

@@ -77,8 +77,8 @@ def test_base_to_new_records_and_summary(tmp_path):
 def test_base_to_new_zeroshot_equals_direct_evaluation(tmp_path):
     s = protocols.base_to_new("zeroshot", "shapes", out=tmp_path / "z", **FAST)
     direct = run(make_run_config(method="zeroshot", dataset="shapes", shots=2, classes="new"), progress=False)
-    assert direct["dataset"] == "shapes-new"
-    assert s["rows"][0]["new"] == direct["accuracy"]["test"]
+    assert direct.dataset == "shapes-new"
+    assert s["rows"][0]["new"] == direct.accuracy.test
     new = subsample_classes(load_task("shapes"), "new")
     assert s["new_classes"] == new.classnames and len(new.classnames) == 5
 
@@ -132,7 +132,7 @@ def test_distribution_shift_of_a_folder(tmp_path, folders):
     assert row["mean"] == pytest.approx((row["inverted"] + row["noised"]) / 2)
     # the shifted column is the zero-shot accuracy on the shifted test split
     direct = run(make_run_config(method="zeroshot", dataset=f"{four}@inverted", shots=2), progress=False)
-    assert direct["dataset"] == "four@inverted" and direct["accuracy"]["test"] == row["inverted"]
+    assert direct.dataset == "four@inverted" and direct.accuracy.test == row["inverted"]
 
 
 def test_cli_protocols_end_to_end(tmp_path, capsys, folders):

@@ -79,8 +79,13 @@ def test_a_result_keeps_its_fields_and_order_and_reads_like_the_old_dict():
     b = r.with_fields(base_to_new={"H": 0.4})
     assert list(b.to_dict())[-2:] == ["base_to_new", "newer_key"]  # the known fields first, in their order
     assert b.base_to_new["H"] == 0.4 and r.base_to_new is None
+    # the old dict reads still work for one release, each one warning
+    with pytest.warns(DeprecationWarning, match=r"reading a run's result as a dict .* use its attributes \(r\.key\)"):
+        assert r["accuracy"]["test"] == 0.5
     with pytest.warns(DeprecationWarning, match="use its attributes"):
-        assert r["accuracy"]["test"] == 0.5 and "test_subset" not in r and r.get("steps") == 2
+        assert "test_subset" not in r and "steps" in r
+    with pytest.warns(DeprecationWarning, match="use its attributes"):
+        assert r.get("steps") == 2 and r.get("test_subset", "none") == "none"
     with pytest.raises(Exception):  # frozen
         r.status = "failed"
 
@@ -126,3 +131,12 @@ def test_build_run_gives_a_loop_that_runs_as_run_does():
     direct = run(cfg, progress=False)
     assert built.queries == direct.queries == {**direct.queries, "api_calls": 40}
     assert built.curve == direct.curve and built.accuracy == direct.accuracy and loop.state.stopped_by == "budget"
+
+
+def test_the_suite_turns_a_dict_read_of_a_result_into_an_error():
+    """pyproject's filterwarnings makes the deprecation an error in the tests, so no test (or
+    code it runs) reads a RunResult as a dict again."""
+    r = RunResult(method="zip", dataset="mnist", shots=1, seed=1, status="finished")
+    with pytest.raises(DeprecationWarning, match="reading a run's result as a dict"):
+        r["status"]
+    assert r.status == "finished"

@@ -214,7 +214,7 @@ def test_failed_start_leaves_nothing_and_a_corrected_rerun_starts(tmp_path):
     with pytest.raises(BudgetExhausted):
         run(quick(options={"budget": 5}), out=kept, progress=False)
     assert kept.is_dir() and not any(kept.iterdir())  # a folder the user made stays, empty
-    assert run(quick(), out=out, progress=False)["status"] == "finished"
+    assert run(quick(), out=out, progress=False).status == "finished"
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -248,7 +248,7 @@ def test_old_outputs_without_run_json_are_refused(tmp_path):
     (out / "curve.csv").write_text("api_calls\n0\n")
     with pytest.raises(BadInput, match="cannot be resumed"):
         run(quick(), out=out, progress=False)
-    assert run(quick(), out=out, progress=False, force=True)["status"] == "finished"
+    assert run(quick(), out=out, progress=False, force=True).status == "finished"
 
 
 # ---- real processes: signals, kill -9, progress off a terminal -----------------------------
@@ -391,7 +391,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_and_force_starts_afresh(tmp
         run(quick(), out=tmp_path / "r", progress=False)
     msg = str(e.value)
     assert "is damaged: its content does not match the SHA-256" in msg and "pass --force" in msg and "\n" not in msg
-    assert run(quick(), out=tmp_path / "r", progress=False, force=True)["status"] == "finished"
+    assert run(quick(), out=tmp_path / "r", progress=False, force=True).status == "finished"
 
 
 def test_a_checkpoint_of_the_previous_format_still_resumes(tmp_path):

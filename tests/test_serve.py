@@ -268,10 +268,10 @@ def test_every_method_runs_unchanged_against_the_server(name, server, tmp_path, 
 
     a, b = load_file(tmp_path / "l" / "prompt.safetensors"), load_file(tmp_path / "r" / "prompt.safetensors")
     assert set(a) == set(b) and all(torch.allclose(a[t].float(), b[t].float(), atol=1e-5) for t in a)
-    assert there["accuracy"] == here["accuracy"] and there["curve"] == here["curve"]
-    assert there["queries"] == here["queries"] and there["eval_queries"] == here["eval_queries"]
+    assert there.accuracy == here.accuracy and there.curve == here.curve
+    assert there.queries == here.queries and there.eval_queries == here.eval_queries
     used = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]
-    meters = {"train": there["queries"], "eval": there["eval_queries"], "side": there.get("aux_queries")}
+    meters = {"train": there.queries, "eval": there.eval_queries, "side": there.aux_queries}
     for purpose, counts in meters.items():  # the server's counts equal the run's meters
         if counts is not None and any(counts.values()):
             assert {u: used[purpose][u] for u in counts} == counts, purpose
@@ -419,9 +419,9 @@ def test_ray_serve_replicas_answer_as_one_server_and_share_budgets(tmp_path, mon
         kw = dict(method="zip", dataset="shapes", shots=1, seed=5, max_steps=4, test_subset=200)
         here = run(make_run_config(**kw), out=tmp_path / "l", progress=False)
         there = run(make_run_config(**kw, remote=s.url), out=tmp_path / "r", progress=False)
-        assert there["accuracy"] == here["accuracy"] and there["queries"] == here["queries"]
+        assert there.accuracy == here.accuracy and there.queries == here.queries
         used = httpx.get(s.url + "/v1/usage", headers={"Authorization": f"Bearer {k}"}).json()["purposes"]
-        assert {u: used["train"][u] for u in here["queries"]} == here["queries"]
+        assert {u: used["train"][u] for u in here.queries} == here.queries
 
         kb = s.key("ray-budget", "api_calls=40")
         body = query_body()  # one candidate, 2 images: 1 api_call

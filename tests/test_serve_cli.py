@@ -313,7 +313,7 @@ def test_the_runs_own_budget_still_stops_it_with_budget(served, tmp_path, monkey
     monkeypatch.setenv("BBPT_API_KEY", add_key(db, "big-key", "api_calls=1000"))
     r = run(make_run_config(method="zip", dataset="shapes", shots=1, test_subset=100, remote=url,
                             options={"budget": 30}), out=tmp_path / "r", progress=False)
-    assert r["stopped_by"] == "budget" and r["queries"]["api_calls"] == 30 and "key" not in r
+    assert r.stopped_by == "budget" and r.queries["api_calls"] == 30 and r.key is None
 
 
 def test_a_key_spent_before_training_or_during_the_test_is_one_line_exit_2(served, tmp_path):

@@ -50,22 +50,22 @@ def finished(tmp_path_factory):
 def test_a_run_writes_its_curve_config_and_accuracy_as_tensorboard_events(finished):
     out, r = finished
     ea = events(out)
-    unit = next(k for k, v in r["budget"].items() if v is not None)  # the budget's unit: the curve's x axis
-    steps = [p[unit] for p in r["curve"]]
+    unit = next(k for k, v in r.budget.items() if v is not None)  # the budget's unit: the curve's x axis
+    steps = [getattr(p, unit) for p in r.curve]
     assert len(steps) >= 3 and steps == sorted(set(steps))
-    assert scalars(ea, "curve/val_accuracy") == [(p[unit], pytest.approx(p["val_accuracy"])) for p in r["curve"]]
-    assert scalars(ea, "curve/train_loss") == [(p[unit], pytest.approx(p["train_loss"], rel=1e-6)) for p in r["curve"]]
-    assert scalars(ea, "curve/api_calls") == [(p[unit], p["api_calls"]) for p in r["curve"]]
+    assert scalars(ea, "curve/val_accuracy") == [(getattr(p, unit), pytest.approx(p.val_accuracy)) for p in r.curve]
+    assert scalars(ea, "curve/train_loss") == [(getattr(p, unit), pytest.approx(p.train_loss, rel=1e-6)) for p in r.curve]
+    assert scalars(ea, "curve/api_calls") == [(getattr(p, unit), p.api_calls) for p in r.curve]
     assert [s for s, _ in scalars(ea, "curve/val_loss")] == steps
-    end = r["queries"][unit]
-    assert scalars(ea, "final/test_accuracy") == [(end, pytest.approx(r["accuracy"]["test"]))]
-    assert scalars(ea, "hparams/test_accuracy") == [(end, pytest.approx(r["accuracy"]["test"]))]
+    end = r.queries[unit]
+    assert scalars(ea, "final/test_accuracy") == [(end, pytest.approx(r.accuracy.test))]
+    assert scalars(ea, "hparams/test_accuracy") == [(end, pytest.approx(r.accuracy.test))]
     # the configuration as the HParams plugin reads it: run fields and resolved method options
     content = ea.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     hp = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
     assert hp["method"] == "zip" and hp["dataset"] == "shapes" and hp["seed"] == 2 and hp["test_subset"] == 60
-    assert hp["options.budget"] == 60 and hp["options.rank"] == r["config"]["options"]["rank"]
+    assert hp["options.budget"] == 60 and hp["options.rank"] == r.config["options"]["rank"]
     assert hp["pretrained"] == "none"  # None, which hparams cannot hold, as a string
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert [m.name.tag for m in experiment.metric_infos] == ["hparams/test_accuracy"]
@@ -112,32 +112,32 @@ def test_a_resumed_run_logs_no_point_twice(tmp_path):
     with SummaryWriter(str(out / "tb"), filename_suffix=f".{time.time_ns()}") as w:  # before the resume, as a kill is
         w.add_scalar("curve/val_accuracy", 9.0, ckpt_step + 1)
     r = run(tiny(loggers=["tensorboard"]), out=out, progress=False)
-    assert r["status"] == "finished" and len(list((out / "tb").iterdir())) == 3  # one event file per session (+ the kill's)
+    assert r.status == "finished" and len(list((out / "tb").iterdir())) == 3  # one event file per session (+ the kill's)
     ea = events(out)
     got = scalars(ea, "curve/val_accuracy")
-    assert got == [(p[unit], pytest.approx(p["val_accuracy"])) for p in r["curve"]]  # once each, the killed point gone
-    assert [s for s, _ in scalars(ea, "final/test_accuracy")] == [r["queries"][unit]]
+    assert got == [(getattr(p, unit), pytest.approx(p.val_accuracy)) for p in r.curve]  # once each, the killed point gone
+    assert [s for s, _ in scalars(ea, "final/test_accuracy")] == [r.queries[unit]]
 
 
 def test_a_method_without_a_budget_logs_its_curve_against_steps(tmp_path):
     r = run(tiny(method="tipadapter", options={}), out=tmp_path / "r", progress=False)
-    assert r["budget"]["api_calls"] is None
+    assert r.budget["api_calls"] is None
     got = scalars(events(tmp_path / "r"), "curve/val_accuracy")
-    assert [v for _, v in got] == [pytest.approx(p["val_accuracy"]) for p in r["curve"]]
+    assert [v for _, v in got] == [pytest.approx(p.val_accuracy) for p in r.curve]
     assert [s for s, _ in got] == sorted({s for s, _ in got})  # one point per step, in order
-    assert [s for s, _ in scalars(events(tmp_path / "r"), "final/test_accuracy")] == [r["steps"]]
+    assert [s for s, _ in scalars(events(tmp_path / "r"), "final/test_accuracy")] == [r.steps]
 
 
 def test_loggers_none_writes_no_events_and_a_finished_run_needs_no_tracker(tmp_path):
     r = run(tiny(loggers=["none"], options={"budget": 20}), out=tmp_path / "r", progress=False)
-    assert r["status"] == "finished" and not (tmp_path / "r" / "tb").exists() and "loggers" not in r["config"]
+    assert r.status == "finished" and not (tmp_path / "r" / "tb").exists() and "loggers" not in r.config
 
 
 def test_wandb_logs_offline_into_the_run_folder(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="--logger wandb needs wandb (pip install 'bbpt[trackers]')")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     r = run(tiny(loggers=["wandb"], options={"budget": 20}), out=tmp_path / "r", progress=False)
-    assert r["status"] == "finished" and not (tmp_path / "r" / "tb").exists()
+    assert r.status == "finished" and not (tmp_path / "r" / "tb").exists()
     runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     data, = runs[0].glob("run-*.wandb")

@@ -211,9 +211,9 @@ def test_a_run_with_views_trains_on_other_images_at_the_same_cost():
     base = dict(method="zip", dataset="fashion-mnist", test_subset=50)
     on = run(make_run_config(**base, options={"budget": 100, "augment": True}), progress=False)
     off = run(make_run_config(**base, options={"budget": 100}), progress=False)
-    assert on["config"]["options"]["augment"] is True and off["config"]["options"]["augment"] is None
-    assert on["curve"][-1]["train_loss"] != off["curve"][-1]["train_loss"]  # other training images
-    assert on["queries"] == off["queries"] == {"api_calls": 100, "prompt_evals": 100, "images_forwarded": 12800}
+    assert on.config["options"]["augment"] is True and off.config["options"]["augment"] is None
+    assert on.curve[-1].train_loss != off.curve[-1].train_loss  # other training images
+    assert on.queries == off.queries == {"api_calls": 100, "prompt_evals": 100, "images_forwarded": 12800}
 
 
 def test_evaluation_at_224_px_streams_through_the_fast_path(backends, tmp_path):
@@ -264,7 +264,7 @@ def test_run_folders_from_before_the_view_options_still_resume_and_are_kept(tmp_
     for k in ("augment", "crop_min", "flip", "view_pool"):
         del stored["config"]["options"][k]  # as written before these options existed
     run_json.write_text(json.dumps(stored))
-    config = {**cfg.model_dump(), "options": first["config"]["options"]}
+    config = {**cfg.model_dump(), "options": first.config["options"]}
     assert RunFolder(tmp_path / "r").check(config, keep_finished=True) == "finished"
 
 
