@@ -16,7 +16,8 @@ from test_serve import Server
 
 from bbpt import boxes
 from bbpt.data import load_task, stratified_subset
-from bbpt.engine import TEST_SUBSET_SEED, _Saved, evaluate, make_run_config, run
+from bbpt.engine import TEST_SUBSET_SEED, evaluate, make_run_config, run
+from bbpt.evaluation import SavedPrompt
 from bbpt.errors import BadInput, BudgetExhausted
 from bbpt.methods import METHODS
 from bbpt.methods.linprobe import COOP_C_GRID, coop_search, logistic_regression
@@ -54,7 +55,7 @@ def test_queries_are_counted_exactly_and_the_saved_fit_reproduces_the_test_accur
     prompt, extra, meta = load_prompt(tmp_path / "r" / "prompt.safetensors")
     task = load_task("shapes")
     box = BlackBox(create_backbone("mini"), task.classnames, QueryMeter())
-    again = evaluate(_Saved(METHODS.get(meta["method"]), prompt, extra), box,
+    again = evaluate(SavedPrompt(METHODS.get(meta["method"]), prompt, extra), box,
                      stratified_subset(task.test, 100, TEST_SUBSET_SEED), 100, progress=False)
     assert again["accuracy"] == r.accuracy.test and box.meter.counts["prompt_evals"] == 0
 

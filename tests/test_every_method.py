@@ -15,7 +15,8 @@ from test_methods import build
 
 from bbpt import boxes
 from bbpt.data import load_task, stratified_subset
-from bbpt.engine import TEST_SUBSET_SEED, _Saved, evaluate, make_run_config, run
+from bbpt.engine import TEST_SUBSET_SEED, evaluate, make_run_config, run
+from bbpt.evaluation import SavedPrompt
 from bbpt.errors import BudgetExhausted
 from bbpt.methods import METHODS
 from bbpt.models import BlackBox, QueryMeter, create_backbone
@@ -89,7 +90,7 @@ def test_same_seed_same_result_exact_queries_and_the_saved_prompt(name, tmp_path
     assert meta["method"] == name
     task = load_task("shapes")
     box = BlackBox(create_backbone("mini"), task.classnames, QueryMeter())
-    again = evaluate(_Saved(cls, prompt, extra), box, stratified_subset(task.test, TINY_SUBSET, TEST_SUBSET_SEED),
+    again = evaluate(SavedPrompt(cls, prompt, extra), box, stratified_subset(task.test, TINY_SUBSET, TEST_SUBSET_SEED),
                      500, progress=False)
     assert again["accuracy"] == pytest.approx(a.accuracy.test, abs=1e-9)
 
