@@ -14,8 +14,10 @@
    and fast, the coordinator and pixel work included, and the share of a step spent in the
    tower (``encode_images``, ``patch_tokens``, ``encode_tokens``).
 4. The text side of whole-set candidates on ``union`` (40 classes; P soft-prompt candidates of
-   4 context vectors per query, BBT's P = 20 and CraFT's 40): the text tower's GFLOP/s against
-   the matmul rate (image features cached, as those methods query).
+   4 context vectors per query, BBT's P = 20, CraFT's 40, and 100): the text tower's GFLOP/s
+   against the matmul rate (image features cached, as those methods query), before (every
+   sequence in one forward) and after (cache-sized blocks on the CPU), and whether the logits
+   are the same.
 
 Steps and forwards are timed interleaved (reference, fast, reference, ...): median of repeats.
 """
@@ -159,7 +161,11 @@ def step_rates(bb, names, steps: int) -> list[dict]:
 
 
 def text_rates(bb, ps, repeats: int) -> list[dict]:
-    """The text tower's rate on union's 40 classes under P soft-prompt candidates per query."""
+    """The text tower's rate on union's 40 classes under P soft-prompt candidates per query:
+    before (all P·C sequences in one forward) and after (blocks of ``TEXT_BLOCK`` values per
+    forward on the CPU, :meth:`TextEncoder.per_forward`), interleaved; and whether the two
+    give the same features."""
+    import bbpt.models.backbone as backbone
     from bbpt.data import load_task
 
     task = load_task("union")
@@ -168,13 +174,25 @@ def text_rates(bb, ps, repeats: int) -> list[dict]:
     images = Images(px, keys=[f"i{i}" for i in range(len(px))])
     box.upload(images)
     ctx = box.embed_words("a photo of a")  # (4, D)
+    block = backbone.TEXT_BLOCK
     rows = []
     for P in ps:
         prompt = SoftPrompt(ctx[None] + 0.02 * torch.randn(P, *ctx.shape))
-        with torch.no_grad():
-            fl = flops(lambda: box.query(prompt, images))
-        t = median_times({"q": lambda: box.query(prompt, images)}, repeats)["q"]
-        rows.append({"candidates": P, "sequences": P * len(task.classnames), "ms": t * 1e3, "gflops": fl / t / 1e9})
+
+        def query(b):
+            def q():
+                backbone.TEXT_BLOCK = b
+                return box.query(prompt, images)
+            return q
+        try:
+            with torch.no_grad():
+                fl = flops(query(block))
+                same = bool(torch.equal(query(1 << 62)(), query(block)()))
+            t = median_times({"before": query(1 << 62), "after": query(block)}, repeats)
+        finally:
+            backbone.TEXT_BLOCK = block
+        rows.append({"candidates": P, "sequences": P * len(task.classnames), "same_logits": same,
+                     **{f"{k}_ms": v * 1e3 for k, v in t.items()}, **{k: fl / v / 1e9 for k, v in t.items()}})
     return rows
 
 
@@ -188,7 +206,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed method steps (after one warm-up)")
     ap.add_argument("--methods", default="blackvip,bar,bptvlm")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; sweep workers run 1)")
-    ap.add_argument("--candidates", default="20,40", help="text side: P soft-prompt candidates on union")
+    ap.add_argument("--candidates", default="20,40,100", help="text side: P soft-prompt candidates on union")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -224,10 +242,13 @@ def main(argv=None) -> None:
 
     text = text_rates(bb, [int(p) for p in args.candidates.split(",")], args.repeats) if args.candidates else []
     if text:
-        print("\n| text side, union (40 classes) | sequences per query | ms per query | GFLOP/s | / matmul |")
-        print("|---|---|---|---|---|")
+        print("\n| text side, union (40 classes) | sequences per query | before ms | after ms | before GFLOP/s | "
+              "after GFLOP/s | before / matmul | after / matmul | after / before | same logits |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in text:
-            print(f"| P = {r['candidates']} | {r['sequences']} | {r['ms']:.1f} | {r['gflops']:.0f} | {r['gflops'] / mm:.0%} |")
+            print(f"| P = {r['candidates']} | {r['sequences']} | {r['before_ms']:.1f} | {r['after_ms']:.1f} | "
+                  f"{r['before']:.0f} | {r['after']:.0f} | {r['before'] / mm:.0%} | {r['after'] / mm:.0%} | "
+                  f"{r['before_ms'] / r['after_ms']:.2f}x | {'yes' if r['same_logits'] else 'NO'} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**info, "matmul_gflops": mm, "tower_mflop_per_image": per_image / 1e6, "tower": rows,

@@ -86,3 +86,37 @@ def test_towers_it_does_not_cover_keep_the_library_forward(monkeypatch):
     monkeypatch.setenv("BBPT_IMAGE_TOWER", "fastest")
     with pytest.raises(BadInput, match="image tower 'fastest' is not one of fast, reference"):
         create_backbone("mini")
+
+
+def test_text_side_in_cpu_blocks_equals_one_forward(monkeypatch):
+    """Whole-set candidates (P·C sequences) go through the text tower in cache-sized blocks on
+    the CPU: the logits equal one forward over every sequence, and embed_texts' likewise."""
+    import bbpt.models.backbone as backbone
+
+    bb = create_backbone("mini")
+    names = [f"class number {i}" for i in range(40)]
+    box = BlackBox(bb, names)
+    g = torch.Generator().manual_seed(0)
+    px = torch.rand(16, 3, bb.image_size, bb.image_size, generator=g)
+    ctx = box.embed_words("a photo of a")  # (4, D)
+    from bbpt.models import SoftPrompt
+    prompt = SoftPrompt(ctx[None] + 0.02 * torch.randn(30, *ctx.shape, generator=g))  # 1200 sequences
+    L = bb.text.real_length(bb.tokenize([f"X X X X {n}." for n in names]))
+    n = bb.text.per_forward(L, 4096, bb.device)
+    assert 1 <= n < 1200 and n == backbone.TEXT_BLOCK // (L * bb.text.width)  # blocks, not one forward
+    assert bb.text.per_forward(L, 7, bb.device) == 7  # never above the chunk
+    assert bb.text.per_forward(L, 4096, torch.device("cuda")) == 4096  # a GPU takes the whole chunk
+    calls = []
+    encode = type(bb.text).encode
+    monkeypatch.setattr(type(bb.text), "encode", lambda self, x, *a, **k: calls.append(len(x)) or encode(self, x, *a, **k))
+    blocked = box.query(prompt, Images(px))
+    assert max(calls) <= n and sum(calls) == 1200 and len(calls) > 1
+    calls.clear()
+    texts = box.embed_texts(names * 30)
+    assert sum(calls) == 1200 and len(calls) > 1
+    monkeypatch.setattr(backbone, "TEXT_BLOCK", 1 << 62)
+    calls.clear()
+    one = box.query(prompt, Images(px))
+    assert calls == [1200]
+    assert (blocked - one).abs().max() <= 1e-5 and one.std() > 1e-3
+    assert (box.embed_texts(names * 30) - texts).abs().max() <= 1e-6

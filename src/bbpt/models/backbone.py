@@ -40,6 +40,9 @@ RANDOM_TAGS = ("random", "none")
 PLACEHOLDER = "X"  # the word whose embeddings soft-prompt context vectors replace
 
 
+TEXT_BLOCK = 4096 * 128  # values of a layer's stream per CPU text forward (TextEncoder.per_forward; measured)
+
+
 class TextEncoder(nn.Module):
     """A text tower that runs from word embeddings. Attributes:
 
@@ -67,6 +70,16 @@ class TextEncoder(nn.Module):
         if not self.causal:
             return ids.shape[1]
         return int(self.eos_positions(ids).max()) + 1
+
+    def per_forward(self, length: int, chunk: int, device: torch.device) -> int:
+        """Sequences of ``length`` positions sent through the tower at once, at most ``chunk``.
+        On the CPU, blocks of TEXT_BLOCK values of the layer stream (4096 positions at width
+        128, 1024 at 512), so a layer's activations stay in cache: 1.2-1.4x faster at 1600-4000
+        sequences on mini and ViT-B-32 (bench/image_tower.py), with the same values (each
+        sequence is computed on its own). On a GPU, ``chunk``: large forwards fill it."""
+        if device.type != "cpu":
+            return chunk
+        return max(1, min(chunk, TEXT_BLOCK // (length * self.width)))
 
     def encode(self, x: torch.Tensor, ids: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """Embeddings (N, L, D) + ids (N, L) -> text features (N, E), unnormalised. With

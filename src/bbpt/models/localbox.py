@@ -217,8 +217,8 @@ class BlackBox(QueryChecks):
         tower = self._bb.text
         with self._autocast():
             L = tower.real_length(ids)
-            feats = [tower.encode(tower.embed(ids[i:i + self.text_chunk, :L]), ids[i:i + self.text_chunk, :L], cut=False)
-                     for i in range(0, len(ids), self.text_chunk)]
+            n = tower.per_forward(L, self.text_chunk, ids.device)
+            feats = [tower.encode(tower.embed(ids[i:i + n, :L]), ids[i:i + n, :L], cut=False) for i in range(0, len(ids), n)]
         return torch.nn.functional.normalize(torch.cat(feats).float(), dim=-1).cpu()
 
     @torch.no_grad()

@@ -130,7 +130,8 @@ class PromptTexts:
 def text_features(items: list[tuple[PromptTexts, object]], ids: list[torch.Tensor] | None = None, *,
                   fast: bool = True, chunk: int = 4096) -> list[torch.Tensor]:
     """Normalised text features (P, C, E) of several prompts (on class sets of one backbone),
-    their P·C sequences encoded together: one text-tower forward per ``chunk`` sequences, all
+    their P·C sequences encoded together: at most ``chunk`` sequences per text-tower forward
+    (on the CPU, blocks that stay in cache: :meth:`TextEncoder.per_forward`), all
     cut to the longest real length before they are embedded (exact under the causal mask, up
     to float rounding). ``ids``: each prompt's token ids, if already at hand. ``fast=False``:
     the reference loop, one candidate per forward at full context length."""
@@ -148,7 +149,7 @@ def text_features(items: list[tuple[PromptTexts, object]], ids: list[torch.Tenso
     flat = [(emb.reshape(-1, *emb.shape[2:]), i.reshape(-1, i.shape[-1])) for emb, i in seqs]  # (P·C, L, ·)
     emb = torch.cat([e for e, _ in flat]) if len(flat) > 1 else flat[0][0]
     idx = torch.cat([i for _, i in flat]) if len(flat) > 1 else flat[0][1]
-    n = chunk
+    n = tower.per_forward(L, chunk, emb.device)
     feats = torch.cat([tower.encode(emb[i : i + n], idx[i : i + n], cut=False) for i in range(0, len(emb), n)])
     feats = torch.nn.functional.normalize(feats.float(), dim=-1)
     out, i = [], 0
