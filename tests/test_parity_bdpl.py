@@ -15,6 +15,13 @@ import bbpt.methods.bdpl as bdpl
 from bbpt.errors import BudgetExhausted
 from bbpt.methods.bdpl import CategoricalPolicy, project_rows
 
+# Probabilities after AdamW: bit for bit on the CPU that wrote the fixture (Intel); on others
+# (AMD EPYC) torch's vectorised AdamW rounds one step differently: 1 float32 ulp at 0.14
+# (1.49e-8), and the next gradients follow by as much. Draws stay exact; probabilities and
+# gradients are held to a few ulps at their scale (probabilities ≤ 0.2, gradients ≤ 2).
+ULP = 6e-8
+GRAD_ULP = 5e-7
+
 
 @pytest.fixture(scope="module")
 def fx():
@@ -29,8 +36,9 @@ def policy(fx: dict, lr: float | None = None, p_min: float = 0.0) -> Categorical
 
 @pytest.mark.parametrize("p_min", [0.0, 1e-6])
 def test_the_policy_follows_the_official_loop_step_for_step(fx, p_min):
-    """Six steps, bit for bit: the Categorical draws (bbpt's generator from the seed is the
-    official global stream), the clipped gradient, the probabilities after the projection.
+    """Six steps: the Categorical draws (bbpt's generator from the seed is the
+    official global stream) exactly, the clipped gradient and the probabilities after the
+    projection within a few float32 ulps (ULP).
     The default floor (1e-6) is never reached here, so it changes nothing."""
     pol = policy(fx, p_min=p_min)
     close(pol.probs, fx["inputs"]["probs0"], rtol=0, atol=0, what="initial probabilities")
@@ -39,8 +47,8 @@ def test_the_policy_follows_the_official_loop_step_for_step(fx, p_min):
         idx = pol.sample(P)  # (P, L)
         assert torch.equal(idx, torch.from_numpy(off["indices"])), f"step {k} draws"
         pol.update(idx, off["losses"].tolist())
-        close(pol.probs.grad, off["grad"], rtol=0, atol=0, what=f"step {k} clipped gradient")
-        close(pol.probs, off["probs"], rtol=0, atol=0, what=f"step {k} probabilities")
+        close(pol.probs.grad, off["grad"], rtol=0, atol=GRAD_ULP, what=f"step {k} clipped gradient")
+        close(pol.probs, off["probs"], rtol=0, atol=ULP, what=f"step {k} probabilities")
 
 
 def test_the_projection_is_the_official_bisection(fx):
@@ -98,7 +106,7 @@ def test_the_method_sends_the_drawn_words_and_updates_as_the_official_loop(fx, m
     for k, off in enumerate(fx["trajectory"]):
         stats = m.step()
         assert sent[k] == tuple(" ".join(m.words[j] for j in row) + " {}." for row in off["indices"].tolist())
-        close(m.policy.probs, off["probs"], rtol=0, atol=0, what=f"step {k} probabilities")
+        close(m.policy.probs, off["probs"], rtol=0, atol=ULP, what=f"step {k} probabilities")
         assert stats["train_loss"] == pytest.approx(float(np.mean(off["losses"])))
         assert box.meter.counts["api_calls"] == (k + 1) * i["sample_size"]
     best = fx["trajectory"][-1]["probs"].argmax(1)
@@ -120,5 +128,5 @@ def test_a_step_past_the_budget_is_refused_whole_where_the_official_spends_it(fx
     m.step()
     with pytest.raises(BudgetExhausted):
         m.step()
-    close(m.policy.probs, run["trajectory"][-1]["probs"], rtol=0, atol=0, what="after the last update")
+    close(m.policy.probs, run["trajectory"][-1]["probs"], rtol=0, atol=ULP, what="after the last update")
     assert run["api_calls"] == 12 and box.meter.counts["api_calls"] == 10
