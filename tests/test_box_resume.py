@@ -32,7 +32,12 @@ def test_the_cases_are_every_fitting_pair():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("serve") / "serve.db").start()
+    """A server that answers each query alone (--max-batch 1). Dynamic batching merges
+    concurrent queries by timing, and a merged answer equals a lone one within 1e-5, not
+    bit for bit on every CPU: on AMD EPYC, MKL rounds a 1-11 image forward differently from a
+    larger one by an ulp. The hf protocol sends a request per image and template, concurrently,
+    so a resumed run through a batching server can differ in the last bits of a loss."""
+    s = Server(tmp_path_factory.mktemp("serve") / "serve.db", "--max-batch", "1").start()
     yield s
     s.stop()
 
