@@ -102,10 +102,14 @@ def test_text_side_in_cpu_blocks_equals_one_forward(monkeypatch):
     from bbpt.models import SoftPrompt
     prompt = SoftPrompt(ctx[None] + 0.02 * torch.randn(30, *ctx.shape, generator=g))  # 1200 sequences
     L = bb.text.real_length(bb.tokenize([f"X X X X {n}." for n in names]))
-    n = bb.text.per_forward(L, 4096, bb.device)
-    assert 1 <= n < 1200 and n == backbone.TEXT_BLOCK // (L * bb.text.width)  # blocks, not one forward
-    assert bb.text.per_forward(L, 7, bb.device) == 7  # never above the chunk
-    assert bb.text.per_forward(L, 4096, torch.device("cuda")) == 4096  # a GPU takes the whole chunk
+    n = bb.text.per_forward(1200, L, 4096, bb.device)
+    most = backbone.TEXT_BLOCK // (L * bb.text.width)
+    blocks = -(-1200 // most)
+    assert 1 < blocks and n == -(-1200 // blocks) <= most  # equal blocks of at most TEXT_BLOCK values
+    assert bb.text.per_forward(most + 1, L, 4096, bb.device) == (most + 2) // 2  # two halves, not a block and a crumb
+    assert bb.text.per_forward(10, L, 4096, bb.device) == 10  # a small forward stays whole
+    assert bb.text.per_forward(1200, L, 7, bb.device) == 7  # never above the chunk
+    assert bb.text.per_forward(1200, L, 4096, torch.device("cuda")) == 1200  # a GPU takes the whole chunk
     calls = []
     encode = type(bb.text).encode
     monkeypatch.setattr(type(bb.text), "encode", lambda self, x, *a, **k: calls.append(len(x)) or encode(self, x, *a, **k))
@@ -120,3 +124,19 @@ def test_text_side_in_cpu_blocks_equals_one_forward(monkeypatch):
     assert calls == [1200]
     assert (blocked - one).abs().max() <= 1e-5 and one.std() > 1e-3
     assert (box.embed_texts(names * 30) - texts).abs().max() <= 1e-6
+
+
+def test_fast_tower_blocks_are_equal_and_at_most_block():
+    """Forwards larger than BLOCK go through in equal blocks, never a crumb (129 = 65 + 64, not
+    128 + 1), and each pass holds at most BLOCK images."""
+    fast = create_backbone("mini").fast_vit()
+    assert [fast.per_block(n) for n in (1, 7, BLOCK, BLOCK + 1, 2 * BLOCK, 2 * BLOCK + 1, 300)] == \
+        [1, 7, BLOCK, (BLOCK + 2) // 2, BLOCK, -(-(2 * BLOCK + 1) // 3), 100]
+    sizes = []
+    tower = fast._tower
+    fast._tower = lambda x: sizes.append(len(x)) or tower(x)
+    try:
+        fast.encode_images(torch.rand(BLOCK + 1, 3, 32, 32))
+    finally:
+        fast._tower = tower
+    assert sizes == [(BLOCK + 2) // 2, BLOCK // 2]

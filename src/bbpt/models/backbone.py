@@ -71,15 +71,17 @@ class TextEncoder(nn.Module):
             return ids.shape[1]
         return int(self.eos_positions(ids).max()) + 1
 
-    def per_forward(self, length: int, chunk: int, device: torch.device) -> int:
-        """Sequences of ``length`` positions sent through the tower at once, at most ``chunk``.
-        On the CPU, blocks of TEXT_BLOCK values of the layer stream (4096 positions at width
-        128, 1024 at 512), so a layer's activations stay in cache: 1.2-1.4x faster at 1600-4000
-        sequences on mini and ViT-B-32 (bench/image_tower.py), with the same values (each
-        sequence is computed on its own). On a GPU, ``chunk``: large forwards fill it."""
-        if device.type != "cpu":
-            return chunk
-        return max(1, min(chunk, TEXT_BLOCK // (length * self.width)))
+    def per_forward(self, count: int, length: int, chunk: int, device: torch.device) -> int:
+        """Sequences per tower forward when ``count`` sequences of ``length`` positions are
+        encoded, at most ``chunk``. On the CPU, blocks of about TEXT_BLOCK values of the layer
+        stream (4096 positions at width 128, 1024 at 512), so a layer's activations stay in
+        cache: 1.2-1.5x faster at 1600-4000 sequences on mini and ViT-B-32
+        (bench/image_tower.py). The blocks are of equal size, none small: a BLAS may round a
+        small forward differently by an ulp (MKL on AMD EPYC below ~12 rows of 17), so the
+        values are those of one forward. On a GPU, ``chunk``: large forwards fill it."""
+        n = chunk if device.type != "cpu" else max(1, min(chunk, TEXT_BLOCK // (length * self.width)))
+        blocks = -(-count // n)  # ceil
+        return max(1, -(-count // max(1, blocks)))
 
     def encode(self, x: torch.Tensor, ids: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """Embeddings (N, L, D) + ids (N, L) -> text features (N, E), unnormalised. With

@@ -4,7 +4,8 @@ The same operations as open_clip's forward, in the same order, so the same float
 (bit-equal on the machines measured; ``tests/test_image_tower.py`` holds logits within 1e-5). What
 is saved is the traffic around the matmuls:
 
-- images go through the layers ``block`` at a time (measured by ``bench/image_tower.py``),
+- images go through the layers at most ``block`` at a time, in equal blocks (measured by
+  ``bench/image_tower.py``),
   so a block's activations stay in the core's cache whatever size of forward the black box
   asks for; open_clip runs each layer over the whole forward (2048 images: 70 MB of MLP
   activations per layer, far out of cache);
@@ -124,17 +125,26 @@ class FastViT:
         x = torch.cat([self.cls.expand(len(x), 1, -1), x], dim=1)  # (B, 1 + G, W)
         return x.add_(self.pos)
 
+    def per_block(self, n: int) -> int:
+        """Images per pass when a forward holds ``n``: at most ``block``, in blocks of equal
+        size. A small remainder block (129 images as 128 + 1) would be a forward whose BLAS
+        rounding may differ from a large one's by an ulp (MKL on AMD EPYC below ~12 images of
+        mini), where equal blocks give the library's values."""
+        blocks = -(-n // self.block)  # ceil
+        return max(1, -(-n // max(1, blocks)))
+
     def encode_tokens(self, x: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens (N, T, W), prompt tokens (N, n, W) appended -> (N, E) unnormalised, ``block``
-        at a time."""
+        """Tokens (N, T, W), prompt tokens (N, n, W) appended -> (N, E) unnormalised, at most
+        ``block`` at a time."""
         if prompt is not None:
             x = torch.cat([x, prompt.to(x.dtype)], dim=1)  # (N, T + n, W)
-        return torch.cat([self._tower(x[i : i + self.block]) for i in range(0, len(x), self.block)])
+        b = self.per_block(len(x))
+        return torch.cat([self._tower(x[i : i + b]) for i in range(0, len(x), b)])
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels (B, 3, S, S) -> (B, E) unnormalised, ``block`` images at a time."""
-        return torch.cat([self._tower(self.patch_tokens(pixels[i : i + self.block]))
-                          for i in range(0, len(pixels), self.block)])
+        """[0, 1] pixels (B, 3, S, S) -> (B, E) unnormalised, at most ``block`` images at a time."""
+        b = self.per_block(len(pixels))
+        return torch.cat([self._tower(self.patch_tokens(pixels[i : i + b])) for i in range(0, len(pixels), b)])
 
     def _tower(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, W) tokens -> (B, E): ln_pre, the blocks, pooling, ln_post, projection."""

@@ -217,7 +217,7 @@ class BlackBox(QueryChecks):
         tower = self._bb.text
         with self._autocast():
             L = tower.real_length(ids)
-            n = tower.per_forward(L, self.text_chunk, ids.device)
+            n = tower.per_forward(len(ids), L, self.text_chunk, ids.device)
             feats = [tower.encode(tower.embed(ids[i:i + n, :L]), ids[i:i + n, :L], cut=False) for i in range(0, len(ids), n)]
         return torch.nn.functional.normalize(torch.cat(feats).float(), dim=-1).cpu()
 

@@ -149,7 +149,7 @@ def text_features(items: list[tuple[PromptTexts, object]], ids: list[torch.Tenso
     flat = [(emb.reshape(-1, *emb.shape[2:]), i.reshape(-1, i.shape[-1])) for emb, i in seqs]  # (P·C, L, ·)
     emb = torch.cat([e for e, _ in flat]) if len(flat) > 1 else flat[0][0]
     idx = torch.cat([i for _, i in flat]) if len(flat) > 1 else flat[0][1]
-    n = tower.per_forward(L, chunk, emb.device)
+    n = tower.per_forward(len(emb), L, chunk, emb.device)
     feats = torch.cat([tower.encode(emb[i : i + n], idx[i : i + n], cut=False) for i in range(0, len(emb), n)])
     feats = torch.nn.functional.normalize(feats.float(), dim=-1)
     out, i = [], 0
