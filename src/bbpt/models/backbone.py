@@ -43,6 +43,14 @@ PLACEHOLDER = "X"  # the word whose embeddings soft-prompt context vectors repla
 TEXT_BLOCK = 4096 * 128  # values of a layer's stream per CPU text forward (TextEncoder.per_forward; measured)
 
 
+def equal_blocks(count: int, most: int) -> int:
+    """Items per block when ``count`` items go in blocks of at most ``most``, all of one size
+    (the last may be smaller by less than the number of blocks): never a crumb such as 128 + 1,
+    whose small forward a BLAS may round differently by an ulp (MKL on AMD EPYC)."""
+    blocks = -(-count // max(1, most))  # ceil
+    return max(1, -(-count // max(1, blocks)))
+
+
 class TextEncoder(nn.Module):
     """A text tower that runs from word embeddings. Attributes:
 
@@ -73,15 +81,13 @@ class TextEncoder(nn.Module):
 
     def per_forward(self, count: int, length: int, chunk: int, device: torch.device) -> int:
         """Sequences per tower forward when ``count`` sequences of ``length`` positions are
-        encoded, at most ``chunk``. On the CPU, blocks of about TEXT_BLOCK values of the layer
+        encoded, at most ``chunk``. On the CPU, blocks of at most TEXT_BLOCK values of the layer
         stream (4096 positions at width 128, 1024 at 512), so a layer's activations stay in
-        cache: 1.2-1.5x faster at 1600-4000 sequences on mini and ViT-B-32
-        (bench/image_tower.py). The blocks are of equal size, none small: a BLAS may round a
-        small forward differently by an ulp (MKL on AMD EPYC below ~12 rows of 17), so the
-        values are those of one forward. On a GPU, ``chunk``: large forwards fill it."""
-        n = chunk if device.type != "cpu" else max(1, min(chunk, TEXT_BLOCK // (length * self.width)))
-        blocks = -(-count // n)  # ceil
-        return max(1, -(-count // max(1, blocks)))
+        cache: 1.2-1.6x faster at 1600-4000 sequences on mini, 1.1-1.3x at 400-1600 on
+        ViT-B-32 (bench/image_tower.py), with the values of one forward (:func:`equal_blocks`).
+        On a GPU, up to ``chunk``: large forwards fill it."""
+        most = chunk if device.type != "cpu" else min(chunk, TEXT_BLOCK // (length * self.width))
+        return equal_blocks(count, most)
 
     def encode(self, x: torch.Tensor, ids: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """Embeddings (N, L, D) + ids (N, L) -> text features (N, E), unnormalised. With

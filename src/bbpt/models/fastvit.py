@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backbone import equal_blocks
+
 BLOCK = 128  # images per pass through the layers (bench/image_tower.py; see the README)
 
 
@@ -126,12 +128,10 @@ class FastViT:
         return x.add_(self.pos)
 
     def per_block(self, n: int) -> int:
-        """Images per pass when a forward holds ``n``: at most ``block``, in blocks of equal
-        size. A small remainder block (129 images as 128 + 1) would be a forward whose BLAS
-        rounding may differ from a large one's by an ulp (MKL on AMD EPYC below ~12 images of
-        mini), where equal blocks give the library's values."""
-        blocks = -(-n // self.block)  # ceil
-        return max(1, -(-n // max(1, blocks)))
+        """Images per pass when a forward holds ``n``: at most ``block``, in equal blocks
+        (:func:`equal_blocks`: 129 images as 65 + 64, whose values are the library's, not
+        128 + 1, whose 1-image pass MKL on AMD EPYC rounds differently)."""
+        return equal_blocks(n, self.block)
 
     def encode_tokens(self, x: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens (N, T, W), prompt tokens (N, n, W) appended -> (N, E) unnormalised, at most
